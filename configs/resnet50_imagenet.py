@@ -1,0 +1,23 @@
+"""ResNet-50 on ImageNet: the standard 90-epoch recipe (Goyal et al. 2017 scaling rule).
+
+Global batch 1024, peak LR 0.1 x 1024/256 = 0.4 after 5 warmup epochs, cosine decay,
+label smoothing 0.1, weight decay 5e-5, bf16 compute. Point data.train_dir/eval_dir at
+ImageNet converted with `tools.make_arrayrecord --format=imagefolder`.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.name = "resnet50"
+  config.model.num_classes = 1000
+  config.data.train_dir = "gs://YOUR_BUCKET/imagenet/train"
+  config.data.eval_dir = "gs://YOUR_BUCKET/imagenet/validation"
+  config.data.num_workers = 16
+  config.train.global_batch_size = 1024
+  config.train.num_epochs = 90.0
+  config.train.warmup_epochs = 5.0
+  config.eval.every_steps = 1251 * 5  # every 5 epochs at batch 1024
+  config.checkpoint.every_steps = 1251  # every epoch
+  return config

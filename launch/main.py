@@ -1,0 +1,58 @@
+r"""Trains a ResNet on one host or many.
+
+  python -m launch.main --config=configs/demo.py --workdir=/tmp/demo
+  python -m launch.main --config=configs/resnet50_imagenet.py --workdir=gs://bucket/run \
+      --config.train.global_batch_size=2048
+
+Exit status: 0 finished, 75 preempted (a checkpoint was saved: run the same command again to
+resume), 2 bad configuration or incompatible checkpoints, anything else a failure.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from launch import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Python config file (configs/*.py); override fields with "
+    "--config.section.field=value.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and converted demo "
+                    "data go here; a local path or gs://bucket/path.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
+                    "that JAX does not auto-detect (GPU clusters, local simulation).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_BAD_CONFIG = 2
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+      heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
+      initialization_timeout_seconds=config.distributed.initialization_timeout_seconds)
+  # Imported after jax.distributed is up: nothing may touch a device before that.
+  from launch import checkpointing, train  # pylint: disable=g-import-not-at-top
+
+  try:
+    with config.unlocked():
+      status = train.train_and_evaluate(config, FLAGS.workdir)
+  except (train.ConfigError, checkpointing.IncompatibleCheckpoint,
+          checkpointing.NoUsableCheckpoint) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_CONFIG)
+  sys.exit(status)
+
+
+if __name__ == "__main__":
+  app.run(main)
