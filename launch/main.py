@@ -8,6 +8,7 @@ Exit status: 0 finished, 75 preempted (a checkpoint was saved: run the same comm
 resume), 2 bad configuration or incompatible checkpoints, anything else a failure.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -30,11 +31,19 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_BAD_CONFIG = 2
+_CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/etils/")
+
+
+def _quiet_libraries(record) -> bool:
+  """Keeps Orbax's and Grain's per-save INFO lines out of the log unless --v=1 or more."""
+  chatty = any(lib in record.pathname for lib in _CHATTY_LIBRARIES)
+  return not chatty or record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_libraries)
   config = FLAGS.config
   distributed.initialize(
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

@@ -159,7 +159,11 @@ class Bottleneck(nnx.Module):
 
 class ResNet(nnx.Module):
     """A stem, stages of residual blocks (the first block of each stage after the
-    first downsamples by 2), global average pooling and a dense head."""
+    first downsamples by 2), global average pooling and a dense head.
+
+    `stage_widths` are the blocks' inner widths; a stage outputs
+    `width * block.expansion` channels.
+    """
 
     def __init__(
         self,

@@ -67,10 +67,10 @@ def sgd_optimizer(schedule: optax.Schedule, *, momentum: float, nesterov: bool,
 def init_state(model: nnx.Module, tx: optax.GradientTransformation
                ) -> tuple[nnx.GraphDef, TrainState]:
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  zero = jnp.zeros((), jnp.int32)
-  return graphdef, TrainState(step=zero, params=params, batch_stats=batch_stats,
-                              opt_state=tx.init(params), nonfinite_in_a_row=zero,
-                              nonfinite_total=zero)
+  zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the step donates them
+  return graphdef, TrainState(step=zero(), params=params, batch_stats=batch_stats,
+                              opt_state=tx.init(params), nonfinite_in_a_row=zero(),
+                              nonfinite_total=zero())
 
 
 def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...],

@@ -24,6 +24,7 @@ CHECK_EXITED_OK=10
 CHECK_PREEMPTED=11
 CHECK_NOT_STARTED=12
 CHECK_FAILED=13
+CHECK_BAD_CONFIG=14
 
 usage() {
   cat <<EOF
@@ -89,7 +90,8 @@ Options (defaults from the environment variables in brackets):
                             launcher restarts (default 100)
   --max-failures N          supervise: give up (exit 3) when the launcher has
                             failed (exit status not 0/75) more than N times
-                            (default 3)
+                            (default 3); exit status 2 (bad configuration)
+                            gives up at once
   --delete-when-finished    supervise: delete the TPU once the run finished
   --dry-run                 print every command (prefixed '+ ') and run nothing
   -h, --help                show this help
@@ -133,7 +135,8 @@ is_true() {
 }
 
 # In --dry-run mode commands are printed on the original stdout (fd 3), also
-# from inside command substitutions.
+# from inside command substitutions. Commands run with fd 3 closed so that
+# background processes (ssh) do not keep a pipe on our stdout open.
 exec 3>&1
 show_cmd() {
   local s
@@ -147,7 +150,7 @@ run() {
     return 0
   fi
   show_cmd "$@" >&2
-  "$@"
+  "$@" 3>&-
 }
 # Like run, but silent when really running (for frequent polling calls).
 run_quiet() {
@@ -155,7 +158,7 @@ run_quiet() {
     show_cmd "$@" >&3
     return 0
   fi
-  "$@"
+  "$@" 3>&-
 }
 gc() { run gcloud "$@"; }
 
@@ -416,6 +419,7 @@ echo "\$(hostname): launcher not running (last exit status: \$code)"
 case "\$code" in
   0) exit $CHECK_EXITED_OK ;;
   75) exit $CHECK_PREEMPTED ;;
+  2) exit $CHECK_BAD_CONFIG ;;
   none) exit $CHECK_NOT_STARTED ;;
   *) exit $CHECK_FAILED ;;
 esac
@@ -456,7 +460,7 @@ tpu_state() { # prints the TPU state, or MISSING when describe fails
     echo DRY_RUN
     return 0
   fi
-  if out=$(gcloud compute tpus tpu-vm describe "$NAME" "${GFLAGS[@]}" --format='value(state)' 2>/dev/null); then
+  if out=$(gcloud compute tpus tpu-vm describe "$NAME" "${GFLAGS[@]}" --format='value(state)' 2>/dev/null 3>&-); then
     out=${out//[[:space:]]/}
     echo "${out:-UNKNOWN}"
   else
@@ -471,7 +475,7 @@ qr_state() { # prints the queued-resource state, or MISSING
     echo DRY_RUN
     return 0
   fi
-  if out=$(gcloud compute tpus queued-resources describe "$NAME" "${GFLAGS[@]}" --format='value(state.state)' 2>/dev/null); then
+  if out=$(gcloud compute tpus queued-resources describe "$NAME" "${GFLAGS[@]}" --format='value(state.state)' 2>/dev/null 3>&-); then
     out=${out//[[:space:]]/}
     echo "${out:-UNKNOWN}"
   else
@@ -485,7 +489,7 @@ run_finished() { # true when WORKDIR/FINISHED exists
     run_quiet gcloud storage ls "$WORKDIR/FINISHED"
     return 1
   fi
-  gcloud storage ls "$WORKDIR/FINISHED" >/dev/null 2>&1
+  gcloud storage ls "$WORKDIR/FINISHED" >/dev/null 2>&1 3>&-
 }
 
 do_create() {
@@ -632,7 +636,7 @@ training_status() {
     return 0
   fi
   gcloud compute tpus tpu-vm ssh "$NAME" "${GFLAGS[@]}" --worker=all \
-    --command="$(remote_check_script)" >&2 2>/dev/null || rc=$?
+    --command="$(remote_check_script)" >&2 2>/dev/null 3>&- || rc=$?
   return "$rc"
 }
 
@@ -666,6 +670,10 @@ do_supervise() {
         training_status || rc=$?
         case $rc in
           "$CHECK_RUNNING") check_errors=0 ;;
+          "$CHECK_BAD_CONFIG")
+            info "giving up: the launcher exited with status 2 (bad configuration or incompatible checkpoint); see 'tools/$PROG logs'"
+            exit 3
+            ;;
           "$CHECK_EXITED_OK" | "$CHECK_PREEMPTED" | "$CHECK_NOT_STARTED" | "$CHECK_FAILED")
             check_errors=0
             if run_finished; then continue; fi
