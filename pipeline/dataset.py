@@ -25,6 +25,7 @@ import functools
 
 import grain
 import numpy as np
+from absl import flags
 
 from pipeline import records
 from pipeline import transforms
@@ -149,6 +150,10 @@ def _batched(examples: grain.MapDataset, local_batch: int, num_workers: int,
   dataset = examples.batch(local_batch, drop_remainder=True).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * local_batch))
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain reads its absl flags when starting workers; programs that are not absl apps
+      # (notebooks, tests) never parsed them, and the defaults are what they need.
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return dataset
 

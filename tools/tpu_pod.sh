@@ -272,8 +272,7 @@ if ((SHOW_HELP)) || [[ $SUBCOMMAND == help ]]; then
   exit 0
 fi
 if [[ -z $SUBCOMMAND ]]; then
-  usage >&2
-  echo >&2
+  echo "Usage: tools/$PROG SUBCOMMAND [options] [-- LAUNCHER_ARGS...]" >&2
   usage_error "no subcommand given"
 fi
 case $SUBCOMMAND in
