@@ -26,7 +26,7 @@ def get_config():
   config.data.std = (78.6,)
   config.data.num_threads = 2
   config.train.global_batch_size = 128
-  config.train.num_epochs = 3.0
+  config.train.num_epochs = 4.0
   config.train.base_learning_rate = 0.2
   config.train.warmup_epochs = 0.5
   config.train.weight_decay = 1e-4
