@@ -64,16 +64,22 @@ class Checkpointer:
         create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._fingerprint, self._all_finite = fingerprint, all_finite
+
+  def prepare(self, state: Any) -> None:
+    """Compiles the pre-save checks now, so that the first save does not stall on it."""
+    self._fingerprint = fingerprint.lower(state).compile()
+    self._all_finite = all_finite.lower(state).compile()
 
   # --- saving ---------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> float:
     """Starts saving `step`; returns the seconds the training loop was blocked."""
     start = time.perf_counter()
-    if not bool(all_finite(state)):
+    if not bool(self._all_finite(state)):
       raise FloatingPointError(f"refusing to checkpoint step {step}: the state holds "
                                "non-finite values")
-    meta = dict(meta, step=step, fingerprint=np.asarray(fingerprint(state)).tolist())
+    meta = dict(meta, step=step, fingerprint=np.asarray(self._fingerprint(state)).tolist())
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),

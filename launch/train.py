@@ -202,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
     logging.info("Resumed from the checkpoint of step %d.", start_step)
   else:
     state, start_step = jax.jit(init, out_shardings=replicated)(), 0
+  ckpt.prepare(state)
 
   writer = metrics_lib.Writer(workdir)
   writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")

@@ -93,3 +93,24 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
   import jax  # pylint: disable=g-import-not-at-top
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def start_hosts(args: list[str], *, processes: int = 2, devices: int = 2
+                ) -> list[subprocess.Popen]:
+  """The launcher as separate host processes joined on localhost, with no supervisor."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  address = f"localhost:{portpicker.pick_unused_port()}"
+  return [subprocess.Popen(
+      [sys.executable, "-m", "launch.main", *args, f"--coordinator_address={address}",
+       f"--num_processes={processes}", f"--process_id={index}"],
+      cwd=REPO, env=child_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for index in range(processes)]
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
+  """Reads `proc`'s output into `seen` until a line contains `needle` (False at EOF)."""
+  for line in proc.stdout:
+    seen.append(line)
+    if needle in line:
+      return True
+  return False
