@@ -33,6 +33,10 @@ class IncompatibleCheckpoint(ValueError):
   """The workdir's checkpoints belong to a different run configuration."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """A save failed; the run stops rather than train on unprotected."""
+
+
 class NoUsableCheckpoint(RuntimeError):
   """Checkpoints exist but none can be trusted; refuse to start over on top of them."""
 
@@ -59,12 +63,17 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
-        async_options=ocp.AsyncOptions(timeout_secs=barrier_timeout_seconds),
+        # Creating the step directory in the foreground costs a little stall per save, but
+        # a directory that cannot be written then fails the save at once, instead of after
+        # a barrier timeout in a background thread.
+        async_options=ocp.AsyncOptions(timeout_secs=barrier_timeout_seconds,
+                                       create_directories_asynchronously=False),
         cleanup_tmp_directories=True,  # leftovers of saves that never finished
         create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._fingerprint, self._all_finite = fingerprint, all_finite
+    self._pending_step: int | None = None  # saved, commit not yet confirmed
 
   def prepare(self, state: Any) -> None:
     """Compiles the pre-save checks now, so that the first save does not stall on it."""
@@ -80,25 +89,37 @@ class Checkpointer:
       raise FloatingPointError(f"refusing to checkpoint step {step}: the state holds "
                                "non-finite values")
     meta = dict(meta, step=step, fingerprint=np.asarray(self._fingerprint(state)).tolist())
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(f"saving the checkpoint of step {step} under "
+                                f"{self.directory} failed: {e!r}") from e
+    self._pending_step = step
     return time.perf_counter() - start
 
   def check_for_errors(self) -> None:
-    """Raises at once if a background save failed (never train on without checkpoints)."""
+    """Raises once a background save has failed: never train on without checkpoints.
+
+    Orbax logs some background failures and skips the step's finalization without raising
+    (orbax #605), so a finished save also has to have left its commit marker.
+    """
     self._manager.check_for_errors()
+    if self._pending_step is not None and not self._manager.is_saving_in_progress():
+      step, self._pending_step = self._pending_step, None
+      if not (self.directory / str(step) / COMMIT_MARKER).exists():
+        raise CheckpointSaveError(
+            f"the checkpoint of step {step} was not committed under {self.directory} (see "
+            "the errors logged above); stopping instead of training on without checkpoints")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self.check_for_errors()
 
   def close(self) -> None:
     self._manager.close()
-
-  @property
-  def saving(self) -> bool:
-    return self._manager.is_saving_in_progress()
 
   # --- restoring ------------------------------------------------------------------------
 
@@ -149,10 +170,12 @@ class Checkpointer:
         logging.warning("Resuming from step %d, older than the rejected steps %s.",
                         step, rejected)
       return restored, step
+    rejected += [p.name for p in self.directory.glob("*.rejected-*")]
     if rejected:
+      # Starting from scratch here would quietly throw away a run: make the user decide.
       raise NoUsableCheckpoint(
-          f"no usable checkpoint in {self.directory}: steps {rejected} are damaged or "
-          "incomplete (moved aside as *.rejected-*); inspect them, or start in a new workdir")
+          f"no usable checkpoint in {self.directory}: {rejected} are damaged or incomplete "
+          "(moved aside as *.rejected-*); inspect them, or start in a new workdir")
     return None
 
   def _restore_step(self, step, abstract_state, data_iterator, meta):

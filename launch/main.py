@@ -5,7 +5,8 @@ r"""Trains a ResNet on one host or many.
       --config.train.global_batch_size=2048
 
 Exit status: 0 finished, 75 preempted (a checkpoint was saved: run the same command again to
-resume), 2 bad configuration or incompatible checkpoints, anything else a failure.
+resume), 2 bad configuration or unusable checkpoints, 3 training diverged (non-finite
+steps), 4 a checkpoint could not be saved, anything else a failure.
 """
 
 import logging as std_logging
@@ -31,6 +32,8 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_BAD_CONFIG = 2
+EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 4
 _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/etils/")
 
 
@@ -60,6 +63,14 @@ def main(argv):
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_CONFIG)
+  except checkpointing.CheckpointSaveError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_SAVE_FAILED)
+  except FloatingPointError as e:
+    logging.error("%s", e)
+    print(f"error: training diverged: {e}", file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
   sys.exit(status)
 
 

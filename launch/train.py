@@ -268,8 +268,7 @@ def _loop(config, workdir, state, start_step, num_steps, train_step, eval_step, 
     if step % log_every == 0 or step == num_steps:
       _log(step, num_steps, pending, meter, writer, config.train.max_nonfinite_in_a_row)
       pending = []
-    if ckpt.saving:
-      ckpt.check_for_errors()
+    ckpt.check_for_errors()  # cheap: looks at the save futures, not at the devices
     if preemption.should_stop(step):
       logging.warning("Preemption: saving step %d, then exiting with status %d.", step,
                       EXIT_PREEMPTED)
@@ -286,7 +285,6 @@ def _loop(config, workdir, state, start_step, num_steps, train_step, eval_step, 
   if last_saved != num_steps:
     save(num_steps)
   ckpt.wait()
-  ckpt.check_for_errors()
   writer.flush()
   if jax.process_index() == 0:
     marker = {"step": num_steps, **{k: v for k, v in results.items()}}
@@ -300,7 +298,7 @@ def _log(step, num_steps, pending, meter, writer, max_nonfinite_in_a_row) -> Non
   worst = max(int(v["nonfinite_in_a_row"]) for v in values)
   if worst > max_nonfinite_in_a_row:
     raise FloatingPointError(
-        f"{worst} steps in a row up to step {step} had a non-finite loss or gradient "
+        f"{worst} steps in a row up to step {step} had a non-finite loss, gradient or update "
         f"(limit train.max_nonfinite_in_a_row={max_nonfinite_in_a_row}); their updates were "
         "skipped and no checkpoint holds them. Lower the learning rate or check the data.")
   finite = [v for v in values if np.isfinite(v["loss"])]

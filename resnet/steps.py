@@ -105,8 +105,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     label_smoothing: float) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`; jit it with donation.
 
-  A step whose loss or gradients are not finite leaves parameters, statistics and optimizer
-  state untouched and only counts itself, so a checkpoint never holds non-finite values.
+  A step whose loss, gradients or updated parameters are not finite leaves parameters,
+  statistics and optimizer state untouched and only counts itself, so a checkpoint never holds non-finite values.
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -124,7 +124,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    # Finite gradients can still overflow the parameters with a large learning rate.
+    finite = jnp.isfinite(loss) & _all_finite((grads, params, batch_stats))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = TrainState(
