@@ -91,8 +91,9 @@ class ProgressMeter:
 def log_progress(step: int, total: int, figures: dict[str, float]) -> None:
   logging.info(
       "step %d/%d  loss %.4f  top1 %.4f  lr %.5f  %.0f img/s (%.0f/device)  "
-      "step %.3fs  data wait %.0f%%  ETA %s",
+      "step %.3fs  data wait %.0f%%  skipped %d  ETA %s",
       step, total, figures["train/loss"], figures["train/top1"],
       figures["train/learning_rate"], figures["train/images_per_second"],
       figures["train/images_per_second_per_device"], figures["train/step_time"],
-      100 * figures["train/data_wait_fraction"], format_duration(figures["eta_seconds"]))
+      100 * figures["train/data_wait_fraction"], figures["train/skipped_nonfinite_steps"],
+      format_duration(figures["eta_seconds"]))

@@ -307,6 +307,7 @@ def _log(step, num_steps, pending, meter, writer, max_nonfinite_in_a_row) -> Non
       "train/loss": float(np.mean([v["loss"] for v in finite])) if finite else float("nan"),
       "train/top1": float(np.mean([v["top1"] for v in finite])) if finite else float("nan"),
       "train/learning_rate": float(values[-1]["learning_rate"]),
+      "train/skipped_nonfinite_steps": float(values[-1]["nonfinite_total"]),
   })
   metrics_lib.log_progress(step, num_steps, figures)
   writer.scalars(step, {k: v for k, v in figures.items() if k.startswith("train/")})

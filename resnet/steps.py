@@ -141,6 +141,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         "top1": jnp.mean(_top_k_correct(logits, labels, 1)),
         "learning_rate": schedule(state.step),
         "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+        "nonfinite_total": new_state.nonfinite_total,
     }
     return new_state, metrics
 
