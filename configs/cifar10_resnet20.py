@@ -8,25 +8,25 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.model.name = "resnet20"
-  config.model.num_classes = 10
-  config.model.dtype = "float32"
-  config.data.train_dir = "data/cifar10/train"
-  config.data.eval_dir = "data/cifar10/test"
-  config.data.image_size = 32
-  # The paper's augmentation: 4-pixel padding and a 32x32 crop, approximated by a mild
-  # random-resized-crop, plus flips.
-  config.data.crop_scale = (0.64, 1.0)
-  config.data.eval_crop_fraction = 1.0
-  config.data.mean = (125.3, 123.0, 113.9)
-  config.data.std = (63.0, 62.1, 66.7)
-  config.train.global_batch_size = 128
-  config.train.num_epochs = 182.0  # 64k iterations at batch 128
-  config.train.base_learning_rate = 0.2  # 0.1 at batch 128
-  config.train.warmup_epochs = 1.0
-  config.train.weight_decay = 1e-4
-  config.train.label_smoothing = 0.0
-  config.eval.every_steps = 3900  # every 10 epochs
-  config.checkpoint.every_steps = 3900
-  return config
+    config = default.get_config()
+    config.model.name = "resnet20"
+    config.model.num_classes = 10
+    config.model.dtype = "float32"
+    config.data.train_dir = "data/cifar10/train"
+    config.data.eval_dir = "data/cifar10/test"
+    config.data.image_size = 32
+    # The paper's augmentation: 4-pixel padding and a 32x32 crop, approximated by a mild
+    # random-resized-crop, plus flips.
+    config.data.crop_scale = (0.64, 1.0)
+    config.data.eval_crop_fraction = 1.0
+    config.data.mean = (125.3, 123.0, 113.9)
+    config.data.std = (63.0, 62.1, 66.7)
+    config.train.global_batch_size = 128
+    config.train.num_epochs = 182.0  # 64k iterations at batch 128
+    config.train.base_learning_rate = 0.2  # 0.1 at batch 128
+    config.train.warmup_epochs = 1.0
+    config.train.weight_decay = 1e-4
+    config.train.label_smoothing = 0.0
+    config.eval.every_steps = 3900  # every 10 epochs
+    config.checkpoint.every_steps = 3900
+    return config

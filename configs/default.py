@@ -7,58 +7,58 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+    config = ml_collections.ConfigDict()
 
-  config.model = model = ml_collections.ConfigDict()
-  model.name = "resnet50"  # one of resnet.MODEL_NAMES (resnet18..152, resnet20..110)
-  model.num_classes = 1000  # must equal the dataset's number of classes
-  model.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
-  model.zero_init_residual = True  # last BN scale of each residual branch starts at 0
-  model.bn_momentum = 0.9  # ImageNet recipe (NNX's own default is 0.99)
-  model.bn_epsilon = 1e-5
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "resnet50"  # one of resnet.MODEL_NAMES (resnet18..152, resnet20..110)
+    model.num_classes = 1000  # must equal the dataset's number of classes
+    model.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
+    model.zero_init_residual = True  # last BN scale of each residual branch starts at 0
+    model.bn_momentum = 0.9  # ImageNet recipe (NNX's own default is 0.99)
+    model.bn_epsilon = 1e-5
 
-  config.data = data = ml_collections.ConfigDict()
-  data.train_dir = ""  # ArrayRecord dataset made by tools.make_arrayrecord
-  data.eval_dir = ""  # its eval split; empty: no evaluation
-  data.embedded = ""  # "mnist": the MNIST digits shipped in the repository (see demo.py)
-  data.image_size = 224  # side of the square network input, in pixels
-  data.crop_scale = (0.08, 1.0)  # random-resized-crop area range, fraction of the image
-  data.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio range
-  data.random_flip = True  # horizontal flips (turn off for digits and text)
-  data.eval_crop_fraction = 0.875  # eval: centre crop of this fraction of the short side
-  data.mean = (123.675, 116.28, 103.53)  # per-channel pixel mean, 0..255 scale
-  data.std = (58.395, 57.12, 57.375)  # per-channel pixel standard deviation
-  data.num_workers = 0  # Grain decoding processes per host (0: decode in threads)
-  data.num_threads = 4  # Grain reading threads per process
-  data.prefetch = 2  # global batches kept in flight on the devices
+    config.data = data = ml_collections.ConfigDict()
+    data.train_dir = ""  # ArrayRecord dataset made by tools.make_arrayrecord
+    data.eval_dir = ""  # its eval split; empty: no evaluation
+    data.embedded = ""  # "mnist": the MNIST digits shipped in the repository (see demo.py)
+    data.image_size = 224  # side of the square network input, in pixels
+    data.crop_scale = (0.08, 1.0)  # random-resized-crop area range, fraction of the image
+    data.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio range
+    data.random_flip = True  # horizontal flips (turn off for digits and text)
+    data.eval_crop_fraction = 0.875  # eval: centre crop of this fraction of the short side
+    data.mean = (123.675, 116.28, 103.53)  # per-channel pixel mean, 0..255 scale
+    data.std = (58.395, 57.12, 57.375)  # per-channel pixel standard deviation
+    data.num_workers = 0  # Grain decoding processes per host (0: decode in threads)
+    data.num_threads = 4  # Grain reading threads per process
+    data.prefetch = 2  # global batches kept in flight on the devices
 
-  config.train = train = ml_collections.ConfigDict()
-  train.global_batch_size = 1024  # summed over all devices of all hosts
-  train.num_epochs = 90.0
-  train.num_steps = -1  # > 0 overrides num_epochs
-  train.seed = 0  # shuffling and augmentation; model initialisation uses seed + 1
-  train.base_learning_rate = 0.1  # per 256 examples: peak LR = base * global_batch / 256
-  train.warmup_epochs = 5.0  # linear warmup, then cosine decay to 0
-  train.momentum = 0.9
-  train.nesterov = True
-  train.weight_decay = 5e-5  # on conv and dense kernels only
-  train.label_smoothing = 0.1
-  train.log_every_steps = 100  # log line and TensorBoard scalars
-  train.max_nonfinite_in_a_row = 5  # skipped non-finite steps tolerated before stopping
-  train.num_image_summaries = 8  # augmented inputs shown in TensorBoard at the start
+    config.train = train = ml_collections.ConfigDict()
+    train.global_batch_size = 1024  # summed over all devices of all hosts
+    train.num_epochs = 90.0
+    train.num_steps = -1  # > 0 overrides num_epochs
+    train.seed = 0  # shuffling and augmentation; model initialisation uses seed + 1
+    train.base_learning_rate = 0.1  # per 256 examples: peak LR = base * global_batch / 256
+    train.warmup_epochs = 5.0  # linear warmup, then cosine decay to 0
+    train.momentum = 0.9
+    train.nesterov = True
+    train.weight_decay = 5e-5  # on conv and dense kernels only
+    train.label_smoothing = 0.1
+    train.log_every_steps = 100  # log line and TensorBoard scalars
+    train.max_nonfinite_in_a_row = 5  # skipped non-finite steps tolerated before stopping
+    train.num_image_summaries = 8  # augmented inputs shown in TensorBoard at the start
 
-  config.eval = eval_ = ml_collections.ConfigDict()
-  eval_.every_steps = 5000  # also evaluates at the end; 0: only at the end
-  eval_.global_batch_size = -1  # -1: the training global batch size
+    config.eval = eval_ = ml_collections.ConfigDict()
+    eval_.every_steps = 5000  # also evaluates at the end; 0: only at the end
+    eval_.global_batch_size = -1  # -1: the training global batch size
 
-  config.checkpoint = checkpoint = ml_collections.ConfigDict()
-  checkpoint.every_steps = 1000  # also saves at the end and on preemption
-  checkpoint.max_to_keep = 3
-  checkpoint.async_save = True  # write in the background while training goes on
-  checkpoint.barrier_timeout_seconds = 300  # Orbax cross-host barriers
+    config.checkpoint = checkpoint = ml_collections.ConfigDict()
+    checkpoint.every_steps = 1000  # also saves at the end and on preemption
+    checkpoint.max_to_keep = 3
+    checkpoint.async_save = True  # write in the background while training goes on
+    checkpoint.barrier_timeout_seconds = 300  # Orbax cross-host barriers
 
-  config.distributed = distributed = ml_collections.ConfigDict()
-  # A host that stops answering is declared dead after this long, and the others exit.
-  distributed.heartbeat_timeout_seconds = 100
-  distributed.initialization_timeout_seconds = 300
-  return config
+    config.distributed = distributed = ml_collections.ConfigDict()
+    # A host that stops answering is declared dead after this long, and the others exit.
+    distributed.heartbeat_timeout_seconds = 100
+    distributed.initialization_timeout_seconds = 300
+    return config

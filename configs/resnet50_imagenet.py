@@ -11,15 +11,15 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
-  config.model.name = "resnet50"
-  config.model.num_classes = 1000
-  config.data.train_dir = "/mnt/disks/imagenet/train"
-  config.data.eval_dir = "/mnt/disks/imagenet/validation"
-  config.data.num_workers = 16
-  config.train.global_batch_size = 1024
-  config.train.num_epochs = 90.0
-  config.train.warmup_epochs = 5.0
-  config.eval.every_steps = 1251 * 5  # every 5 epochs at batch 1024
-  config.checkpoint.every_steps = 1251  # every epoch
-  return config
+    config = default.get_config()
+    config.model.name = "resnet50"
+    config.model.num_classes = 1000
+    config.data.train_dir = "/mnt/disks/imagenet/train"
+    config.data.eval_dir = "/mnt/disks/imagenet/validation"
+    config.data.num_workers = 16
+    config.train.global_batch_size = 1024
+    config.train.num_epochs = 90.0
+    config.train.warmup_epochs = 5.0
+    config.eval.every_steps = 1251 * 5  # every 5 epochs at batch 1024
+    config.checkpoint.every_steps = 1251  # every epoch
+    return config

@@ -26,79 +26,109 @@ from absl import flags
 flags.DEFINE_integer("num_processes", 2, "Launcher processes to start.")
 flags.DEFINE_integer("devices_per_process", 2, "Simulated CPU devices per process.")
 flags.DEFINE_string("module", "launch.main", "Python module each process runs.")
-flags.DEFINE_float("grace_seconds", 30, "After a failure or a signal, how long to wait for "
-                   "the processes before killing them.")
+flags.DEFINE_float(
+    "grace_seconds",
+    30,
+    "After a failure or a signal, how long to wait for the processes before killing them.",
+)
 FLAGS = flags.FLAGS
 
 
 def _child_env(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
-               if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(xla_flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONUNBUFFERED"] = "1"
-  return env
+    env = dict(os.environ)
+    xla_flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    env["XLA_FLAGS"] = " ".join(xla_flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def _relay(index: int, stream) -> None:
-  for line in iter(stream.readline, b""):
-    sys.stdout.write(f"[p{index}] {line.decode(errors='replace')}")
-    sys.stdout.flush()
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(f"[p{index}] {line.decode(errors='replace')}")
+        sys.stdout.flush()
 
 
-def run(num_processes: int, devices_per_process: int, launcher_args: list[str],
-        module: str = "launch.main", grace_seconds: float = 30) -> int:
-  """Runs the cluster to completion; returns the exit status (first failure wins)."""
-  address = f"localhost:{portpicker.pick_unused_port()}"
-  procs, relays = [], []
-  for index in range(num_processes):
-    cmd = [sys.executable, "-m", module, *launcher_args, f"--coordinator_address={address}",
-           f"--num_processes={num_processes}", f"--process_id={index}"]
-    proc = subprocess.Popen(cmd, env=_child_env(devices_per_process), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    relay = threading.Thread(target=_relay, args=(index, proc.stdout), daemon=True)
-    relay.start()
-    procs.append(proc)
-    relays.append(relay)
+def run(
+    num_processes: int,
+    devices_per_process: int,
+    launcher_args: list[str],
+    module: str = "launch.main",
+    grace_seconds: float = 30,
+) -> int:
+    """Runs the cluster to completion; returns the exit status (first failure wins)."""
+    address = f"localhost:{portpicker.pick_unused_port()}"
+    procs, relays = [], []
+    for index in range(num_processes):
+        cmd = [
+            sys.executable,
+            "-m",
+            module,
+            *launcher_args,
+            f"--coordinator_address={address}",
+            f"--num_processes={num_processes}",
+            f"--process_id={index}",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            env=_child_env(devices_per_process),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        relay = threading.Thread(target=_relay, args=(index, proc.stdout), daemon=True)
+        relay.start()
+        procs.append(proc)
+        relays.append(relay)
 
-  def forward(signum, _frame):
-    for proc in procs:
-      if proc.poll() is None:
-        proc.send_signal(signum)
+    def forward(signum, _frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
-  signal.signal(signal.SIGINT, forward)
-  signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
 
-  status, deadline = 0, None
-  while any(p.poll() is None for p in procs):
-    failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-    if failed and deadline is None:
-      status = failed[0]
-      sys.stdout.write(f"[local_cluster] a process exited with status {status}; "
-                       "stopping the others\n")
-      forward(signal.SIGTERM, None)
-      deadline = time.monotonic() + grace_seconds
-    if deadline is not None and time.monotonic() > deadline:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-    time.sleep(0.1)
-  for relay in relays:
-    relay.join(timeout=5)
-  codes = [p.returncode for p in procs]
-  if status == 0:
-    status = next((c for c in codes if c != 0), 0)
-  if status < 0:  # killed by a signal: report it the way a shell would
-    status = 128 - status
-  sys.stdout.write(f"[local_cluster] exit statuses {codes}\n")
-  return status
+    status, deadline = 0, None
+    while any(p.poll() is None for p in procs):
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        if failed and deadline is None:
+            status = failed[0]
+            sys.stdout.write(
+                f"[local_cluster] a process exited with status {status}; stopping the others\n"
+            )
+            forward(signal.SIGTERM, None)
+            deadline = time.monotonic() + grace_seconds
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.1)
+    for relay in relays:
+        relay.join(timeout=5)
+    codes = [p.returncode for p in procs]
+    if status == 0:
+        status = next((c for c in codes if c != 0), 0)
+    if status < 0:  # killed by a signal: report it the way a shell would
+        status = 128 - status
+    sys.stdout.write(f"[local_cluster] exit statuses {codes}\n")
+    return status
 
 
 def main(argv):
-  sys.exit(run(FLAGS.num_processes, FLAGS.devices_per_process, argv[1:], FLAGS.module,
-               FLAGS.grace_seconds))
+    sys.exit(
+        run(
+            FLAGS.num_processes,
+            FLAGS.devices_per_process,
+            argv[1:],
+            FLAGS.module,
+            FLAGS.grace_seconds,
+        )
+    )
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -21,12 +21,23 @@ from launch import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Python config file (configs/*.py); override fields with "
-    "--config.section.field=value.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and converted demo "
-                    "data go here; a local path or gs://bucket/path.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
-                    "that JAX does not auto-detect (GPU clusters, local simulation).")
+    "config",
+    None,
+    "Python config file (configs/*.py); override fields with --config.section.field=value.",
+    lock_config=True,
+)
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Checkpoints, TensorBoard events and converted demo "
+    "data go here; a local path or gs://bucket/path.",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for clusters "
+    "that JAX does not auto-detect (GPU clusters, local simulation).",
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -38,41 +49,47 @@ _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/etils/")
 
 
 def _quiet_libraries(record) -> bool:
-  """Keeps Orbax's and Grain's per-save INFO lines out of the log unless --v=1 or more."""
-  chatty = any(lib in record.pathname for lib in _CHATTY_LIBRARIES)
-  return not chatty or record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
+    """Keeps Orbax's and Grain's per-save INFO lines out of the log unless --v=1 or more."""
+    chatty = any(lib in record.pathname for lib in _CHATTY_LIBRARIES)
+    return not chatty or record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_quiet_libraries)
-  config = FLAGS.config
-  distributed.initialize(
-      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-      heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
-      initialization_timeout_seconds=config.distributed.initialization_timeout_seconds)
-  # Imported after jax.distributed is up: nothing may touch a device before that.
-  from launch import checkpointing, train  # pylint: disable=g-import-not-at-top
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_libraries)
+    config = FLAGS.config
+    distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
+        initialization_timeout_seconds=config.distributed.initialization_timeout_seconds,
+    )
+    # Imported after jax.distributed is up: nothing may touch a device before that.
+    from launch import checkpointing, train  # pylint: disable=g-import-not-at-top
 
-  try:
-    with config.unlocked():
-      status = train.train_and_evaluate(config, FLAGS.workdir)
-  except (train.ConfigError, checkpointing.IncompatibleCheckpoint,
-          checkpointing.NoUsableCheckpoint) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_BAD_CONFIG)
-  except checkpointing.CheckpointSaveError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_SAVE_FAILED)
-  except FloatingPointError as e:
-    logging.error("%s", e)
-    print(f"error: training diverged: {e}", file=sys.stderr)
-    sys.exit(EXIT_DIVERGED)
-  sys.exit(status)
+    try:
+        with config.unlocked():
+            status = train.train_and_evaluate(config, FLAGS.workdir)
+    except (
+        train.ConfigError,
+        checkpointing.IncompatibleCheckpoint,
+        checkpointing.NoUsableCheckpoint,
+    ) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    except checkpointing.CheckpointSaveError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_SAVE_FAILED)
+    except FloatingPointError as e:
+        logging.error("%s", e)
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

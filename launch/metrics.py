@@ -11,89 +11,97 @@ from absl import logging
 
 
 class Writer:
-  """tensorboardX under WORKDIR/tensorboard on process 0; does nothing on the others."""
+    """tensorboardX under WORKDIR/tensorboard on process 0; does nothing on the others."""
 
-  def __init__(self, workdir: str):
-    self._writer = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+    def __init__(self, workdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if self._writer:
-      for tag, value in values.items():
-        self._writer.add_scalar(tag, float(value), step)
+            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
 
-  def text(self, tag: str, text: str) -> None:
-    if self._writer:
-      self._writer.add_text(tag, text, 0)
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, float(value), step)
 
-  def images(self, tag: str, step: int, images: np.ndarray) -> None:
-    """A grid of NHWC uint8 images."""
-    if self._writer and len(images):
-      self._writer.add_images(tag, images, step, dataformats="NHWC")
+    def text(self, tag: str, text: str) -> None:
+        if self._writer:
+            self._writer.add_text(tag, text, 0)
 
-  def flush(self) -> None:
-    if self._writer:
-      self._writer.flush()
+    def images(self, tag: str, step: int, images: np.ndarray) -> None:
+        """A grid of NHWC uint8 images."""
+        if self._writer and len(images):
+            self._writer.add_images(tag, images, step, dataformats="NHWC")
 
-  def close(self) -> None:
-    if self._writer:
-      self._writer.close()
+    def flush(self) -> None:
+        if self._writer:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
 
 
 def image_grid_input(local_images: np.ndarray, count: int) -> np.ndarray:
-  images = np.asarray(local_images[:count])
-  if images.shape[-1] == 1:  # TensorBoard wants 3 channels
-    images = np.repeat(images, 3, axis=-1)
-  return images
+    images = np.asarray(local_images[:count])
+    if images.shape[-1] == 1:  # TensorBoard wants 3 channels
+        images = np.repeat(images, 3, axis=-1)
+    return images
 
 
 def format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 class ProgressMeter:
-  """Times the intervals between log lines: throughput, step time, data wait, ETA."""
+    """Times the intervals between log lines: throughput, step time, data wait, ETA."""
 
-  def __init__(self, global_batch_size: int, total_steps: int, start_step: int):
-    self._global_batch = global_batch_size
-    self._total = total_steps
-    self._reset(start_step)
+    def __init__(self, global_batch_size: int, total_steps: int, start_step: int):
+        self._global_batch = global_batch_size
+        self._total = total_steps
+        self._reset(start_step)
 
-  def _reset(self, step: int) -> None:
-    self._start_time = time.perf_counter()
-    self._start_step = step
-    self._data_wait = 0.0
+    def _reset(self, step: int) -> None:
+        self._start_time = time.perf_counter()
+        self._start_step = step
+        self._data_wait = 0.0
 
-  def add_data_wait(self, seconds: float) -> None:
-    self._data_wait += seconds
+    def add_data_wait(self, seconds: float) -> None:
+        self._data_wait += seconds
 
-  def summarize(self, step: int) -> dict[str, float]:
-    """Figures for the interval since the last call; `step` must already be synchronised."""
-    elapsed = time.perf_counter() - self._start_time
-    steps = max(step - self._start_step, 1)
-    step_time = elapsed / steps
-    images_per_second = self._global_batch * steps / max(elapsed, 1e-9)
-    figures = {
-        "train/images_per_second": images_per_second,
-        "train/images_per_second_per_device": images_per_second / jax.device_count(),
-        "train/step_time": step_time,
-        "train/data_wait_fraction": min(self._data_wait / max(elapsed, 1e-9), 1.0),
-        "eta_seconds": step_time * (self._total - step),
-    }
-    self._reset(step)
-    return figures
+    def summarize(self, step: int) -> dict[str, float]:
+        """Figures for the interval since the last call; `step` must already be synchronised."""
+        elapsed = time.perf_counter() - self._start_time
+        steps = max(step - self._start_step, 1)
+        step_time = elapsed / steps
+        images_per_second = self._global_batch * steps / max(elapsed, 1e-9)
+        figures = {
+            "train/images_per_second": images_per_second,
+            "train/images_per_second_per_device": images_per_second / jax.device_count(),
+            "train/step_time": step_time,
+            "train/data_wait_fraction": min(self._data_wait / max(elapsed, 1e-9), 1.0),
+            "eta_seconds": step_time * (self._total - step),
+        }
+        self._reset(step)
+        return figures
 
 
 def log_progress(step: int, total: int, figures: dict[str, float]) -> None:
-  logging.info(
-      "step %d/%d  loss %.4f  top1 %.4f  lr %.5f  %.0f img/s (%.0f/device)  "
-      "step %.3fs  data wait %.0f%%  skipped %d  ETA %s",
-      step, total, figures["train/loss"], figures["train/top1"],
-      figures["train/learning_rate"], figures["train/images_per_second"],
-      figures["train/images_per_second_per_device"], figures["train/step_time"],
-      100 * figures["train/data_wait_fraction"], figures["train/skipped_nonfinite_steps"],
-      format_duration(figures["eta_seconds"]))
+    logging.info(
+        "step %d/%d  loss %.4f  top1 %.4f  lr %.5f  %.0f img/s (%.0f/device)  "
+        "step %.3fs  data wait %.0f%%  skipped %d  ETA %s",
+        step,
+        total,
+        figures["train/loss"],
+        figures["train/top1"],
+        figures["train/learning_rate"],
+        figures["train/images_per_second"],
+        figures["train/images_per_second_per_device"],
+        figures["train/step_time"],
+        100 * figures["train/data_wait_fraction"],
+        figures["train/skipped_nonfinite_steps"],
+        format_duration(figures["eta_seconds"]),
+    )

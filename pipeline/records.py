@@ -29,45 +29,48 @@ SHARD_PATTERN = "data-{index:05d}-of-{count:05d}.array_record"
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  example_id: int
-  label: int
-  image: bytes  # encoded PNG or JPEG
+    example_id: int
+    label: int
+    image: bytes  # encoded PNG or JPEG
 
 
 def encode_example(example_id: int, label: int, image: bytes) -> bytes:
-  return _HEADER.pack(MAGIC, example_id, label) + image
+    return _HEADER.pack(MAGIC, example_id, label) + image
 
 
 def decode_example(record: bytes) -> Example:
-  if len(record) < HEADER_SIZE or record[:4] != MAGIC:
-    raise ValueError(
-        f"not a schema-{SCHEMA_VERSION} record (starts with {bytes(record[:4])!r}, "
-        f"expected {MAGIC!r}); re-convert the dataset with tools.make_arrayrecord")
-  _, example_id, label = _HEADER.unpack_from(record)
-  return Example(example_id, label, bytes(record[HEADER_SIZE:]))
+    if len(record) < HEADER_SIZE or record[:4] != MAGIC:
+        raise ValueError(
+            f"not a schema-{SCHEMA_VERSION} record (starts with {bytes(record[:4])!r}, "
+            f"expected {MAGIC!r}); re-convert the dataset with tools.make_arrayrecord"
+        )
+    _, example_id, label = _HEADER.unpack_from(record)
+    return Example(example_id, label, bytes(record[HEADER_SIZE:]))
 
 
 def read_metadata(dataset_dir: str) -> dict:
-  """Reads and checks `metadata.json`; a missing or foreign dataset is a clear error."""
-  path = os.path.join(dataset_dir, METADATA_FILE)
-  if not os.path.isdir(dataset_dir):
-    raise FileNotFoundError(f"dataset directory {dataset_dir!r} does not exist")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path!r} is missing: {dataset_dir!r} is not a complete dataset "
-        "(convert one with `python -m tools.make_arrayrecord`)")
-  with open(path) as f:
-    metadata = json.load(f)
-  version = metadata.get("schema_version")
-  if version != SCHEMA_VERSION:
-    raise ValueError(
-        f"{path!r} has record schema version {version}, this code reads {SCHEMA_VERSION}")
-  return metadata
+    """Reads and checks `metadata.json`; a missing or foreign dataset is a clear error."""
+    path = os.path.join(dataset_dir, METADATA_FILE)
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(f"dataset directory {dataset_dir!r} does not exist")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path!r} is missing: {dataset_dir!r} is not a complete dataset "
+            "(convert one with `python -m tools.make_arrayrecord`)"
+        )
+    with open(path) as f:
+        metadata = json.load(f)
+    version = metadata.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path!r} has record schema version {version}, this code reads {SCHEMA_VERSION}"
+        )
+    return metadata
 
 
 def shard_paths(dataset_dir: str, metadata: dict) -> list[str]:
-  paths = [os.path.join(dataset_dir, name) for name in metadata["shards"]]
-  missing = [p for p in paths if not os.path.exists(p)]
-  if missing:
-    raise FileNotFoundError(f"dataset {dataset_dir!r} lacks shard files: {missing}")
-  return paths
+    paths = [os.path.join(dataset_dir, name) for name in metadata["shards"]]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"dataset {dataset_dir!r} lacks shard files: {missing}")
+    return paths

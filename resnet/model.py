@@ -52,9 +52,15 @@ class _Layers:
         # with the 1x1/2 projection or the ::2 subsample of a zero-pad shortcut.
         pad = kernel // 2
         return nnx.Conv(
-            in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
-            padding=((pad, pad), (pad, pad)), use_bias=False,  # BN supplies the bias
-            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=CONV_INIT,
+            in_ch,
+            out_ch,
+            (kernel, kernel),
+            strides=(stride, stride),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,  # BN supplies the bias
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=CONV_INIT,
             rngs=self.rngs,
         )
 
@@ -64,8 +70,11 @@ class _Layers:
         # float32, the normalisation itself runs in float32 before the result is
         # cast to the compute dtype.
         return nnx.BatchNorm(
-            channels, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-            dtype=self.dtype, param_dtype=jnp.float32,
+            channels,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
             rngs=self.rngs,
         )
@@ -114,8 +123,16 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_ch: int, channels: int, stride: int, layers: _Layers, *,
-                 shortcut: str = "projection", zero_init_residual: bool = True):
+    def __init__(
+        self,
+        in_ch: int,
+        channels: int,
+        stride: int,
+        layers: _Layers,
+        *,
+        shortcut: str = "projection",
+        zero_init_residual: bool = True,
+    ):
         out_ch = channels * self.expansion
         self.conv1 = layers.conv(in_ch, channels, 3, stride)
         self.bn1 = layers.bn(channels)
@@ -137,8 +154,16 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, in_ch: int, channels: int, stride: int, layers: _Layers, *,
-                 shortcut: str = "projection", zero_init_residual: bool = True):
+    def __init__(
+        self,
+        in_ch: int,
+        channels: int,
+        stride: int,
+        layers: _Layers,
+        *,
+        shortcut: str = "projection",
+        zero_init_residual: bool = True,
+    ):
         out_ch = channels * self.expansion
         self.conv1 = layers.conv(in_ch, channels, 1)
         self.bn1 = layers.bn(channels)
@@ -186,12 +211,14 @@ class ResNet(nnx.Module):
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"unknown stem {stem!r}; valid: ['cifar', 'imagenet']")
         self.dtype = jnp.dtype(dtype)
-        layers = _Layers(dtype=self.dtype, bn_momentum=bn_momentum,
-                         bn_epsilon=bn_epsilon, rngs=rngs)
+        layers = _Layers(
+            dtype=self.dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, rngs=rngs
+        )
         self.max_pool = stem == "imagenet"
         width = stage_widths[0]
-        self.stem_conv = layers.conv(in_channels, width, 7 if self.max_pool else 3,
-                                     2 if self.max_pool else 1)
+        self.stem_conv = layers.conv(
+            in_channels, width, 7 if self.max_pool else 3, 2 if self.max_pool else 1
+        )
         self.stem_bn = layers.bn(width)
 
         stages = []
@@ -200,15 +227,29 @@ class ResNet(nnx.Module):
             blocks = []
             for j in range(n_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(block(in_ch, channels, stride, layers, shortcut=shortcut,
-                                    zero_init_residual=zero_init_residual))
+                blocks.append(
+                    block(
+                        in_ch,
+                        channels,
+                        stride,
+                        layers,
+                        shortcut=shortcut,
+                        zero_init_residual=zero_init_residual,
+                    )
+                )
                 in_ch = channels * block.expansion
             stages.append(_ModuleList(blocks))
         self.stages = _ModuleList(stages)
         # The head runs in float32: it is tiny, and the loss wants float32 logits.
-        self.head = nnx.Linear(in_ch, num_classes, dtype=jnp.float32,
-                               param_dtype=jnp.float32, kernel_init=HEAD_KERNEL_INIT,
-                               bias_init=nnx.initializers.zeros, rngs=rngs)
+        self.head = nnx.Linear(
+            in_ch,
+            num_classes,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            kernel_init=HEAD_KERNEL_INIT,
+            bias_init=nnx.initializers.zeros,
+            rngs=rngs,
+        )
 
     def __call__(self, images: jax.Array, training: bool) -> jax.Array:
         x = jnp.asarray(images, self.dtype)

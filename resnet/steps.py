@@ -22,12 +22,12 @@ from flax import nnx
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 scalar: optimizer steps taken (skipped steps included)
-  params: nnx.State
-  batch_stats: nnx.State
-  opt_state: Any
-  nonfinite_in_a_row: jax.Array  # int32 scalar: consecutive skipped (non-finite) steps
-  nonfinite_total: jax.Array  # int32 scalar
+    step: jax.Array  # int32 scalar: optimizer steps taken (skipped steps included)
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: Any
+    nonfinite_in_a_row: jax.Array  # int32 scalar: consecutive skipped (non-finite) steps
+    nonfinite_total: jax.Array  # int32 scalar
 
 
 # flax >= 0.12 States hold the Variable objects themselves, and a Variable may only be updated
@@ -37,134 +37,154 @@ _MERGE_CAN_COPY = "copy" in inspect.signature(nnx.merge).parameters
 
 
 def merge(graphdef: nnx.GraphDef, *states: nnx.State) -> nnx.Module:
-  return nnx.merge(graphdef, *states, copy=True) if _MERGE_CAN_COPY else nnx.merge(
-      graphdef, *states)
+    return (
+        nnx.merge(graphdef, *states, copy=True) if _MERGE_CAN_COPY else nnx.merge(graphdef, *states)
+    )
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int,
-                           total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `peak`, then cosine decay to 0, per step."""
-  warmup_steps = min(warmup_steps, total_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `peak`, then cosine decay to 0, per step."""
+    warmup_steps = min(warmup_steps, total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=0.0,
+    )
 
 
 def _decays(params: nnx.State) -> Any:
-  # Conv (4-D) and dense (2-D) kernels decay; BN scales/biases and biases (1-D) do not.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+    # Conv (4-D) and dense (2-D) kernels decay; BN scales/biases and biases (1-D) do not.
+    return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def sgd_optimizer(schedule: optax.Schedule, *, momentum: float, nesterov: bool,
-                  weight_decay: float) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum and L2 weight decay on kernels, as the ResNet recipe."""
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=_decays),
-      optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
-  )
+def sgd_optimizer(
+    schedule: optax.Schedule, *, momentum: float, nesterov: bool, weight_decay: float
+) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum and L2 weight decay on kernels, as the ResNet recipe."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=_decays),
+        optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
+    )
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation
-               ) -> tuple[nnx.GraphDef, TrainState]:
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the step donates them
-  return graphdef, TrainState(step=zero(), params=params, batch_stats=batch_stats,
-                              opt_state=tx.init(params), nonfinite_in_a_row=zero(),
-                              nonfinite_total=zero())
+def init_state(
+    model: nnx.Module, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the step donates them
+    return graphdef, TrainState(
+        step=zero(),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        nonfinite_in_a_row=zero(),
+        nonfinite_total=zero(),
+    )
 
 
-def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...],
-              dtype: Any) -> jax.Array:
-  """uint8 NHWC pixels to normalised `dtype` (done on device: see pipeline.transforms)."""
-  mean = jnp.asarray(mean, jnp.float32)
-  inv_std = 1.0 / jnp.asarray(std, jnp.float32)
-  return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
+def normalize(
+    images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...], dtype: Any
+) -> jax.Array:
+    """uint8 NHWC pixels to normalised `dtype` (done on device: see pipeline.transforms)."""
+    mean = jnp.asarray(mean, jnp.float32)
+    inv_std = 1.0 / jnp.asarray(std, jnp.float32)
+    return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-  """Per-example softmax cross-entropy against smoothed one-hot targets, in fp32."""
-  num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    """Per-example softmax cross-entropy against smoothed one-hot targets, in fp32."""
+    num_classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k largest logits (ties broken towards lower index)."""
-  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  classes = jnp.arange(logits.shape[-1])
-  beats_label = (logits > label_logit) | ((logits == label_logit) & (classes < labels[:, None]))
-  return (jnp.sum(beats_label, axis=-1) < k).astype(jnp.float32)
+    """1.0 where the label is among the k largest logits (ties broken towards lower index)."""
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    classes = jnp.arange(logits.shape[-1])
+    beats_label = (logits > label_logit) | ((logits == label_logit) & (classes < labels[:, None]))
+    return (jnp.sum(beats_label, axis=-1) < k).astype(jnp.float32)
 
 
 def _all_finite(tree: Any) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, mean, std, compute_dtype,
-                    label_smoothing: float) -> Callable:
-  """Returns `train_step(state, batch) -> (state, metrics)`; jit it with donation.
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    mean,
+    std,
+    compute_dtype,
+    label_smoothing: float,
+) -> Callable:
+    """Returns `train_step(state, batch) -> (state, metrics)`; jit it with donation.
 
-  A step whose loss, gradients or updated parameters are not finite leaves parameters,
-  statistics and optimizer state untouched and only counts itself, so a checkpoint never holds non-finite values.
-  """
+    A step whose loss, gradients or updated parameters are not finite leaves parameters,
+    statistics and optimizer state untouched and only counts itself, so a checkpoint never holds non-finite values.
+    """
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    images = normalize(batch["image"], mean, std, compute_dtype)
-    labels = batch["label"]
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        images = normalize(batch["image"], mean, std, compute_dtype)
+        labels = batch["label"]
 
-    def loss_fn(params, batch_stats):
-      model = merge(graphdef, params, batch_stats)
-      logits = model(images, training=True)
-      loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
-      return loss, (logits, nnx.state(model, nnx.BatchStat))
+        def loss_fn(params, batch_stats):
+            model = merge(graphdef, params, batch_stats)
+            logits = model(images, training=True)
+            loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
 
-    # Finite gradients can still overflow the parameters with a large learning rate.
-    finite = jnp.isfinite(loss) & _all_finite((grads, params, batch_stats))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    skipped = jnp.logical_not(finite).astype(jnp.int32)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        batch_stats=keep(batch_stats, state.batch_stats),
-        opt_state=keep(opt_state, state.opt_state),
-        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-        nonfinite_total=state.nonfinite_total + skipped,
-    )
-    metrics = {
-        "loss": loss,
-        "top1": jnp.mean(_top_k_correct(logits, labels, 1)),
-        "learning_rate": schedule(state.step),
-        "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
-        "nonfinite_total": new_state.nonfinite_total,
-    }
-    return new_state, metrics
+        # Finite gradients can still overflow the parameters with a large learning rate.
+        finite = jnp.isfinite(loss) & _all_finite((grads, params, batch_stats))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = jnp.logical_not(finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            batch_stats=keep(batch_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            nonfinite_total=state.nonfinite_total + skipped,
+        )
+        metrics = {
+            "loss": loss,
+            "top1": jnp.mean(_top_k_correct(logits, labels, 1)),
+            "learning_rate": schedule(state.step),
+            "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+            "nonfinite_total": new_state.nonfinite_total,
+        }
+        return new_state, metrics
 
-  return train_step
+    return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, mean, std, compute_dtype) -> Callable:
-  """Returns `eval_step(state, batch) -> sums`: masked sums, exact over padded batches.
+    """Returns `eval_step(state, batch) -> sums`: masked sums, exact over padded batches.
 
-  Sums (not means) are returned so that batches, devices and hosts add up exactly; divide
-  by `count` once at the end.
-  """
+    Sums (not means) are returned so that batches, devices and hosts add up exactly; divide
+    by `count` once at the end.
+    """
 
-  def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    model = merge(graphdef, state.params, state.batch_stats)
-    logits = model(normalize(batch["image"], mean, std, compute_dtype), training=False)
-    labels, mask = batch["label"], batch["mask"]
-    k5 = min(5, logits.shape[-1])
-    return {
-        "loss": jnp.sum(cross_entropy(logits, labels, 0.0) * mask),
-        "top1": jnp.sum(_top_k_correct(logits, labels, 1) * mask),
-        "top5": jnp.sum(_top_k_correct(logits, labels, k5) * mask),
-        "count": jnp.sum(mask),
-    }
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+        model = merge(graphdef, state.params, state.batch_stats)
+        logits = model(normalize(batch["image"], mean, std, compute_dtype), training=False)
+        labels, mask = batch["label"], batch["mask"]
+        k5 = min(5, logits.shape[-1])
+        return {
+            "loss": jnp.sum(cross_entropy(logits, labels, 0.0) * mask),
+            "top1": jnp.sum(_top_k_correct(logits, labels, 1) * mask),
+            "top5": jnp.sum(_top_k_correct(logits, labels, k5) * mask),
+            "count": jnp.sum(mask),
+        }
 
-  return eval_step
+    return eval_step

@@ -10,107 +10,156 @@ import sys
 import numpy as np
 
 from launch import demo_data
-from tools import make_arrayrecord
+from pipeline import conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(demo_data.EMBEDDED_DIR, "mnist-t10k")
 
 
 def _subset(lo: int, hi: int, example_id: int) -> bool:
-  return lo <= example_id < hi
+    return lo <= example_id < hi
 
 
 def make_mnist_subset(directory: str, first: int, count: int) -> str:
-  """ArrayRecord dataset of the shipped MNIST digits with ids [first, first + count)."""
-  make_arrayrecord.convert("mnist", MNIST, directory, progress=False,
-                           keep=functools.partial(_subset, first, first + count))
-  return directory
+    """ArrayRecord dataset of the shipped MNIST digits with ids [first, first + count)."""
+    conversion.convert(
+        "mnist",
+        MNIST,
+        directory,
+        progress=False,
+        keep=functools.partial(_subset, first, first + count),
+    )
+    return directory
 
 
 def child_env(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO
-  return env
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO
+    return env
 
 
 def tiny_run_args(train_dir: str, eval_dir: str, workdir: str, **overrides) -> list[str]:
-  """Launcher flags for a small, fast run of configs/demo.py on the given data."""
-  settings = {
-      "data.embedded": "",
-      "data.train_dir": train_dir,
-      "data.eval_dir": eval_dir,
-      "data.image_size": 16,
-      "train.global_batch_size": 16,
-      "train.num_steps": 8,
-      "train.log_every_steps": 2,
-      "train.num_image_summaries": 2,
-      "checkpoint.every_steps": 4,
-      "checkpoint.max_to_keep": 5,
-      "distributed.heartbeat_timeout_seconds": 10,
-  }
-  settings.update(overrides)
-  args = ["--config=configs/demo.py", f"--workdir={workdir}"]
-  return args + [f"--config.{k}={v}" for k, v in settings.items()]
+    """Launcher flags for a small, fast run of configs/demo.py on the given data."""
+    settings = {
+        "data.embedded": "",
+        "data.train_dir": train_dir,
+        "data.eval_dir": eval_dir,
+        "data.image_size": 16,
+        "train.global_batch_size": 16,
+        "train.num_steps": 8,
+        "train.log_every_steps": 2,
+        "train.num_image_summaries": 2,
+        "checkpoint.every_steps": 4,
+        "checkpoint.max_to_keep": 5,
+        "distributed.heartbeat_timeout_seconds": 10,
+    }
+    settings.update(overrides)
+    args = ["--config=configs/demo.py", f"--workdir={workdir}"]
+    return args + [f"--config.{k}={v}" for k, v in settings.items()]
 
 
-def launch(args: list[str], *, processes: int = 1, devices: int = 4, timeout: float = 300,
-           **popen) -> subprocess.CompletedProcess:
-  """Runs the real launcher: directly for one process, through local_cluster for more."""
-  if processes == 1:
-    cmd = [sys.executable, "-m", "launch.main", *args]
-  else:
-    cmd = [sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
-           f"--devices_per_process={devices}", "--", *args]
-  return subprocess.run(cmd, cwd=REPO, env=child_env(devices), capture_output=True,
-                        text=True, timeout=timeout, **popen)
+def launch(
+    args: list[str], *, processes: int = 1, devices: int = 4, timeout: float = 300, **popen
+) -> subprocess.CompletedProcess:
+    """Runs the real launcher: directly for one process, through local_cluster for more."""
+    if processes == 1:
+        cmd = [sys.executable, "-m", "launch.main", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch.local_cluster",
+            f"--num_processes={processes}",
+            f"--devices_per_process={devices}",
+            "--",
+            *args,
+        ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=child_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def start(args: list[str], *, processes: int = 1, devices: int = 4) -> subprocess.Popen:
-  """Like `launch`, without waiting; stdout and stderr are merged."""
-  if processes == 1:
-    cmd = [sys.executable, "-m", "launch.main", *args]
-  else:
-    cmd = [sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
-           f"--devices_per_process={devices}", "--", *args]
-  return subprocess.Popen(cmd, cwd=REPO, env=child_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    """Like `launch`, without waiting; stdout and stderr are merged."""
+    if processes == 1:
+        cmd = [sys.executable, "-m", "launch.main", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch.local_cluster",
+            f"--num_processes={processes}",
+            f"--devices_per_process={devices}",
+            "--",
+            *args,
+        ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def load_state(workdir: str, step: int) -> dict:
-  """The saved TrainState of `step` as nested dicts of numpy arrays (any device count)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(path).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    """The saved TrainState of `step` as nested dicts of numpy arrays (any device count)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
-  import jax  # pylint: disable=g-import-not-at-top
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+    import jax  # pylint: disable=g-import-not-at-top
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def start_hosts(args: list[str], *, processes: int = 2, devices: int = 2
-                ) -> list[subprocess.Popen]:
-  """The launcher as separate host processes joined on localhost, with no supervisor."""
-  import portpicker  # pylint: disable=g-import-not-at-top
-  address = f"localhost:{portpicker.pick_unused_port()}"
-  return [subprocess.Popen(
-      [sys.executable, "-m", "launch.main", *args, f"--coordinator_address={address}",
-       f"--num_processes={processes}", f"--process_id={index}"],
-      cwd=REPO, env=child_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for index in range(processes)]
+def start_hosts(args: list[str], *, processes: int = 2, devices: int = 2) -> list[subprocess.Popen]:
+    """The launcher as separate host processes joined on localhost, with no supervisor."""
+    import portpicker  # pylint: disable=g-import-not-at-top
+
+    address = f"localhost:{portpicker.pick_unused_port()}"
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.main",
+                *args,
+                f"--coordinator_address={address}",
+                f"--num_processes={processes}",
+                f"--process_id={index}",
+            ],
+            cwd=REPO,
+            env=child_env(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(processes)
+    ]
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
-  """Reads `proc`'s output into `seen` until a line contains `needle` (False at EOF)."""
-  for line in proc.stdout:
-    seen.append(line)
-    if needle in line:
-      return True
-  return False
+    """Reads `proc`'s output into `seen` until a line contains `needle` (False at EOF)."""
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return True
+    return False

@@ -24,214 +24,243 @@ EVERY = {"train.num_steps": STEPS, "checkpoint.every_steps": 4}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  return (helpers.make_mnist_subset(str(root / "train"), 0, 200),
-          helpers.make_mnist_subset(str(root / "eval"), 200, 37))
+    root = tmp_path_factory.mktemp("data")
+    return (
+        helpers.make_mnist_subset(str(root / "train"), 0, 200),
+        helpers.make_mnist_subset(str(root / "eval"), 200, 37),
+    )
 
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-  """Uninterrupted runs: one process x 4 devices, and two processes x 2 devices."""
-  workdirs = {}
-  for name, processes, devices in [("one", 1, 4), ("two", 2, 2)]:
-    workdir = str(tmp_path_factory.mktemp("reference") / name)
-    run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY), processes=processes,
-                         devices=devices)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    workdirs[name] = workdir
-  return workdirs
+    """Uninterrupted runs: one process x 4 devices, and two processes x 2 devices."""
+    workdirs = {}
+    for name, processes, devices in [("one", 1, 4), ("two", 2, 2)]:
+        workdir = str(tmp_path_factory.mktemp("reference") / name)
+        run = helpers.launch(
+            helpers.tiny_run_args(*data, workdir, **EVERY), processes=processes, devices=devices
+        )
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        workdirs[name] = workdir
+    return workdirs
 
 
 def assert_same_state(workdir_a, workdir_b, step=STEPS):
-  a = helpers.flat_arrays(helpers.load_state(workdir_a, step))
-  b = helpers.flat_arrays(helpers.load_state(workdir_b, step))
-  assert a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    a = helpers.flat_arrays(helpers.load_state(workdir_a, step))
+    b = helpers.flat_arrays(helpers.load_state(workdir_b, step))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def committed_steps(workdir):
-  root = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(root)
-                if n.isdigit() and os.path.exists(os.path.join(root, n, "commit_success.txt")))
+    root = os.path.join(workdir, "checkpoints")
+    return sorted(
+        int(n)
+        for n in os.listdir(root)
+        if n.isdigit() and os.path.exists(os.path.join(root, n, "commit_success.txt"))
+    )
 
 
 def _interrupt(proc, pid_to_signal, sig, after_line, seen):
-  assert helpers.wait_for_line(proc, after_line, seen), "".join(seen)[-3000:]
-  os.kill(pid_to_signal(proc), sig)
-  start = time.monotonic()
-  for line in proc.stdout:
-    seen.append(line)
-  proc.wait(timeout=120)
-  return time.monotonic() - start
+    assert helpers.wait_for_line(proc, after_line, seen), "".join(seen)[-3000:]
+    os.kill(pid_to_signal(proc), sig)
+    start = time.monotonic()
+    for line in proc.stdout:
+        seen.append(line)
+    proc.wait(timeout=120)
+    return time.monotonic() - start
 
 
 def _child_pid(process_id):
-  out = subprocess.check_output(["pgrep", "-f", f"launch.main .*process_id={process_id}$"],
-                                text=True)
-  return int(out.split()[0])
+    out = subprocess.check_output(
+        ["pgrep", "-f", f"launch.main .*process_id={process_id}$"], text=True
+    )
+    return int(out.split()[0])
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(data, reference, tmp_path):
-  args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **EVERY)
-  seen = []
-  proc = helpers.start(args)
-  took = _interrupt(proc, lambda p: p.pid, signal.SIGTERM, "step 6/16", seen)
-  log = "".join(seen)
-  assert proc.returncode == train.EXIT_PREEMPTED, log[-3000:]
-  assert took < 30 and "Traceback" not in log
-  saved = committed_steps(str(tmp_path / "w"))[-1]
-  assert saved >= 6  # nothing lost: the step reached when the signal came is saved
-  resumed = helpers.launch(args)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"Resumed from the checkpoint of step {saved}" in resumed.stderr
-  assert_same_state(reference["one"], str(tmp_path / "w"))
+    args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **EVERY)
+    seen = []
+    proc = helpers.start(args)
+    took = _interrupt(proc, lambda p: p.pid, signal.SIGTERM, "step 6/16", seen)
+    log = "".join(seen)
+    assert proc.returncode == train.EXIT_PREEMPTED, log[-3000:]
+    assert took < 30 and "Traceback" not in log
+    saved = committed_steps(str(tmp_path / "w"))[-1]
+    assert saved >= 6  # nothing lost: the step reached when the signal came is saved
+    resumed = helpers.launch(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from the checkpoint of step {saved}" in resumed.stderr
+    assert_same_state(reference["one"], str(tmp_path / "w"))
 
 
 def test_sigterm_to_one_host_stops_all_at_one_step_and_resumes(data, reference, tmp_path):
-  args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **EVERY)
-  seen = []
-  proc = helpers.start(args, processes=2, devices=2)
-  _interrupt(proc, lambda p: _child_pid(1), signal.SIGTERM, "step 4/16", seen)
-  log = "".join(seen)
-  assert proc.returncode == train.EXIT_PREEMPTED, log[-3000:]
-  stops = {line.split("saving step ")[1].split(",")[0] for line in seen
-           if "Preemption: saving step" in line}
-  assert len(stops) == 1, log[-3000:]  # both hosts agreed on one step
-  assert "exit statuses [75, 75]" in log and "Traceback" not in log
-  resumed = helpers.launch(args, processes=2, devices=2)
-  assert resumed.returncode == 0, resumed.stdout[-3000:]
-  assert_same_state(reference["two"], str(tmp_path / "w"))
+    args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **EVERY)
+    seen = []
+    proc = helpers.start(args, processes=2, devices=2)
+    _interrupt(proc, lambda p: _child_pid(1), signal.SIGTERM, "step 4/16", seen)
+    log = "".join(seen)
+    assert proc.returncode == train.EXIT_PREEMPTED, log[-3000:]
+    stops = {
+        line.split("saving step ")[1].split(",")[0]
+        for line in seen
+        if "Preemption: saving step" in line
+    }
+    assert len(stops) == 1, log[-3000:]  # both hosts agreed on one step
+    assert "exit statuses [75, 75]" in log and "Traceback" not in log
+    resumed = helpers.launch(args, processes=2, devices=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert_same_state(reference["two"], str(tmp_path / "w"))
 
 
 def test_sigkill_during_async_save_resumes_from_last_committed(data, reference, tmp_path):
-  workdir = str(tmp_path / "w")
-  args = helpers.tiny_run_args(*data, workdir, **EVERY)
-  seen = []
-  proc = helpers.start(args)
-  _interrupt(proc, lambda p: p.pid, signal.SIGKILL, "checkpoint of step 8 started", seen)
-  assert proc.returncode == -signal.SIGKILL
-  # Whatever the kill left (a tmp folder, or step 8 if it committed in time) plus a torn
-  # step made by hand: a step folder whose commit never happened.
-  shutil.copytree(os.path.join(workdir, "checkpoints", "4"),
-                  os.path.join(workdir, "checkpoints", "12"))
-  os.remove(os.path.join(workdir, "checkpoints", "12", "commit_success.txt"))
-  resumed = helpers.launch(args)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Checkpoint step 12 is not usable (uncommitted)" in resumed.stderr
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "12.rejected-uncommitted"))
-  assert 12 in committed_steps(workdir)  # saving that step again worked
-  assert_same_state(reference["one"], workdir)
+    workdir = str(tmp_path / "w")
+    args = helpers.tiny_run_args(*data, workdir, **EVERY)
+    seen = []
+    proc = helpers.start(args)
+    _interrupt(proc, lambda p: p.pid, signal.SIGKILL, "checkpoint of step 8 started", seen)
+    assert proc.returncode == -signal.SIGKILL
+    # Whatever the kill left (a tmp folder, or step 8 if it committed in time) plus a torn
+    # step made by hand: a step folder whose commit never happened.
+    shutil.copytree(
+        os.path.join(workdir, "checkpoints", "4"), os.path.join(workdir, "checkpoints", "12")
+    )
+    os.remove(os.path.join(workdir, "checkpoints", "12", "commit_success.txt"))
+    resumed = helpers.launch(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Checkpoint step 12 is not usable (uncommitted)" in resumed.stderr
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "12.rejected-uncommitted"))
+    assert 12 in committed_steps(workdir)  # saving that step again worked
+    assert_same_state(reference["one"], workdir)
 
 
 def _truncate_largest_array_file(step_dir):
-  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
-           for f in fs]
-  largest = max(files, key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.truncate(os.path.getsize(largest) // 2)
+    files = [
+        os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
+    ]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
 
 
 def test_damaged_latest_checkpoint_falls_back_to_older(data, reference, tmp_path):
-  workdir = str(tmp_path / "w")
-  shutil.copytree(reference["one"], workdir)
-  os.remove(os.path.join(workdir, train.FINISHED_MARKER))
-  _truncate_largest_array_file(os.path.join(workdir, "checkpoints", str(STEPS)))
-  run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY))
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert f"Checkpoint step {STEPS} is not usable" in run.stderr
-  assert "Resumed from the checkpoint of step 12" in run.stderr
-  assert_same_state(reference["one"], workdir)  # retrained 12 -> 16, identically
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference["one"], workdir)
+    os.remove(os.path.join(workdir, train.FINISHED_MARKER))
+    _truncate_largest_array_file(os.path.join(workdir, "checkpoints", str(STEPS)))
+    run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"Checkpoint step {STEPS} is not usable" in run.stderr
+    assert "Resumed from the checkpoint of step 12" in run.stderr
+    assert_same_state(reference["one"], workdir)  # retrained 12 -> 16, identically
 
 
 def test_only_damaged_checkpoints_stop_the_run_clearly(data, reference, tmp_path):
-  workdir = str(tmp_path / "w")
-  shutil.copytree(reference["one"], workdir)
-  for step in committed_steps(workdir):
-    if step != 12:
-      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
-  _truncate_largest_array_file(os.path.join(workdir, "checkpoints", "12"))
-  run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY))
-  assert run.returncode == 2
-  assert "error: no usable checkpoint" in run.stderr
-  assert 'launch/' not in run.stderr.split("error: no usable")[0].split("Traceback")[-1]
-  rejected = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "rejected" in n]
-  assert len(rejected) == 1 and rejected[0].startswith("12.")  # kept, not deleted
-  assert not os.path.exists(os.path.join(workdir, "checkpoints", "16"))  # trained nothing
-  again = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY))
-  assert again.returncode == 2  # still refuses rather than silently starting over
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference["one"], workdir)
+    for step in committed_steps(workdir):
+        if step != 12:
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    _truncate_largest_array_file(os.path.join(workdir, "checkpoints", "12"))
+    run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY))
+    assert run.returncode == 2
+    assert "error: no usable checkpoint" in run.stderr
+    assert "launch/" not in run.stderr.split("error: no usable")[0].split("Traceback")[-1]
+    rejected = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "rejected" in n]
+    assert len(rejected) == 1 and rejected[0].startswith("12.")  # kept, not deleted
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "16"))  # trained nothing
+    again = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY))
+    assert again.returncode == 2  # still refuses rather than silently starting over
 
 
 def test_incompatible_config_is_refused_and_checkpoints_kept(data, reference, tmp_path):
-  workdir = str(tmp_path / "w")
-  shutil.copytree(reference["one"], workdir)
-  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  for override, processes in [({"model.name": "resnet32"}, 1), ({}, 2)]:
-    run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY, **override),
-                         processes=processes, devices=2 if processes == 2 else 4)
-    assert run.returncode == 2, (run.stdout + run.stderr)[-3000:]
-    text = run.stdout + run.stderr
-    assert "incompatible run" in text and ("model.name" in text or "process_count" in text)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference["one"], workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    for override, processes in [({"model.name": "resnet32"}, 1), ({}, 2)]:
+        run = helpers.launch(
+            helpers.tiny_run_args(*data, workdir, **EVERY, **override),
+            processes=processes,
+            devices=2 if processes == 2 else 4,
+        )
+        assert run.returncode == 2, (run.stdout + run.stderr)[-3000:]
+        text = run.stdout + run.stderr
+        assert "incompatible run" in text and ("model.name" in text or "process_count" in text)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 def test_a_dead_host_makes_the_others_exit(data, tmp_path):
-  args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **{"train.num_steps": 400})
-  hosts = helpers.start_hosts(args, processes=2, devices=2)
-  seen = []
-  assert helpers.wait_for_line(hosts[0], "step 2/400", seen), "".join(seen)[-3000:]
-  hosts[1].kill()
-  start = time.monotonic()
-  for line in hosts[0].stdout:
-    seen.append(line)
-  hosts[0].wait(timeout=180)
-  assert hosts[0].returncode != 0
-  assert time.monotonic() - start < 90  # heartbeat timeout is 10 s in these runs
+    args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **{"train.num_steps": 400})
+    hosts = helpers.start_hosts(args, processes=2, devices=2)
+    seen = []
+    assert helpers.wait_for_line(hosts[0], "step 2/400", seen), "".join(seen)[-3000:]
+    hosts[1].kill()
+    start = time.monotonic()
+    for line in hosts[0].stdout:
+        seen.append(line)
+    hosts[0].wait(timeout=180)
+    assert hosts[0].returncode != 0
+    assert time.monotonic() - start < 90  # heartbeat timeout is 10 s in these runs
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path):
-  workdir = str(tmp_path / "w")
-  args = helpers.tiny_run_args(*data, workdir, **{
-      "train.base_learning_rate": 1e12, "train.num_steps": 40,
-      "train.max_nonfinite_in_a_row": 3, "checkpoint.every_steps": 1})
-  run = helpers.launch(args)
-  assert run.returncode == 3
-  assert "had a non-finite loss, gradient or update" in run.stderr
-  for step in committed_steps(workdir):  # every checkpoint written holds finite values
-    for key, value in helpers.flat_arrays(helpers.load_state(workdir, step)).items():
-      assert np.all(np.isfinite(value)), (step, key)
+    workdir = str(tmp_path / "w")
+    args = helpers.tiny_run_args(
+        *data,
+        workdir,
+        **{
+            "train.base_learning_rate": 1e12,
+            "train.num_steps": 40,
+            "train.max_nonfinite_in_a_row": 3,
+            "checkpoint.every_steps": 1,
+        },
+    )
+    run = helpers.launch(args)
+    assert run.returncode == 3
+    assert "had a non-finite loss, gradient or update" in run.stderr
+    for step in committed_steps(workdir):  # every checkpoint written holds finite values
+        for key, value in helpers.flat_arrays(helpers.load_state(workdir, step)).items():
+            assert np.all(np.isfinite(value)), (step, key)
 
 
 def test_nonfinite_update_is_skipped_and_counted():
-  model = resnet.create_model("resnet20", num_classes=10, rngs=nnx.Rngs(0), in_channels=1)
-  schedule = steps_lib.learning_rate_schedule(0.1, 1, 10)
-  tx = steps_lib.sgd_optimizer(schedule, momentum=0.9, nesterov=True, weight_decay=1e-4)
-  graphdef, state = steps_lib.init_state(model, tx)
-  step = steps_lib.make_train_step(graphdef, tx, schedule, mean=(0.0,), std=(0.0,),
-                                   compute_dtype=jnp.float32, label_smoothing=0.0)
-  batch = {"image": jnp.ones((4, 8, 8, 1), jnp.uint8), "label": jnp.arange(4)}
-  new, metrics = step(state, batch)  # std 0: inf inputs, non-finite loss
-  assert not np.isfinite(metrics["loss"])
-  assert int(new.nonfinite_in_a_row) == 1 and int(new.nonfinite_total) == 1
-  assert int(new.step) == 1
-  for old_leaf, new_leaf in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
-    np.testing.assert_array_equal(old_leaf, new_leaf)
+    model = resnet.create_model("resnet20", num_classes=10, rngs=nnx.Rngs(0), in_channels=1)
+    schedule = steps_lib.learning_rate_schedule(0.1, 1, 10)
+    tx = steps_lib.sgd_optimizer(schedule, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    graphdef, state = steps_lib.init_state(model, tx)
+    step = steps_lib.make_train_step(
+        graphdef,
+        tx,
+        schedule,
+        mean=(0.0,),
+        std=(0.0,),
+        compute_dtype=jnp.float32,
+        label_smoothing=0.0,
+    )
+    batch = {"image": jnp.ones((4, 8, 8, 1), jnp.uint8), "label": jnp.arange(4)}
+    new, metrics = step(state, batch)  # std 0: inf inputs, non-finite loss
+    assert not np.isfinite(metrics["loss"])
+    assert int(new.nonfinite_in_a_row) == 1 and int(new.nonfinite_total) == 1
+    assert int(new.step) == 1
+    for old_leaf, new_leaf in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(old_leaf, new_leaf)
 
 
 def test_a_failing_save_stops_the_run(data, tmp_path):
-  workdir = str(tmp_path / "w")
-  args = helpers.tiny_run_args(*data, workdir, **{"train.num_steps": 40})
-  seen = []
-  proc = helpers.start(args)
-  assert helpers.wait_for_line(proc, "step 2/40", seen), "".join(seen)[-3000:]
-  # The checkpoint directory stops being writable (as a full, lost or broken disk would).
-  checkpoints = os.path.join(workdir, "checkpoints")
-  os.rename(checkpoints, checkpoints + ".gone")
-  open(checkpoints, "w").close()
-  for line in proc.stdout:
-    seen.append(line)
-  proc.wait(timeout=120)
-  log = "".join(seen)
-  assert proc.returncode == 4, log[-3000:]
-  assert "error: saving the checkpoint of step 4" in log
-  assert "step 40/40" not in log  # it stopped instead of training on without checkpoints
+    workdir = str(tmp_path / "w")
+    args = helpers.tiny_run_args(*data, workdir, **{"train.num_steps": 40})
+    seen = []
+    proc = helpers.start(args)
+    assert helpers.wait_for_line(proc, "step 2/40", seen), "".join(seen)[-3000:]
+    # The checkpoint directory stops being writable (as a full, lost or broken disk would).
+    checkpoints = os.path.join(workdir, "checkpoints")
+    os.rename(checkpoints, checkpoints + ".gone")
+    open(checkpoints, "w").close()
+    for line in proc.stdout:
+        seen.append(line)
+    proc.wait(timeout=120)
+    log = "".join(seen)
+    assert proc.returncode == 4, log[-3000:]
+    assert "error: saving the checkpoint of step 4" in log
+    assert "step 40/40" not in log  # it stopped instead of training on without checkpoints

@@ -137,7 +137,9 @@ def test_count_params_excludes_batch_stats():
     ],
 )
 def test_abstract_output_shape(name, shape):
-    out = abstract_forward(abstract_model(name, num_classes=7), jax.ShapeDtypeStruct(shape, jnp.float32))
+    out = abstract_forward(
+        abstract_model(name, num_classes=7), jax.ShapeDtypeStruct(shape, jnp.float32)
+    )
     assert out.shape == (shape[0], 7)
     assert out.dtype == jnp.float32
 
@@ -170,7 +172,8 @@ def test_bfloat16_convolutions_run_in_bfloat16():
     model = abstract_model("resnet20", dtype=jnp.bfloat16)
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, True))(
-        state, jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
+        state, jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    )
     convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert len(convs) == 19  # 6n+1 convs for n=3 (the +1 layer is the dense head)
     assert all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)

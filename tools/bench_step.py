@@ -33,16 +33,32 @@ from absl import flags
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_gpu_autotune_level=4")
 
 # Dense bf16 TFLOP/s by device kind (first substring match wins: most specific first).
-PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
-               ("V100", 125.0), ("TPU v4", 275.0), ("TPU v5p", 459.0),
-               ("TPU v5 lite", 197.0), ("TPU v6 lite", 918.0))
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("V100", 125.0),
+    ("TPU v4", 275.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v6 lite", 918.0),
+)
 
 # Forward GMACs per image at the reference size (torchvision / He et al.). A train step is
 # ~3 forwards (forward + two backward matmuls) at 2 FLOPs per MAC: ResNet-50 ~24.5 GFLOP.
-FORWARD_GMACS = {"resnet18": (1.81, 224), "resnet34": (3.66, 224), "resnet50": (4.09, 224),
-                 "resnet101": (7.80, 224), "resnet152": (11.51, 224),
-                 "resnet20": (0.041, 32), "resnet32": (0.069, 32), "resnet44": (0.098, 32),
-                 "resnet56": (0.125, 32), "resnet110": (0.253, 32)}
+FORWARD_GMACS = {
+    "resnet18": (1.81, 224),
+    "resnet34": (3.66, 224),
+    "resnet50": (4.09, 224),
+    "resnet101": (7.80, 224),
+    "resnet152": (11.51, 224),
+    "resnet20": (0.041, 32),
+    "resnet32": (0.069, 32),
+    "resnet44": (0.098, 32),
+    "resnet56": (0.125, 32),
+    "resnet110": (0.253, 32),
+}
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 MODELS = tuple(sorted(FORWARD_GMACS))
 
@@ -59,220 +75,271 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for MFU (default: by device kind).")
 flags.DEFINE_enum("peer", "none", ["none", "torch"], "Also time torchvision's ResNet.")
 flags.DEFINE_bool("gpu_xla_flags", True, "On GPU, add GPU_XLA_FLAGS to XLA_FLAGS.")
-flags.DEFINE_bool("donate", True, "Donate the state buffers (as the launcher does); "
-                  "--nodonate measures what donation buys.")
+flags.DEFINE_bool(
+    "donate",
+    True,
+    "Donate the state buffers (as the launcher does); --nodonate measures what donation buys.",
+)
 
 
 def _gpu_expected() -> bool:
-  """Whether JAX will pick a GPU backend, decided without initialising one."""
-  platforms = os.environ.get("JAX_PLATFORMS", "").lower()
-  if platforms:
-    return any(p in ("cuda", "gpu", "rocm") for p in platforms.split(","))
-  plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
-  return any(importlib.util.find_spec(p) is not None for p in plugins)
+    """Whether JAX will pick a GPU backend, decided without initialising one."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if platforms:
+        return any(p in ("cuda", "gpu", "rocm") for p in platforms.split(","))
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
+    return any(importlib.util.find_spec(p) is not None for p in plugins)
 
 
 def set_gpu_xla_flags() -> list[str]:
-  """Appends GPU_XLA_FLAGS to XLA_FLAGS (before any backend exists); returns those added."""
-  current = os.environ.get("XLA_FLAGS", "")
-  added = [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in current]
-  if added:
-    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
-  return added
+    """Appends GPU_XLA_FLAGS to XLA_FLAGS (before any backend exists); returns those added."""
+    current = os.environ.get("XLA_FLAGS", "")
+    added = [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in current]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
 
 
 def peak_tflops(device_kind: str) -> float | None:
-  return next((peak for key, peak in PEAK_TFLOPS if key.lower() in device_kind.lower()), None)
+    return next((peak for key, peak in PEAK_TFLOPS if key.lower() in device_kind.lower()), None)
 
 
 def analytical_flops(model: str, image_size: int) -> float:
-  gmacs, size = FORWARD_GMACS[model]
-  return 6 * gmacs * 1e9 * (image_size / size) ** 2
+    gmacs, size = FORWARD_GMACS[model]
+    return 6 * gmacs * 1e9 * (image_size / size) ** 2
 
 
 def xla_flops(compiled) -> float | None:
-  """FLOPs of one execution from XLA's cost analysis (a dict, or a list of dicts on old jax)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # not implemented on some backends
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+    """FLOPs of one execution from XLA's cost analysis (a dict, or a list of dicts on old jax)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not implemented on some backends
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
 def time_repeats(run_steps, repeats: int) -> float:
-  """Median wall seconds of `run_steps()` (which must end synchronised) over repeats."""
-  times = []
-  for _ in range(max(repeats, 1)):
-    start = time.perf_counter()
-    run_steps()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    """Median wall seconds of `run_steps()` (which must end synchronised) over repeats."""
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        run_steps()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_jax() -> dict:
-  import flax
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
 
-  from configs import default
-  from launch import distributed
-  from launch import train
-  from resnet import steps as steps_lib
+    from configs import default
+    from launch import distributed
+    from launch import train
+    from resnet import steps as steps_lib
 
-  config = default.get_config()
-  config.model.name, config.model.num_classes = FLAGS.model, FLAGS.num_classes
-  config.model.dtype, config.train.global_batch_size = FLAGS.dtype, FLAGS.batch_size
-  if FLAGS.channels != 3:
-    config.data.mean, config.data.std = (127.5,) * FLAGS.channels, (64.0,) * FLAGS.channels
-  try:
-    distributed.check_batch_size(FLAGS.batch_size, "--batch_size")
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+    config = default.get_config()
+    config.model.name, config.model.num_classes = FLAGS.model, FLAGS.num_classes
+    config.model.dtype, config.train.global_batch_size = FLAGS.dtype, FLAGS.batch_size
+    if FLAGS.channels != 3:
+        config.data.mean, config.data.std = (127.5,) * FLAGS.channels, (64.0,) * FLAGS.channels
+    try:
+        distributed.check_batch_size(FLAGS.batch_size, "--batch_size")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
-  # As launch.train.train_and_evaluate, step 3 (a long schedule: the LR value costs nothing).
-  mesh = distributed.make_mesh()
-  replicated, batch_sharding = distributed.replicated(mesh), distributed.batch_sharding(mesh)
-  tx, schedule = train.make_optimizer(config, steps_per_epoch=1000, num_steps=100_000)
-  make_model = lambda: train.build_model(config, FLAGS.channels)
-  graphdef = nnx.graphdef(nnx.eval_shape(make_model))
-  init = lambda: steps_lib.init_state(make_model(), tx)[1]
-  step_fn = steps_lib.make_train_step(
-      graphdef, tx, schedule, label_smoothing=config.train.label_smoothing,
-      mean=tuple(config.data.mean), std=tuple(config.data.std),
-      compute_dtype=jnp.dtype(config.model.dtype))
-  train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharding),
-                       out_shardings=(replicated, replicated),
-                       donate_argnums=0 if FLAGS.donate else ())
-  state = jax.jit(init, out_shardings=replicated)()
+    # As launch.train.train_and_evaluate, step 3 (a long schedule: the LR value costs nothing).
+    mesh = distributed.make_mesh()
+    replicated, batch_sharding = distributed.replicated(mesh), distributed.batch_sharding(mesh)
+    tx, schedule = train.make_optimizer(config, steps_per_epoch=1000, num_steps=100_000)
+    make_model = lambda: train.build_model(config, FLAGS.channels)
+    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
+    init = lambda: steps_lib.init_state(make_model(), tx)[1]
+    step_fn = steps_lib.make_train_step(
+        graphdef,
+        tx,
+        schedule,
+        label_smoothing=config.train.label_smoothing,
+        mean=tuple(config.data.mean),
+        std=tuple(config.data.std),
+        compute_dtype=jnp.dtype(config.model.dtype),
+    )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0 if FLAGS.donate else (),
+    )
+    state = jax.jit(init, out_shardings=replicated)()
 
-  rng = np.random.default_rng(0)
-  shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
-  batch = jax.device_put({"image": rng.integers(0, 256, shape, dtype=np.uint8),
-                          "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size,
-                                                dtype=np.int32)}, batch_sharding)
+    rng = np.random.default_rng(0)
+    shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
+    batch = jax.device_put(
+        {
+            "image": rng.integers(0, 256, shape, dtype=np.uint8),
+            "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size, dtype=np.int32),
+        },
+        batch_sharding,
+    )
 
-  start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()  # jit's cache reuses it below
-  compile_s = time.perf_counter() - start
-  flops = xla_flops(compiled)
-  # The compiled module is the per-device SPMD program: scale to the global batch.
-  flops_per_image = flops * jax.device_count() / FLAGS.batch_size if flops else None
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()  # jit's cache reuses it below
+    compile_s = time.perf_counter() - start
+    flops = xla_flops(compiled)
+    # The compiled module is the per-device SPMD program: scale to the global batch.
+    flops_per_image = flops * jax.device_count() / FLAGS.batch_size if flops else None
 
-  def run(n):
-    nonlocal state
-    metrics = None
-    for _ in range(n):
-      state, metrics = train_step(state, batch)
-    jax.block_until_ready((state, metrics))  # the only host sync of the timed loop
+    def run(n):
+        nonlocal state
+        metrics = None
+        for _ in range(n):
+            state, metrics = train_step(state, batch)
+        jax.block_until_ready((state, metrics))  # the only host sync of the timed loop
 
-  run(max(FLAGS.warmup, 1))  # at least one: a jax that did not cache the compile does it here
-  seconds = time_repeats(lambda: run(FLAGS.steps), FLAGS.repeats)
-  device = jax.devices()[0]
-  return {"platform": device.platform, "device_kind": device.device_kind,
-          "devices": jax.device_count(), "seconds": seconds, "compile_s": compile_s,
-          "flops_per_image": flops_per_image, "jax_version": jax.__version__,
-          "flax_version": flax.__version__}
+    run(max(FLAGS.warmup, 1))  # at least one: a jax that did not cache the compile does it here
+    seconds = time_repeats(lambda: run(FLAGS.steps), FLAGS.repeats)
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        "seconds": seconds,
+        "compile_s": compile_s,
+        "flops_per_image": flops_per_image,
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+    }
 
 
 def bench_torch() -> dict:
-  """torchvision's ResNet with torch.compile, channels_last and bf16 autocast."""
-  try:  # imported here only: the JAX benchmark must not depend on torch
-    import torch
-    import torchvision
-  except ImportError as e:  # installed but broken (e.g. a CUDA library mismatch)
-    print(f"peer torch: skipped (import failed: {e})")
-    return {"skipped": f"import failed: {e}"}
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  model = getattr(torchvision.models, FLAGS.model)(num_classes=FLAGS.num_classes)
-  model = model.to(device=device, memory_format=torch.channels_last)
-  compiled = torch.compile(model)
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                        weight_decay=5e-5)
-  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-  size, batch = FLAGS.image_size, FLAGS.batch_size
-  # Same input contract as ours: uint8 on the device, normalised inside the step.
-  images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-  images = images.contiguous(memory_format=torch.channels_last)
-  labels = torch.randint(0, FLAGS.num_classes, (batch,), device=device)
-  mean = torch.tensor([123.675, 116.28, 103.53], device=device).view(1, 3, 1, 1)
-  inv_std = 1.0 / torch.tensor([58.395, 57.12, 57.375], device=device).view(1, 3, 1, 1)
-  bf16 = FLAGS.dtype == "bfloat16"
+    """torchvision's ResNet with torch.compile, channels_last and bf16 autocast."""
+    try:  # imported here only: the JAX benchmark must not depend on torch
+        import torch
+        import torchvision
+    except ImportError as e:  # installed but broken (e.g. a CUDA library mismatch)
+        print(f"peer torch: skipped (import failed: {e})")
+        return {"skipped": f"import failed: {e}"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model = getattr(torchvision.models, FLAGS.model)(num_classes=FLAGS.num_classes)
+    model = model.to(device=device, memory_format=torch.channels_last)
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    size, batch = FLAGS.image_size, FLAGS.batch_size
+    # Same input contract as ours: uint8 on the device, normalised inside the step.
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, FLAGS.num_classes, (batch,), device=device)
+    mean = torch.tensor([123.675, 116.28, 103.53], device=device).view(1, 3, 1, 1)
+    inv_std = 1.0 / torch.tensor([58.395, 57.12, 57.375], device=device).view(1, 3, 1, 1)
+    bf16 = FLAGS.dtype == "bfloat16"
 
-  def run(n):
-    for _ in range(n):
-      x = (images.float() - mean) * inv_std
-      with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-        loss = loss_fn(compiled(x), labels)
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
-    sync()
+    def run(n):
+        for _ in range(n):
+            x = (images.float() - mean) * inv_std
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(compiled(x), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync()
 
-  run(max(FLAGS.warmup, 3))  # the first calls compile (forward, then backward)
-  seconds = time_repeats(lambda: run(FLAGS.steps), FLAGS.repeats)
-  return {"device": device, "torch_version": torch.__version__,
-          "images_per_second": FLAGS.steps * batch / seconds}
+    run(max(FLAGS.warmup, 3))  # the first calls compile (forward, then backward)
+    seconds = time_repeats(lambda: run(FLAGS.steps), FLAGS.repeats)
+    return {
+        "device": device,
+        "torch_version": torch.__version__,
+        "images_per_second": FLAGS.steps * batch / seconds,
+    }
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.peer == "torch" and (FLAGS.model not in TORCHVISION_MODELS or FLAGS.channels != 3):
-    sys.exit(f"error: --peer=torch needs a torchvision model ({', '.join(TORCHVISION_MODELS)})"
-             f" and --channels=3; got --model={FLAGS.model} --channels={FLAGS.channels}. "
-             "The CIFAR ResNets have no torchvision counterpart.")
-  peer_missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
-  if FLAGS.peer == "torch" and peer_missing:  # said up front, before the long JAX part
-    print(f"peer torch: skipped ({' and '.join(peer_missing)} not installed)")
-  if FLAGS.peer == "torch" and not peer_missing:
-    # JAX preallocates 75% of GPU memory by default, leaving torch too little; share it.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-  xla_added = set_gpu_xla_flags() if FLAGS.gpu_xla_flags and _gpu_expected() else []
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.peer == "torch" and (FLAGS.model not in TORCHVISION_MODELS or FLAGS.channels != 3):
+        sys.exit(
+            f"error: --peer=torch needs a torchvision model ({', '.join(TORCHVISION_MODELS)})"
+            f" and --channels=3; got --model={FLAGS.model} --channels={FLAGS.channels}. "
+            "The CIFAR ResNets have no torchvision counterpart."
+        )
+    peer_missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
+    if FLAGS.peer == "torch" and peer_missing:  # said up front, before the long JAX part
+        print(f"peer torch: skipped ({' and '.join(peer_missing)} not installed)")
+    if FLAGS.peer == "torch" and not peer_missing:
+        # JAX preallocates 75% of GPU memory by default, leaving torch too little; share it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+    xla_added = set_gpu_xla_flags() if FLAGS.gpu_xla_flags and _gpu_expected() else []
 
-  ours = bench_jax()  # the first import of jax happens here, after XLA_FLAGS is set
-  seconds, flops, source = ours.pop("seconds"), ours.pop("flops_per_image"), "xla_cost_analysis"
-  ips = FLAGS.steps * FLAGS.batch_size / seconds
-  if flops is None:
-    flops, source = analytical_flops(FLAGS.model, FLAGS.image_size), "analytical"
-  tflops = ips * flops / 1e12
-  peak = FLAGS.peak_tflops or peak_tflops(ours["device_kind"])
-  mfu = tflops / peak if peak else None
+    ours = bench_jax()  # the first import of jax happens here, after XLA_FLAGS is set
+    seconds, flops, source = ours.pop("seconds"), ours.pop("flops_per_image"), "xla_cost_analysis"
+    ips = FLAGS.steps * FLAGS.batch_size / seconds
+    if flops is None:
+        flops, source = analytical_flops(FLAGS.model, FLAGS.image_size), "analytical"
+    tflops = ips * flops / 1e12
+    peak = FLAGS.peak_tflops or peak_tflops(ours["device_kind"])
+    mfu = tflops / peak if peak else None
 
-  command = "python -m tools.bench_step " + shlex.join(sys.argv[1:])
-  print(f"command: {command}")
-  print(f"jax {ours['jax_version']}, flax {ours['flax_version']}; {ours['devices']} x "
+    command = "python -m tools.bench_step " + shlex.join(sys.argv[1:])
+    print(f"command: {command}")
+    print(
+        f"jax {ours['jax_version']}, flax {ours['flax_version']}; {ours['devices']} x "
         f"{ours['device_kind']} ({ours['platform']}); XLA_FLAGS="
-        f"{os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"{FLAGS.model} {FLAGS.dtype} batch {FLAGS.batch_size} at {FLAGS.image_size}px: "
-        f"compile {ours['compile_s']:.1f}s, median of {FLAGS.repeats} x {FLAGS.steps} steps")
-  print(f"  {ips:,.1f} images/s ({ips / ours['devices']:,.1f} per device), "
-        f"step {1e3 * seconds / FLAGS.steps:.2f} ms")
-  print(f"  {flops / 1e9:.3f} GFLOP/image ({source}; analytical "
+        f"{os.environ.get('XLA_FLAGS', '')!r}"
+    )
+    print(
+        f"{FLAGS.model} {FLAGS.dtype} batch {FLAGS.batch_size} at {FLAGS.image_size}px: "
+        f"compile {ours['compile_s']:.1f}s, median of {FLAGS.repeats} x {FLAGS.steps} steps"
+    )
+    print(
+        f"  {ips:,.1f} images/s ({ips / ours['devices']:,.1f} per device), "
+        f"step {1e3 * seconds / FLAGS.steps:.2f} ms"
+    )
+    print(
+        f"  {flops / 1e9:.3f} GFLOP/image ({source}; analytical "
         f"{analytical_flops(FLAGS.model, FLAGS.image_size) / 1e9:.3f}), {tflops:.2f} TFLOP/s, "
-        f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}% of {peak:g} TFLOP/s'}")
-  result = {"model": FLAGS.model, "batch_size": FLAGS.batch_size,
-            "image_size": FLAGS.image_size, "dtype": FLAGS.dtype, "donate": FLAGS.donate,
-            "images_per_second": ips, "images_per_second_per_device": ips / ours["devices"],
-            "step_time_ms": 1e3 * seconds / FLAGS.steps, "flops_per_image": flops,
-            "flops_source": source, "achieved_tflops": tflops, "peak_tflops": peak, "mfu": mfu,
-            "gpu_xla_flags": xla_added if ours["platform"] == "gpu" else [],
-            "command": command, **ours}
-  if FLAGS.peer == "torch":
-    peer = result["peer"] = ({"skipped": f"{' and '.join(peer_missing)} not installed"}
-                             if peer_missing else bench_torch())
-    if "images_per_second" in peer:
-      result["ratio_vs_peer"] = ratio = ips / peer["images_per_second"]
-      print(f"peer torch {peer['torch_version']} ({peer['device']}): "
-            f"{peer['images_per_second']:,.1f} images/s; ours/peer = {ratio:.3f}")
-  print(json.dumps(result))
+        f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}% of {peak:g} TFLOP/s'}"
+    )
+    result = {
+        "model": FLAGS.model,
+        "batch_size": FLAGS.batch_size,
+        "image_size": FLAGS.image_size,
+        "dtype": FLAGS.dtype,
+        "donate": FLAGS.donate,
+        "images_per_second": ips,
+        "images_per_second_per_device": ips / ours["devices"],
+        "step_time_ms": 1e3 * seconds / FLAGS.steps,
+        "flops_per_image": flops,
+        "flops_source": source,
+        "achieved_tflops": tflops,
+        "peak_tflops": peak,
+        "mfu": mfu,
+        "gpu_xla_flags": xla_added if ours["platform"] == "gpu" else [],
+        "command": command,
+        **ours,
+    }
+    if FLAGS.peer == "torch":
+        peer = result["peer"] = (
+            {"skipped": f"{' and '.join(peer_missing)} not installed"}
+            if peer_missing
+            else bench_torch()
+        )
+        if "images_per_second" in peer:
+            result["ratio_vs_peer"] = ratio = ips / peer["images_per_second"]
+            print(
+                f"peer torch {peer['torch_version']} ({peer['device']}): "
+                f"{peer['images_per_second']:,.1f} images/s; ours/peer = {ratio:.3f}"
+            )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)
