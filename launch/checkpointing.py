@@ -88,7 +88,12 @@ class Checkpointer:
     # --- saving ---------------------------------------------------------------------------
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> float:
-        """Starts saving `step`; returns the seconds the training loop was blocked."""
+        """Starts saving `step`; returns the seconds the save held up the training loop.
+
+        The clock starts once the device has finished computing `state` (queued steps are
+        not the save's cost; the host would have waited for them at the next sync anyway).
+        """
+        jax.block_until_ready(state)
         start = time.perf_counter()
         if not bool(self._all_finite(state)):
             raise FloatingPointError(

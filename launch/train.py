@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -257,22 +259,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
 
     writer = metrics_lib.Writer(workdir)
     writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
+    run = _Run(
+        config,
+        workdir,
+        num_steps,
+        train_step,
+        eval_step,
+        train_iter,
+        eval_data,
+        batch_sharding,
+        ckpt,
+        signature,
+        writer,
+    )
     try:
-        return _loop(
-            config,
-            workdir,
-            state,
-            start_step,
-            num_steps,
-            train_step,
-            eval_step,
-            train_iter,
-            eval_data,
-            batch_sharding,
-            ckpt,
-            signature,
-            writer,
-        )
+        return _loop(run, state, start_step)
     finally:
         # Every exit path waits for an in-flight save: a half-written step must not be left.
         try:
@@ -283,43 +284,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
             writer.close()
 
 
-def _loop(
-    config,
-    workdir,
-    state,
-    start_step,
-    num_steps,
-    train_step,
-    eval_step,
-    train_iter,
-    eval_data,
-    batch_sharding,
-    ckpt,
-    signature,
-    writer,
-) -> int:
-    global_batch = config.train.global_batch_size
-    eval_every = config.eval.every_steps
-    save_every = config.checkpoint.every_steps
-    log_every = max(config.train.log_every_steps, 1)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Everything the loop needs, built once by `train_and_evaluate`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    num_steps: int
+    train_step: Callable
+    eval_step: Callable
+    train_iter: global_batches.DeviceIterator
+    eval_data: Any
+    batch_sharding: jax.sharding.NamedSharding
+    ckpt: checkpointing.Checkpointer
+    signature: dict[str, Any]
+    writer: metrics_lib.Writer
+
+
+def _loop(run: _Run, state: steps_lib.TrainState, start_step: int) -> int:
+    global_batch = run.config.train.global_batch_size
+    eval_every = run.config.eval.every_steps
+    save_every = run.config.checkpoint.every_steps
+    log_every = max(run.config.train.log_every_steps, 1)
     preemption = distributed.PreemptionWatch()
-    meter = metrics_lib.ProgressMeter(global_batch, num_steps, start_step)
+    meter = metrics_lib.ProgressMeter(global_batch, run.num_steps, start_step)
     pending: list[dict[str, jax.Array]] = []
     last_saved = start_step if start_step else None
 
     def run_eval(step: int) -> dict[str, float]:
-        if eval_data is None:
+        if run.eval_data is None:
             return {}
         start = time.perf_counter()
         results = evaluate(
-            eval_step,
+            run.eval_step,
             state,
-            eval_data,
-            batch_sharding,
-            eval_batch_size(config),
-            config.data.prefetch,
+            run.eval_data,
+            run.batch_sharding,
+            eval_batch_size(run.config),
+            run.config.data.prefetch,
         )
-        writer.scalars(step, {k: v for k, v in results.items() if k != "eval/count"})
+        run.writer.scalars(step, {k: v for k, v in results.items() if k != "eval/count"})
         logging.info(
             "eval at step %d: loss %.4f  top1 %.4f  top5 %.4f  (%d examples, %.1fs)",
             step,
@@ -333,56 +337,63 @@ def _loop(
 
     def save(step: int) -> None:
         nonlocal last_saved
-        blocked = ckpt.save(step, state, train_iter, signature)
+        blocked = run.ckpt.save(step, state, run.train_iter, run.signature)
         last_saved = step
         logging.info("checkpoint of step %d started; the loop was blocked %.3fs", step, blocked)
 
-    if start_step >= num_steps:
-        logging.info("The run had already finished (step %d of %d).", start_step, num_steps)
+    if start_step >= run.num_steps:
+        logging.info("The run had already finished (step %d of %d).", start_step, run.num_steps)
         return EXIT_FINISHED
 
     step = start_step
-    while step < num_steps:
+    while step < run.num_steps:
         wait_start = time.perf_counter()
-        batch = next(train_iter)
+        batch = next(run.train_iter)
         meter.add_data_wait(time.perf_counter() - wait_start)
-        if step == start_step and config.train.num_image_summaries:
+        if step == start_step and run.config.train.num_image_summaries:
             images = np.asarray(batch["image"].addressable_shards[0].data)
-            writer.images(
+            run.writer.images(
                 "train/augmented_inputs",
                 step,
-                metrics_lib.image_grid_input(images, config.train.num_image_summaries),
+                metrics_lib.image_grid_input(images, run.config.train.num_image_summaries),
             )
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = run.train_step(state, batch)
         step += 1
         pending.append(step_metrics)
 
-        if step % log_every == 0 or step == num_steps:
-            _log(step, num_steps, pending, meter, writer, config.train.max_nonfinite_in_a_row)
+        if step % log_every == 0 or step == run.num_steps:
+            _log(
+                step,
+                run.num_steps,
+                pending,
+                meter,
+                run.writer,
+                run.config.train.max_nonfinite_in_a_row,
+            )
             pending = []
-        ckpt.check_for_errors()  # cheap: looks at the save futures, not at the devices
+        run.ckpt.check_for_errors()  # cheap: looks at the save futures, not at the devices
         if preemption.should_stop(step):
             logging.warning(
                 "Preemption: saving step %d, then exiting with status %d.", step, EXIT_PREEMPTED
             )
             if last_saved != step:
                 save(step)
-            ckpt.wait()
+            run.ckpt.wait()
             return EXIT_PREEMPTED
-        if eval_every > 0 and step % eval_every == 0 and step < num_steps:
+        if eval_every > 0 and step % eval_every == 0 and step < run.num_steps:
             run_eval(step)
-        if save_every > 0 and step % save_every == 0 and step < num_steps:
+        if save_every > 0 and step % save_every == 0 and step < run.num_steps:
             save(step)
 
-    results = run_eval(num_steps)
-    if last_saved != num_steps:
-        save(num_steps)
-    ckpt.wait()
-    writer.flush()
+    results = run_eval(run.num_steps)
+    if last_saved != run.num_steps:
+        save(run.num_steps)
+    run.ckpt.wait()
+    run.writer.flush()
     if jax.process_index() == 0:
-        marker = {"step": num_steps, **{k: v for k, v in results.items()}}
-        (epath.Path(workdir) / FINISHED_MARKER).write_text(json.dumps(marker, indent=2))
-    logging.info("Finished %d steps.", num_steps)
+        marker = {"step": run.num_steps, **{k: v for k, v in results.items()}}
+        (epath.Path(run.workdir) / FINISHED_MARKER).write_text(json.dumps(marker, indent=2))
+    logging.info("Finished %d steps.", run.num_steps)
     return EXIT_FINISHED
 
 

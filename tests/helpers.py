@@ -60,55 +60,32 @@ def tiny_run_args(train_dir: str, eval_dir: str, workdir: str, **overrides) -> l
     return args + [f"--config.{k}={v}" for k, v in settings.items()]
 
 
-def launch(
-    args: list[str], *, processes: int = 1, devices: int = 4, timeout: float = 300, **popen
-) -> subprocess.CompletedProcess:
-    """Runs the real launcher: directly for one process, through local_cluster for more."""
+def launcher_command(args: list[str], processes: int, devices: int) -> list[str]:
+    """The real launcher: directly for one process, through local_cluster for more."""
     if processes == 1:
-        cmd = [sys.executable, "-m", "launch.main", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "launch.local_cluster",
-            f"--num_processes={processes}",
-            f"--devices_per_process={devices}",
-            "--",
-            *args,
-        ]
+        return [sys.executable, "-m", "launch.main", *args]
+    return [
+        sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
+        f"--devices_per_process={devices}", "--", *args,
+    ]  # fmt: skip
+
+
+def launch(
+    args: list[str], *, processes: int = 1, devices: int = 4, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Runs the launcher to completion, capturing stdout and stderr."""
     return subprocess.run(
-        cmd,
-        cwd=REPO,
-        env=child_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
-    )
+        launcher_command(args, processes, devices), cwd=REPO, env=child_env(devices),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def start(args: list[str], *, processes: int = 1, devices: int = 4) -> subprocess.Popen:
     """Like `launch`, without waiting; stdout and stderr are merged."""
-    if processes == 1:
-        cmd = [sys.executable, "-m", "launch.main", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "launch.local_cluster",
-            f"--num_processes={processes}",
-            f"--devices_per_process={devices}",
-            "--",
-            *args,
-        ]
     return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=child_env(devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+        launcher_command(args, processes, devices), cwd=REPO, env=child_env(devices),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
 
 
 def load_state(workdir: str, step: int) -> dict:
