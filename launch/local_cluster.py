@@ -32,6 +32,7 @@ flags.DEFINE_float(
     "After a failure or a signal, how long to wait for the processes before killing them.",
 )
 FLAGS = flags.FLAGS
+PREEMPTED = 75  # the launcher's "checkpoint saved, rerun to resume" status
 
 
 def _child_env(devices: int) -> dict[str, str]:
@@ -73,34 +74,42 @@ def run(
             f"--num_processes={num_processes}",
             f"--process_id={index}",
         ]
+        # A session of its own: a terminal's Ctrl-C reaches only this supervisor, which turns
+        # it into the SIGTERM that makes every launcher save and stop at one agreed step.
         proc = subprocess.Popen(
             cmd,
             env=_child_env(devices_per_process),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         relay = threading.Thread(target=_relay, args=(index, proc.stdout), daemon=True)
         relay.start()
         procs.append(proc)
         relays.append(relay)
 
-    def forward(signum, _frame):
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+    stopping = False
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    def stop_all(_signum=None, _frame=None):
+        nonlocal stopping
+        if not stopping:  # once: a second SIGTERM must not interrupt the checkpoint
+            stopping = True
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGTERM, stop_all)
 
     status, deadline = 0, None
     while any(p.poll() is None for p in procs):
-        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0, PREEMPTED)]
         if failed and deadline is None:
             status = failed[0]
             sys.stdout.write(
                 f"[local_cluster] a process exited with status {status}; stopping the others\n"
             )
-            forward(signal.SIGTERM, None)
+            stop_all()
             deadline = time.monotonic() + grace_seconds
         if deadline is not None and time.monotonic() > deadline:
             for p in procs:

@@ -3,6 +3,7 @@ and configuration errors. Runs are tiny (ResNet-20, 16 px, 8 steps of 16 images)
 
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,16 @@ def test_config_errors_are_clear_and_early(data, tmp_path, override, message):
     assert message in run.stderr
     assert "Traceback" not in run.stderr
     assert not os.path.exists(tmp_path / "w" / "checkpoints")  # stopped before any set-up
+
+
+def test_local_cluster_turns_ctrl_c_into_a_coordinated_stop(data, tmp_path):
+    args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **{"train.num_steps": 400})
+    proc = helpers.start(args, processes=2, devices=2)
+    seen = []
+    assert helpers.wait_for_line(proc, "step 2/400", seen), "".join(seen)[-3000:]
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal delivers
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    log = "".join(seen)
+    assert proc.returncode == train.EXIT_PREEMPTED, log[-3000:]
+    assert "exit statuses [75, 75]" in log and "Traceback" not in log
