@@ -23,15 +23,6 @@ EVERY = {"train.num_steps": STEPS, "checkpoint.every_steps": 4}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return (
-        helpers.make_mnist_subset(str(root / "train"), 0, 200),
-        helpers.make_mnist_subset(str(root / "eval"), 200, 37),
-    )
-
-
-@pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """Uninterrupted runs: one process x 4 devices, and two processes x 2 devices."""
     workdirs = {}

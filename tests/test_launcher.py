@@ -24,16 +24,6 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    # 200 train examples (12 steps of 16 per epoch); 37 eval examples: not a multiple of 16.
-    return (
-        helpers.make_mnist_subset(str(root / "train"), 0, 200),
-        helpers.make_mnist_subset(str(root / "eval"), 200, 37),
-    )
-
-
-@pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
     """The same config trained as 1 process x 4 devices (twice) and 2 processes x 2 devices."""
     root = tmp_path_factory.mktemp("runs")
