@@ -76,7 +76,9 @@ def check_config(config: ml_collections.ConfigDict, train_info, eval_info) -> No
                 f"images with {train_info.channels} channel(s)"
             )
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"config.model.dtype={config.model.dtype!r}: use float32 or bfloat16")
+        raise ConfigError(
+            f"config.model.dtype={config.model.dtype!r}: use float32, bfloat16 or float16"
+        )
     try:
         distributed.check_batch_size(config.train.global_batch_size)
         distributed.check_batch_size(eval_batch_size(config), "eval.global_batch_size")
