@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from launch import distributed
+from resnet import steps
 
 COMMIT_MARKER = "commit_success.txt"
 
@@ -48,13 +49,8 @@ def fingerprint(tree: Any) -> jax.Array:
 
 
 @jax.jit
-def all_finite(tree: Any) -> jax.Array:
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves))
+def _pre_save_checks(state: Any) -> tuple[jax.Array, jax.Array]:
+    return steps.all_finite(state), fingerprint(state)
 
 
 class Checkpointer:
@@ -77,13 +73,12 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
-        self._fingerprint, self._all_finite = fingerprint, all_finite
+        self._pre_save_checks = _pre_save_checks
         self._pending_step: int | None = None  # saved, commit not yet confirmed
 
     def prepare(self, state: Any) -> None:
         """Compiles the pre-save checks now, so that the first save does not stall on it."""
-        self._fingerprint = fingerprint.lower(state).compile()
-        self._all_finite = all_finite.lower(state).compile()
+        self._pre_save_checks = _pre_save_checks.lower(state).compile()
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -95,11 +90,12 @@ class Checkpointer:
         """
         jax.block_until_ready(state)
         start = time.perf_counter()
-        if not bool(self._all_finite(state)):
+        finite, prints = jax.device_get(self._pre_save_checks(state))
+        if not finite:
             raise FloatingPointError(
                 f"refusing to checkpoint step {step}: the state holds non-finite values"
             )
-        meta = dict(meta, step=step, fingerprint=np.asarray(self._fingerprint(state)).tolist())
+        meta = dict(meta, step=step, fingerprint=np.asarray(prints).tolist())
         try:
             self._manager.save(
                 step,

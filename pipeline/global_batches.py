@@ -61,9 +61,8 @@ class DeviceIterator:
         self._global_batch = global_batch_size
         self._prefetch = max(prefetch, 1)
         self._source = iter(dataset)
-        self._initial_state = self._source.get_state()
         self._queue: collections.deque = collections.deque()
-        self._state = self._initial_state
+        self._state = self._source.get_state()  # after the last batch handed out
 
     def _fill(self) -> None:
         while len(self._queue) < self._prefetch:

@@ -108,8 +108,10 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return (jnp.sum(beats_label, axis=-1) < k).astype(jnp.float32)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(tree: Any) -> jax.Array:
+    """True when every float in `tree` is finite (integer leaves such as counters are skipped)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def make_train_step(
@@ -145,7 +147,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
 
         # Finite gradients can still overflow the parameters with a large learning rate.
-        finite = jnp.isfinite(loss) & _all_finite((grads, params, batch_stats))
+        finite = jnp.isfinite(loss) & all_finite((grads, params, batch_stats))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         skipped = jnp.logical_not(finite).astype(jnp.int32)
         new_state = TrainState(

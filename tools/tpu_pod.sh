@@ -452,14 +452,14 @@ ssh_workers() { # ssh_workers WORKER SCRIPT
 
 # ------------------------------------------------------------------ actions --
 
-tpu_state() { # prints the TPU state, or MISSING when describe fails
-  local out
+describe_state() { # KIND FIELD: prints a resource's state, or MISSING when describe fails
+  local kind=$1 field=$2 out
   if ((DRY_RUN)); then
-    show_cmd gcloud compute tpus tpu-vm describe "$NAME" "${GFLAGS[@]}" --format='value(state)' >&3
+    show_cmd gcloud compute tpus "$kind" describe "$NAME" "${GFLAGS[@]}" --format="value($field)" >&3
     echo DRY_RUN
     return 0
   fi
-  if out=$(gcloud compute tpus tpu-vm describe "$NAME" "${GFLAGS[@]}" --format='value(state)' 2>/dev/null 3>&-); then
+  if out=$(gcloud compute tpus "$kind" describe "$NAME" "${GFLAGS[@]}" --format="value($field)" 2>/dev/null 3>&-); then
     out=${out//[[:space:]]/}
     echo "${out:-UNKNOWN}"
   else
@@ -467,20 +467,8 @@ tpu_state() { # prints the TPU state, or MISSING when describe fails
   fi
 }
 
-qr_state() { # prints the queued-resource state, or MISSING
-  local out
-  if ((DRY_RUN)); then
-    show_cmd gcloud compute tpus queued-resources describe "$NAME" "${GFLAGS[@]}" --format='value(state.state)' >&3
-    echo DRY_RUN
-    return 0
-  fi
-  if out=$(gcloud compute tpus queued-resources describe "$NAME" "${GFLAGS[@]}" --format='value(state.state)' 2>/dev/null 3>&-); then
-    out=${out//[[:space:]]/}
-    echo "${out:-UNKNOWN}"
-  else
-    echo MISSING
-  fi
-}
+tpu_state() { describe_state tpu-vm state; }             # the TPU VM's state
+qr_state() { describe_state queued-resources state.state; } # the queued resource's state
 
 run_finished() { # true when WORKDIR/FINISHED exists
   [[ -n $WORKDIR ]] || return 1
