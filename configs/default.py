@@ -16,6 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.zero_init_residual = True  # last BN scale of each residual branch starts at 0
     model.bn_momentum = 0.9  # ImageNet recipe (NNX's own default is 0.99)
     model.bn_epsilon = 1e-5
+    # "fused" (resnet.batch_norm: float32 per-channel maths, one-pass statistics, hand-written
+    # backward) or "flax" (nnx.BatchNorm, the reference). Same state names: either resumes.
+    model.batch_norm = "fused"
+    # Backward pass of the ImageNet stem's max pool: "dense" (resnet.pooling: fused, the same
+    # on every run) or "xla" (select-and-scatter: atomic adds on GPU). Same values.
+    model.max_pool = "dense"
 
     config.data = data = ml_collections.ConfigDict()
     data.train_dir = ""  # ArrayRecord dataset made by tools.make_arrayrecord

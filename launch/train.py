@@ -79,6 +79,11 @@ def check_config(config: ml_collections.ConfigDict, train_info, eval_info) -> No
         raise ConfigError(
             f"config.model.dtype={config.model.dtype!r}: use float32, bfloat16 or float16"
         )
+    for field, valid in (("batch_norm", resnet.BATCH_NORMS), ("max_pool", resnet.MAX_POOLS)):
+        if config.model[field] not in valid:
+            raise ConfigError(
+                f"config.model.{field}={config.model[field]!r}: use one of {', '.join(valid)}"
+            )
     try:
         distributed.check_batch_size(config.train.global_batch_size)
         distributed.check_batch_size(eval_batch_size(config), "eval.global_batch_size")
@@ -111,6 +116,8 @@ def build_model(config, channels: int) -> nnx.Module:
         zero_init_residual=config.model.zero_init_residual,
         bn_momentum=config.model.bn_momentum,
         bn_epsilon=config.model.bn_epsilon,
+        batch_norm=config.model.batch_norm,
+        max_pool=config.model.max_pool,
     )
 
 

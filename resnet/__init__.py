@@ -6,7 +6,8 @@
 
 Options accepted by every constructor (keyword-only): `shortcut` ("projection" or
 "zero_pad"), `zero_init_residual` (default True), `bn_momentum` (0.9),
-`bn_epsilon` (1e-5), `in_channels` (3).
+`bn_epsilon` (1e-5), `batch_norm` ("fused" or "flax"), `max_pool` ("dense" or "xla"),
+`in_channels` (3).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnet.model import (
+    BATCH_NORMS,
+    MAX_POOLS,
     SHORTCUTS,
     BasicBlock,
     Bottleneck,
@@ -144,6 +147,8 @@ def create_model(
 
 
 __all__ = [
+    "BATCH_NORMS",
+    "MAX_POOLS",
     "MODEL_NAMES",
     "SHORTCUTS",
     "BasicBlock",

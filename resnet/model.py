@@ -23,8 +23,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet.batch_norm import BatchNorm
+from resnet.pooling import max_pool_3x3_s2
+
 Shortcut = Literal["projection", "zero_pad"]
 SHORTCUTS = ("projection", "zero_pad")
+# "fused": resnet.batch_norm (float32 per-channel maths, hand-written backward pass);
+# "flax": nnx.BatchNorm, kept as the reference it is tested and benchmarked against.
+BATCH_NORMS = ("fused", "flax")
+# The stem's max pool backward: "dense" (resnet.pooling, fused and order-independent) or "xla"
+# (autodiff of reduce_window: select-and-scatter). The same values either way.
+MAX_POOLS = ("dense", "xla")
 
 # nnx.List (flax >= 0.12) marks a list of modules as data; flax 0.11 treats plain
 # lists as graph nodes and has no nnx.List.
@@ -40,8 +49,11 @@ HEAD_KERNEL_INIT = nnx.initializers.normal(stddev=0.01)
 class _Layers:
     """Builds convs and BatchNorms with the options shared by the whole network."""
 
-    def __init__(self, *, dtype, bn_momentum: float, bn_epsilon: float, rngs: nnx.Rngs):
+    def __init__(
+        self, *, dtype, batch_norm: str, bn_momentum: float, bn_epsilon: float, rngs: nnx.Rngs
+    ):
         self.dtype = dtype
+        self.batch_norm = batch_norm
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
         self.rngs = rngs
@@ -64,11 +76,17 @@ class _Layers:
             rngs=self.rngs,
         )
 
-    def bn(self, channels: int, zero_scale: bool = False) -> nnx.BatchNorm:
-        # Scale/bias and running statistics are float32 (param_dtype). NNX computes
-        # the batch statistics in at least float32 and, because the mean/var are
-        # float32, the normalisation itself runs in float32 before the result is
-        # cast to the compute dtype.
+    def bn(self, channels: int, zero_scale: bool = False) -> BatchNorm | nnx.BatchNorm:
+        # Both keep scale/bias and running statistics in float32 under the same names.
+        if self.batch_norm == "fused":
+            return BatchNorm(
+                channels,
+                momentum=self.bn_momentum,
+                epsilon=self.bn_epsilon,
+                dtype=self.dtype,
+                zero_scale=zero_scale,
+            )
+        # nnx.BatchNorm casts them to the compute dtype before use (see resnet.batch_norm).
         return nnx.BatchNorm(
             channels,
             momentum=self.bn_momentum,
@@ -204,17 +222,27 @@ class ResNet(nnx.Module):
         zero_init_residual: bool = True,
         bn_momentum: float = 0.9,
         bn_epsilon: float = 1e-5,
+        batch_norm: str = "fused",
+        max_pool: str = "dense",
         in_channels: int = 3,
     ):
         if shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut {shortcut!r}; valid: {sorted(SHORTCUTS)}")
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"unknown stem {stem!r}; valid: ['cifar', 'imagenet']")
+        if batch_norm not in BATCH_NORMS:
+            raise ValueError(f"unknown batch_norm {batch_norm!r}; valid: {list(BATCH_NORMS)}")
+        if max_pool not in MAX_POOLS:
+            raise ValueError(f"unknown max_pool {max_pool!r}; valid: {list(MAX_POOLS)}")
         self.dtype = jnp.dtype(dtype)
         layers = _Layers(
-            dtype=self.dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, rngs=rngs
+            dtype=self.dtype,
+            batch_norm=batch_norm,
+            bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon,
+            rngs=rngs,
         )
-        self.max_pool = stem == "imagenet"
+        self.max_pool = max_pool if stem == "imagenet" else None
         width = stage_widths[0]
         self.stem_conv = layers.conv(
             in_channels, width, 7 if self.max_pool else 3, 2 if self.max_pool else 1
@@ -254,7 +282,9 @@ class ResNet(nnx.Module):
     def __call__(self, images: jax.Array, training: bool) -> jax.Array:
         x = jnp.asarray(images, self.dtype)
         x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not training))
-        if self.max_pool:
+        if self.max_pool == "dense":
+            x = max_pool_3x3_s2(x)
+        elif self.max_pool == "xla":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage in self.stages:
             for blk in stage:

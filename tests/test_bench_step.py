@@ -1,4 +1,5 @@
-"""Tests for tools/bench_step.py: it runs the real train step end to end and reports JSON.
+"""Tests for tools/bench_step.py (the real train step, timed, reported as JSON) and for the
+tools/bench_suite.py driver and tools/profile_summary.py that a GPU lease runs.
 
 Each case is one subprocess on CPU with a tiny model; the figures themselves are not checked
 (CPU timings mean nothing), only that they are there and sane.
@@ -6,6 +7,7 @@ Each case is one subprocess on CPU with a tiny model; the figures themselves are
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -13,6 +15,9 @@ import subprocess
 import sys
 
 import pytest
+
+from tools import bench_suite
+from tools import profile_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -45,17 +50,55 @@ def final_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_reports_throughput_and_flops():
-    proc = run_bench("--model=resnet20", *TINY)
-    result = final_json(proc)
-    assert result["model"] == "resnet20"
-    assert result["batch_size"] == 8
-    assert result["images_per_second"] > 0
-    assert result["flops_per_image"] > 0
-    assert result["flops_source"] == "xla_cost_analysis"
-    assert result["mfu"] is None  # no peak is known for CPU
-    assert "MFU n/a" in proc.stdout
-    assert "python -m tools.bench_step --model=resnet20" in proc.stdout
+def test_suite_reports_throughput_flops_hlo_and_profile(tmp_path):
+    # The smoke preset runs bench_step twice (fused and flax BatchNorm) through the same
+    # driver that a GPU lease runs, so this covers bench_step's own report as well.
+    out = tmp_path / "suite"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench_suite", "--preset=smoke", f"--out={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == [
+        "results.jsonl",
+        "suite.log",
+        "target.hlo.txt.gz",
+        "target.xplane.pb.gz",
+    ]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in results] == ["target", "flax_batchnorm"]
+    assert [r["batch_norm"] for r in results] == ["fused", "flax"]
+    for result in results:
+        assert result["model"] == "resnet20" and result["batch_size"] == 8
+        assert result["images_per_second"] > 0
+        assert result["flops_per_image"] > 0
+        assert result["flops_source"] == "xla_cost_analysis"
+        assert result["mfu"] is None  # no peak is known for CPU
+    log = (out / "suite.log").read_text()
+    assert "MFU n/a" in log and "python -m tools.bench_step --model=resnet20" in log
+    table = proc.stdout[proc.stdout.rindex("===== smoke") :]
+    assert "target" in table and "flax_batchnorm" in table and "1.000" in table
+    with gzip.open(out / "target.hlo.txt.gz", "rt") as f:
+        assert f.read().startswith("HloModule")
+    summary = profile_summary.summarize(profile_summary.newest_trace(str(out)), top=5)
+    assert "events from /host:CPU" in summary and "ms in all" in summary
+
+
+def test_suite_records_a_failing_variant_and_goes_on(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    broken = bench_suite.Variant("broken", ("--model=resnet9000",))
+    result = bench_suite.run_variant(broken, str(tmp_path), env, timeout=120)
+    assert result["variant"] == "broken"
+    assert result["error"].startswith("exit 1:")  # absl rejects the flag value
+    assert "resnet9000" in (tmp_path / "suite.log").read_text()
+    assert json.loads((tmp_path / "results.jsonl").read_text()) == result
+    assert "broken" in bench_suite.table([result])
 
 
 def test_torch_peer_rejects_cifar_models():

@@ -161,6 +161,7 @@ def test_eval_counts_every_example_exactly_once(runs, data, run):
         ("model.name=resnet7", "is not a known model"),
         ("data.train_dir=/nonexistent/train", "does not exist"),
         ("model.num_classes=12", "the training data has 10 classes"),
+        ("model.max_pool=scatter", "config.model.max_pool='scatter': use one of dense, xla"),
     ],
 )
 def test_config_errors_are_clear_and_early(data, tmp_path, override, message):

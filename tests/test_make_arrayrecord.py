@@ -95,7 +95,8 @@ def make_cifar(folder, fine):
         {b"fine_label_names" if fine else b"label_names": names},
     )
     return {
-        s: (np.concatenate([h for h, _ in v]), sum((l for _, l in v), [])) for s, v in out.items()
+        s: (np.concatenate([h for h, _ in v]), sum((labels for _, labels in v), []))
+        for s, v in out.items()
     }
 
 

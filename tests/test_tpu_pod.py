@@ -468,7 +468,7 @@ def test_train(gcloud):
     assert "nohup" in cmd and "resnet-train.log" in cmd
     assert "python -m launch.main" in cmd
     # The launcher arguments, shell-quoted, in order (trailing slash of the workdir dropped).
-    line = next(l for l in cmd.splitlines() if "nohup" in l)
+    line = next(row for row in cmd.splitlines() if "nohup" in row)
     quoted = line.split("resnet-train ", 1)[1].split(" >>", 1)[0]
     assert shlex.split(quoted) == [
         "--config=configs/resnet50_imagenet.py",
@@ -715,7 +715,9 @@ def test_supervise_queued_keeps_waiting_request(gcloud):
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-@pytest.mark.parametrize("script", [TPU_POD, SBATCH])
+@pytest.mark.parametrize(
+    "script", [TPU_POD, SBATCH, os.path.join(REPO, "tools", "device_wheels.sh")]
+)
 def test_shellcheck(script):
     proc = subprocess.run(["shellcheck", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

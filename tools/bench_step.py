@@ -15,6 +15,7 @@ XLA_FLAGS is set, and only then is anything imported that could touch a device.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -67,6 +68,8 @@ flags.DEFINE_enum("model", "resnet50", MODELS, "Model name (resnet.MODEL_NAMES).
 flags.DEFINE_integer("batch_size", 256, "Global batch, split over all local devices.")
 flags.DEFINE_integer("image_size", 224, "Side of the square input, pixels.")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_enum("batch_norm", "fused", ["fused", "flax"], "config.model.batch_norm.")
+flags.DEFINE_enum("max_pool", "dense", ["dense", "xla"], "config.model.max_pool.")
 flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
 flags.DEFINE_integer("channels", 3, "Input channels.")
 flags.DEFINE_integer("steps", 50, "Timed steps per repeat.")
@@ -75,6 +78,9 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for MFU (default: by device kind).")
 flags.DEFINE_enum("peer", "none", ["none", "torch"], "Also time torchvision's ResNet.")
 flags.DEFINE_bool("gpu_xla_flags", True, "On GPU, add GPU_XLA_FLAGS to XLA_FLAGS.")
+flags.DEFINE_string("hlo_out", None, "Write the compiled step's optimized HLO here (.gz ok).")
+flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps here, then summarise.")
+flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.")
 flags.DEFINE_bool(
     "donate",
     True,
@@ -82,7 +88,7 @@ flags.DEFINE_bool(
 )
 
 
-def _gpu_expected() -> bool:
+def gpu_expected() -> bool:
     """Whether JAX will pick a GPU backend, decided without initialising one."""
     platforms = os.environ.get("JAX_PLATFORMS", "").lower()
     if platforms:
@@ -121,6 +127,12 @@ def xla_flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def write_text(path: str, text: str) -> None:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt") as f:
+        f.write(text)
+
+
 def time_repeats(run_steps, repeats: int) -> float:
     """Median wall seconds of `run_steps()` (which must end synchronised) over repeats."""
     times = []
@@ -146,6 +158,7 @@ def bench_jax() -> dict:
     config = default.get_config()
     config.model.name, config.model.num_classes = FLAGS.model, FLAGS.num_classes
     config.model.dtype, config.train.global_batch_size = FLAGS.dtype, FLAGS.batch_size
+    config.model.batch_norm, config.model.max_pool = FLAGS.batch_norm, FLAGS.max_pool
     if FLAGS.channels != 3:
         config.data.mean, config.data.std = (127.5,) * FLAGS.channels, (64.0,) * FLAGS.channels
     try:
@@ -203,6 +216,13 @@ def bench_jax() -> dict:
 
     run(max(FLAGS.warmup, 1))  # at least one: a jax that did not cache the compile does it here
     seconds = time_repeats(lambda: run(FLAGS.steps), FLAGS.repeats)
+    if FLAGS.hlo_out:
+        write_text(FLAGS.hlo_out, compiled.as_text())
+    if FLAGS.profile_dir:  # after the timing, so tracing costs the figures nothing
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # device ops are the point; Python frames bloat it
+        with jax.profiler.trace(FLAGS.profile_dir, profiler_options=options):
+            run(FLAGS.profile_steps)
     device = jax.devices()[0]
     return {
         "platform": device.platform,
@@ -277,7 +297,7 @@ def main(argv):
     if FLAGS.peer == "torch" and not peer_missing:
         # JAX preallocates 75% of GPU memory by default, leaving torch too little; share it.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-    xla_added = set_gpu_xla_flags() if FLAGS.gpu_xla_flags and _gpu_expected() else []
+    xla_added = set_gpu_xla_flags() if FLAGS.gpu_xla_flags and gpu_expected() else []
 
     ours = bench_jax()  # the first import of jax happens here, after XLA_FLAGS is set
     seconds, flops, source = ours.pop("seconds"), ours.pop("flops_per_image"), "xla_cost_analysis"
@@ -296,7 +316,8 @@ def main(argv):
         f"{os.environ.get('XLA_FLAGS', '')!r}"
     )
     print(
-        f"{FLAGS.model} {FLAGS.dtype} batch {FLAGS.batch_size} at {FLAGS.image_size}px: "
+        f"{FLAGS.model} {FLAGS.dtype} batch {FLAGS.batch_size} at {FLAGS.image_size}px, "
+        f"{FLAGS.batch_norm} BatchNorm, {FLAGS.max_pool} max pool: "
         f"compile {ours['compile_s']:.1f}s, median of {FLAGS.repeats} x {FLAGS.steps} steps"
     )
     print(
@@ -313,6 +334,8 @@ def main(argv):
         "batch_size": FLAGS.batch_size,
         "image_size": FLAGS.image_size,
         "dtype": FLAGS.dtype,
+        "batch_norm": FLAGS.batch_norm,
+        "max_pool": FLAGS.max_pool,
         "donate": FLAGS.donate,
         "images_per_second": ips,
         "images_per_second_per_device": ips / ours["devices"],
@@ -338,6 +361,13 @@ def main(argv):
                 f"peer torch {peer['torch_version']} ({peer['device']}): "
                 f"{peer['images_per_second']:,.1f} images/s; ours/peer = {ratio:.3f}"
             )
+    if FLAGS.profile_dir:
+        from tools import profile_summary
+
+        path = profile_summary.newest_trace(FLAGS.profile_dir)
+        print(f"profile of {FLAGS.profile_steps} steps:")
+        print(profile_summary.summarize(path, top=20))
+        result["profile"] = path
     print(json.dumps(result))
 
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Downloads, into .whl/ at the repository root, the Python 3.12 x86-64 wheels that a GPU
+# machine without a package registry lacks (its image has jax, flax, optax and orbax).
+# Carry .whl to it and pass --wheels=.whl to tools.bench_suite. Everything else these
+# packages need (absl-py, etils, cloudpickle, numpy, protobuf, PyYAML, psutil) is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(grain==0.2.18 array-record==0.8.6 tensorboardX==2.6.5 ml-collections==1.1.0
+        portpicker==1.6.0)
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64
+           manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
+
+mkdir -p .whl
+grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl)
+for platform in "${PLATFORMS[@]}"; do args+=(--platform "$platform"); done
+python3 -m pip download -q "${args[@]}" "${WHEELS[@]}"
+ls -l .whl
