@@ -223,7 +223,8 @@ def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
 
 def _find_mnist(path: str, prefix: str) -> tuple[str, str] | None:
     def first(kind: str, idx: str) -> str | None:
-        # "train-images-idx3-ubyte" is the original name; some mirrors use "train-images.idx3-ubyte".
+        # "train-images-idx3-ubyte" is the original name; some mirrors use
+        # "train-images.idx3-ubyte".
         for name in (f"{prefix}-{kind}-{idx}-ubyte", f"{prefix}-{kind}.{idx}-ubyte"):
             for candidate in (name, name + ".gz"):
                 if os.path.isfile(os.path.join(path, candidate)):

@@ -11,10 +11,10 @@ activations alive for the backward pass: the only residual of activation size is
 itself, in the compute dtype. Each direction reads the activations twice, which is the least
 a BatchNorm can do without fusing into the convolution:
 
-  forward:  sum(x), sum(x^2)           (one fused reduction, float32 accumulators)
-            y = x * a + b              (per-channel a, b; XLA fuses the ReLU and residual add)
-  backward: sum(dy), sum(dy * (x - m)) (one fused reduction)
-            dx = dy * a + x * k1 + k0  (per-channel a, k1, k0)
+  forward:  sum(x), sum(x^2)                (one fused reduction, float32 accumulators)
+            y = (x - m) * a + bias          (per-channel m, a; XLA fuses the ReLU and the add)
+  backward: sum(dy), sum(dy * (x - m))      (one fused reduction)
+            dx = dy * a + (x - m) * k1 + k0 (per-channel a, k1, k0)
 
 Statistics are over every axis but the last. Under SPMD `jit` with the batch axis sharded
 that is the global batch: XLA all-reduces the per-channel sums (two vectors each way).
@@ -41,10 +41,12 @@ def _reduce_axes(x: jax.Array) -> tuple[int, ...]:
 
 
 def _scale_shift(x, scale, bias, mean, inv_std, dtype):
-    """(x - mean) * inv_std * scale + bias as one multiply-add per element, in float32."""
-    a = scale * inv_std
-    b = bias - mean * a
-    return (x.astype(_F32) * a + b).astype(dtype)
+    """(x - mean) * (inv_std * scale) + bias per element, in float32.
+
+    Subtracting the mean first (rather than folding it into the bias) costs nothing in a
+    memory-bound pass and avoids cancellation when |mean| >> std.
+    """
+    return ((x.astype(_F32) - mean) * (scale * inv_std) + bias).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -63,25 +65,27 @@ def _forward(x, scale, bias, epsilon, dtype):
     var = jnp.maximum(jnp.sum(x32 * x32, axes) / count - mean * mean, 0.0)
     inv_std = jax.lax.rsqrt(var + epsilon)
     y = _scale_shift(x, scale, bias, mean, inv_std, dtype)
-    return (y, mean, var), (x, scale, mean, inv_std)
+    return (y, mean, var), (x, scale, mean, var, inv_std)
 
 
 def _backward(epsilon, dtype, residuals, cotangents):
     del epsilon
-    x, scale, mean, inv_std = residuals
+    x, scale, mean, var, inv_std = residuals
     dy, dmean, dvar = cotangents  # dmean, dvar: from whoever uses the returned statistics
+    dvar = jnp.where(var > 0, dvar, 0.0)  # where the variance was clipped at 0 it is constant
     axes = _reduce_axes(x)
     count = x.size // x.shape[-1]
     x32, dy32 = x.astype(_F32), dy.astype(_F32)
     dbias = jnp.sum(dy32, axes)
-    dy_xc = jnp.sum(dy32 * (x32 - mean), axes)  # centred: no cancellation when |mean| >> std
-    dscale = dy_xc * inv_std
+    centred = x32 - mean  # centred sums and products: no cancellation when |mean| >> std
+    dscale = jnp.sum(dy32 * centred, axes) * inv_std
     # dx = a*dy - a*mean(dy) - a*xhat*mean(dy*xhat) + dmean/M + 2*dvar*(x - mean)/M,
-    # with a = scale*inv_std and xhat = (x - mean)*inv_std, regrouped as dy*a + x*k1 + k0.
+    # with a = scale*inv_std and xhat = (x - mean)*inv_std, regrouped per channel as
+    # dy*a + (x - mean)*k1 + k0.
     a = scale * inv_std
-    k1 = -a * inv_std * dscale / count + 2.0 * dvar / count
-    k0 = -a * dbias / count - mean * k1 + dmean / count
-    dx = (dy32 * a + x32 * k1 + k0).astype(x.dtype)
+    k1 = (2.0 * dvar - a * inv_std * dscale) / count
+    k0 = (dmean - a * dbias) / count
+    dx = (dy32 * a + centred * k1 + k0).astype(x.dtype)
     return dx, dscale, dbias
 
 

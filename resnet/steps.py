@@ -127,7 +127,8 @@ def make_train_step(
     """Returns `train_step(state, batch) -> (state, metrics)`; jit it with donation.
 
     A step whose loss, gradients or updated parameters are not finite leaves parameters,
-    statistics and optimizer state untouched and only counts itself, so a checkpoint never holds non-finite values.
+    statistics and optimizer state untouched and only counts itself, so a checkpoint never
+    holds non-finite values.
     """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):

@@ -98,7 +98,7 @@ def test_suite_records_a_failing_variant_and_goes_on(tmp_path):
     assert result["error"].startswith("exit 1:")  # absl rejects the flag value
     assert "resnet9000" in (tmp_path / "suite.log").read_text()
     assert json.loads((tmp_path / "results.jsonl").read_text()) == result
-    assert "broken" in bench_suite.table([result])
+    assert "broken" in bench_suite.table([result], (broken,))
 
 
 def test_torch_peer_rejects_cifar_models():

@@ -1,4 +1,5 @@
-"""Tests for pipeline/conversion.py and its command line tools/make_arrayrecord.py, on tiny datasets written by the tests themselves."""
+"""Tests for pipeline/conversion.py and its command line tools/make_arrayrecord.py, on tiny
+datasets written by the tests themselves."""
 
 import gzip
 import io

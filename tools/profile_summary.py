@@ -2,11 +2,12 @@ r"""Where device time goes, from a `jax.profiler` trace: time per op and per op 
 
   python -m tools.profile_summary TRACE_DIR [--top=25]
 
-Reads the newest `*.xplane.pb` (or `.xplane.pb.gz`) under TRACE_DIR with `jax.profiler.ProfileData` (no
-TensorBoard plugin needed). On GPU the device plane has an "XLA Ops" line, one event per HLO
-op execution; ops are grouped by name and by kind (convolution, fusion kind, copy, all-reduce,
-...), so a look at the table says whether convolutions, BatchNorm fusions, pooling or the
-optimizer dominate. Where there is no device plane (CPU), host-thread events are summarised.
+Reads the newest `*.xplane.pb` (or `.xplane.pb.gz`) under TRACE_DIR with
+`jax.profiler.ProfileData` (no TensorBoard plugin needed). On GPU the device plane has an
+"XLA Ops" line, one event per HLO op execution; ops are grouped by name and by kind
+(convolution, fusion kind, copy, all-reduce, ...), so the table says whether convolutions,
+BatchNorm fusions, pooling or the optimizer dominate. Where there is no device plane (CPU),
+the XLA ops on host threads are summarised.
 """
 
 from __future__ import annotations
