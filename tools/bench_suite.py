@@ -76,10 +76,20 @@ PRESETS = {
         Variant("float32", (*_R50, "--dtype=float32", "--batch_size=256")),
     ),
     # Each layer choice against its Flax/XLA counterpart on CPU, where a model is small enough
-    # to time (float32: CPUs have no fast bfloat16). Says nothing about GPU speed.
+    # to time (mostly float32: CPUs have no fast bfloat16). Says nothing about GPU speed.
     "cpu": (
         Variant("cifar_fused_bn", (*_CPU_CIFAR, *_CPU_TIMING)),
         Variant("cifar_flax_bn", (*_CPU_CIFAR, *_CPU_TIMING, "--batch_norm=flax")),
+        Variant(
+            "cifar_fused_bf16",
+            (*_CPU_CIFAR, *_CPU_TIMING, "--dtype=bfloat16"),
+            baseline="cifar_fused_bf16",
+        ),
+        Variant(
+            "cifar_flax_bf16",
+            (*_CPU_CIFAR, *_CPU_TIMING, "--dtype=bfloat16", "--batch_norm=flax"),
+            baseline="cifar_fused_bf16",
+        ),
         Variant("stem_dense_pool", (*_CPU_IMAGENET, *_CPU_TIMING), baseline="stem_dense_pool"),
         Variant(
             "stem_xla_pool",
