@@ -14,11 +14,9 @@ import socket
 
 from absl import logging
 
+import pipeline
 from pipeline import conversion
 
-EMBEDDED_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipeline", "embedded"
-)
 DATASETS = {"mnist": "mnist-t10k"}
 EVAL_EVERY = 5
 
@@ -41,7 +39,7 @@ def prepare(name: str, workdir: str) -> tuple[str, str]:
         )
     if workdir.startswith("gs://"):
         raise ValueError("the embedded demo data is converted on local disk: use a local --workdir")
-    source = os.path.join(EMBEDDED_DIR, DATASETS[name])
+    source = os.path.join(pipeline.EMBEDDED_DIR, DATASETS[name])
     root = os.path.join(workdir, "data", DATASETS[name])
     os.makedirs(root, exist_ok=True)
     dirs = []

@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 
-from launch import demo_data
+import pipeline
 from pipeline import conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST = os.path.join(demo_data.EMBEDDED_DIR, "mnist-t10k")
+MNIST = os.path.join(pipeline.EMBEDDED_DIR, "mnist-t10k")
 
 
 def _subset(lo: int, hi: int, example_id: int) -> bool:

@@ -93,16 +93,25 @@ def analytical_flops(model: str, image_size: int) -> float:
     return 6 * gmacs * 1e9 * (image_size / size) ** 2
 
 
-def xla_flops(compiled) -> float | None:
-    """FLOPs of one execution from XLA's cost analysis (a dict, or a list of dicts on old jax)."""
+def xla_cost(compiled, key: str) -> float | None:
+    """One figure ("flops", "bytes accessed") of XLA's cost analysis of one execution of the
+    per-device program (a dict, or a list of dicts on old jax); None where unavailable."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # not implemented on some backends
+    except Exception:  # noqa: BLE001 - not implemented on some backends
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    value = (cost or {}).get(key)
+    return float(value) if value and value > 0 else None
+
+
+def temp_bytes(compiled) -> int | None:
+    """Scratch memory XLA allocates for one execution, per device."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not implemented on some backends
+        return None
 
 
 def write_text(path: str, text: str) -> None:
@@ -181,9 +190,12 @@ def bench_jax() -> dict:
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()  # jit's cache reuses it below
     compile_s = time.perf_counter() - start
-    flops = xla_flops(compiled)
+    flops = xla_cost(compiled, "flops")
     # The compiled module is the per-device SPMD program: scale to the global batch.
     flops_per_image = flops * jax.device_count() / FLAGS.batch_size if flops else None
+    # XLA's estimate of memory traffic per step and device: what BatchNorm and elementwise
+    # fusions are bound by, so a layer change shows here even where timings are noise.
+    bytes_accessed = xla_cost(compiled, "bytes accessed")
 
     def run(n):
         nonlocal state
@@ -209,6 +221,8 @@ def bench_jax() -> dict:
         "seconds": seconds,
         "compile_s": compile_s,
         "flops_per_image": flops_per_image,
+        "bytes_accessed_per_step": bytes_accessed,
+        "temp_bytes": temp_bytes(compiled),
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
     }
@@ -308,6 +322,14 @@ def main(argv):
         f"{analytical_flops(FLAGS.model, FLAGS.image_size) / 1e9:.3f}), {tflops:.2f} TFLOP/s, "
         f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}% of {peak:g} TFLOP/s'}"
     )
+    if ours["bytes_accessed_per_step"]:
+        traffic = ours["bytes_accessed_per_step"]
+        scratch = ours["temp_bytes"]
+        print(
+            f"  XLA estimate per device and step: {traffic / 1e9:.3f} GB accessed "
+            f"({traffic / (seconds / FLAGS.steps) / 1e9:,.1f} GB/s at this step time)"
+            + (f", {scratch / 1e6:,.1f} MB scratch" if scratch else "")
+        )
     result = {
         "model": FLAGS.model,
         "batch_size": FLAGS.batch_size,

@@ -208,7 +208,7 @@ def table(results: list[dict], variants: tuple[Variant, ...]) -> str:
     baselines = {v.name: v.baseline or variants[0].name for v in variants}
     rows = [
         f"{'variant':<16} {'images/s':>10} {'/device':>9} {'step ms':>8} {'MFU':>6} "
-        f"{'vs base':>8} {'vs torch':>8}"
+        f"{'vs base':>8} {'vs torch':>8} {'GB/step':>8}"
     ]
     for r in results:
         if "images_per_second" not in r:
@@ -219,9 +219,11 @@ def table(results: list[dict], variants: tuple[Variant, ...]) -> str:
         ratio = f"{ips / base:.3f}" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         peer = f"{r['ratio_vs_peer']:.3f}" if "ratio_vs_peer" in r else ""
+        traffic = r.get("bytes_accessed_per_step")  # XLA's estimate, per device
+        traffic = f"{traffic / 1e9:.3f}" if traffic else ""
         rows.append(
             f"{r['variant']:<16} {ips:>10,.1f} {r['images_per_second_per_device']:>9,.1f} "
-            f"{r['step_time_ms']:>8.2f} {mfu:>6} {ratio:>8} {peer:>8}"
+            f"{r['step_time_ms']:>8.2f} {mfu:>6} {ratio:>8} {peer:>8} {traffic:>8}"
         )
         if "peer" in r and "images_per_second" in r["peer"]:
             rows.append(f"{'  torch peer':<16} {r['peer']['images_per_second']:>10,.1f}")
