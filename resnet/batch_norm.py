@@ -89,7 +89,7 @@ def _backward(epsilon, dtype, residuals, cotangents):
     return dx, dscale, dbias
 
 
-batch_norm_train.defvjp(lambda x, s, b, eps, dt: _forward(x, s, b, eps, dt), _backward)
+batch_norm_train.defvjp(_forward, _backward)
 
 
 class BatchNorm(nnx.Module):
