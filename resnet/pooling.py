@@ -1,8 +1,8 @@
 """The stem's 3x3/2 max pool with a gather-style backward pass.
 
-Autodiff of `reduce_window(max)` gives XLA's select-and-scatter, which GPUs run as a scatter
-with atomic adds: order-dependent (so not bit-reproducible) and, for bfloat16, a
-compare-and-swap loop per element. Here the gradient is built densely instead: for each of
+Autodiff of `reduce_window(max)` gives XLA's select-and-scatter, which XLA's GPU backend
+emits as a scatter with atomic adds, so the order of the additions (and the rounding) can
+vary between runs. Here the gradient is built densely instead: for each of
 the 9 window offsets, a mask marks the windows whose maximum sits at that offset (the first
 one in row-major order on ties, as select-and-scatter picks), and the masked output
 gradients are strided back into place with `lax.pad` and summed in a fixed order. Every

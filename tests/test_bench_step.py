@@ -125,3 +125,21 @@ def test_torch_peer_is_skipped_without_torch():
     assert "peer torch: skipped (" in proc.stdout and "not installed)" in proc.stdout
     assert "not installed" in result["peer"]["skipped"]
     assert result["images_per_second"] > 0
+
+
+def test_suite_keeps_our_figures_when_the_peer_fails(tmp_path):
+    # A torch that breaks on import (as a CUDA mismatch or an inductor crash would mid-run):
+    # bench_step exits non-zero, but its figures were printed first and the suite keeps them.
+    fake = tmp_path / "fake"
+    for module in ("torch", "torchvision"):
+        (fake / module).mkdir(parents=True)
+        (fake / module / "__init__.py").write_text('raise RuntimeError("broken peer")\n')
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(fake), REPO]))
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    variant = bench_suite.Variant("peer", ("--model=resnet18", "--peer=torch", *TINY))
+    result = bench_suite.run_variant(variant, str(out), env, timeout=300)
+    assert result["images_per_second"] > 0 and result["model"] == "resnet18"
+    assert result["error"].startswith("exit 1:") and "broken peer" in result["error"]
+    assert "peer" not in result and "ratio_vs_peer" not in result

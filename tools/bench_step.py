@@ -27,6 +27,7 @@ import time
 from absl import app
 from absl import flags
 
+from tools import profile_summary
 from tools import xla_env
 
 # Dense bf16 TFLOP/s by device kind (first substring match wins: most specific first).
@@ -98,7 +99,7 @@ def xla_cost(compiled, key: str) -> float | None:
     per-device program (a dict, or a list of dicts on old jax); None where unavailable."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not implemented on some backends
+    except (NotImplementedError, RuntimeError):  # backends without it (XlaRuntimeError)
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
@@ -109,9 +110,10 @@ def xla_cost(compiled, key: str) -> float | None:
 def temp_bytes(compiled) -> int | None:
     """Scratch memory XLA allocates for one execution, per device."""
     try:
-        return int(compiled.memory_analysis().temp_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not implemented on some backends
+        analysis = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):  # backends without it (XlaRuntimeError)
         return None
+    return int(analysis.temp_size_in_bytes) if analysis is not None else None
 
 
 def write_text(path: str, text: str) -> None:
@@ -208,11 +210,13 @@ def bench_jax() -> dict:
     seconds = time_repeats(lambda: run(FLAGS.steps), FLAGS.repeats)
     if FLAGS.hlo_out:
         write_text(FLAGS.hlo_out, compiled.as_text())
+    trace = None
     if FLAGS.profile_dir:  # after the timing, so tracing costs the figures nothing
         options = jax.profiler.ProfileOptions()
         options.python_tracer_level = 0  # device ops are the point; Python frames bloat it
         with jax.profiler.trace(FLAGS.profile_dir, profiler_options=options):
             run(FLAGS.profile_steps)
+        trace = profile_summary.newest_trace(FLAGS.profile_dir)
     device = jax.devices()[0]
     return {
         "platform": device.platform,
@@ -223,6 +227,7 @@ def bench_jax() -> dict:
         "flops_per_image": flops_per_image,
         "bytes_accessed_per_step": bytes_accessed,
         "temp_bytes": temp_bytes(compiled),
+        "profile": trace,
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
     }
@@ -350,36 +355,24 @@ def main(argv):
         "command": command,
         **ours,
     }
-    if FLAGS.profile_dir:  # a broken trace or summary must not cost the figures above
-        try:
-            from tools import profile_summary
-
-            path = profile_summary.newest_trace(FLAGS.profile_dir)
-            print(f"profile of {FLAGS.profile_steps} steps:")
-            print(profile_summary.summarize(path, top=20))
-            result["profile"] = path
-        except Exception as e:  # noqa: BLE001 - reported, and the run goes on
-            print(f"profile: failed ({type(e).__name__}: {e})")
+    # The figures first: the profile summary and the torch peer come after, and if either
+    # fails the process exits non-zero with our figures already printed (bench_suite keeps
+    # the last JSON line it finds).
+    print(json.dumps(result), flush=True)
+    if trace := result["profile"]:
+        print(f"profile of {FLAGS.profile_steps} steps:")
+        print(profile_summary.summarize(trace, top=20))
     if FLAGS.peer == "torch":
-        print(json.dumps(result), flush=True)  # ours, in case the peer takes the process down
-        result["peer"] = peer = run_peer(peer_missing)
+        missing = " and ".join(peer_missing)
+        peer = {"skipped": f"{missing} not installed"} if missing else bench_torch()
+        result["peer"] = peer
         if "images_per_second" in peer:
             result["ratio_vs_peer"] = ratio = ips / peer["images_per_second"]
             print(
                 f"peer torch {peer['torch_version']} ({peer['device']}): "
                 f"{peer['images_per_second']:,.1f} images/s; ours/peer = {ratio:.3f}"
             )
-    print(json.dumps(result))
-
-
-def run_peer(missing: list[str]) -> dict:
-    if missing:
-        return {"skipped": f"{' and '.join(missing)} not installed"}
-    try:
-        return bench_torch()
-    except Exception as e:  # noqa: BLE001 - e.g. inductor or out of memory: ours still stands
-        print(f"peer torch: failed ({type(e).__name__}: {e})")
-        return {"skipped": f"failed: {type(e).__name__}: {str(e)[:300]}"}
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

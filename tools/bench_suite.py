@@ -191,7 +191,7 @@ def run_variant(variant: Variant, out: str, env: dict, timeout: float) -> dict:
     if rc != 0:
         last = (stderr.strip() or stdout.strip()).splitlines()[-1:] or [""]
         result["error"] = f"{'timed out' if rc is None else f'exit {rc}'}: {last[0][:300]}"
-    if "profile" in result:  # flattened and zipped: a lease returns two folder levels at most
+    if result.get("profile"):  # flattened and zipped: a lease returns two folder levels at most
         flat = os.path.join(out, f"{variant.name}.xplane.pb.gz")
         with open(result["profile"], "rb") as src, gzip.open(flat, "wb") as dst:
             shutil.copyfileobj(src, dst)

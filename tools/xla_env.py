@@ -24,14 +24,18 @@ def gpu_expected() -> bool:
     return any(importlib.util.find_spec(p) is not None for p in plugins)
 
 
+def _missing(current: str, extra) -> list[str]:
+    return [f for f in extra if f.split("=")[0] not in current]
+
+
 def with_flags(current: str, extra) -> str:
     """`current` XLA_FLAGS plus those of `extra` whose flag name it does not set yet."""
-    added = [f for f in extra if f.split("=")[0] not in current]
-    return " ".join([current, *added]).strip()
+    return " ".join([current, *_missing(current, extra)]).strip()
 
 
 def set_gpu_xla_flags() -> list[str]:
     """Adds GPU_XLA_FLAGS to os.environ's XLA_FLAGS; returns those added."""
     current = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = with_flags(current, GPU_XLA_FLAGS)
-    return [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in current]
+    added = _missing(current, GPU_XLA_FLAGS)
+    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
