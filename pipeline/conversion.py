@@ -1,24 +1,31 @@
 """Converts an image dataset into sharded ArrayRecord files in the schema of records.py.
 
 The command line is `python -m tools.make_arrayrecord`; the launcher calls `convert` directly
-for the embedded demo data.
+for the embedded demo data. docs/data.md is the user's reference for everything below.
 
 Formats:
   imagefolder  INPUT/<class>/<image>: class index = position in the sorted folder names. JPEG
                and PNG bytes are kept as they are (after a full decode check); other formats
-               PIL reads are re-encoded as PNG. Undecodable files are skipped (or, with
-               --strict, fail the conversion).
+               PIL reads, and 16-bit images, are re-encoded as 8-bit PNG; images over
+               `max_pixels` are downscaled (JPEG stays JPEG, the rest PNG). Undecodable and
+               floating-point images are skipped (or, with --strict, fail the conversion).
+               Symlinks are followed, but no file becomes two examples (see _list_imagefolder).
   mnist        IDX files (gzipped or not), train-* or t10k-*; each digit becomes a PNG.
-  cifar10/100  the python pickle batches (data_batch_1..5 / test_batch, or train / test).
+  cifar10/100  the python pickle batches (data_batch_1..5 / test_batch, or train / test), read
+               with an unpickler that only builds the numpy arrays and lists they hold.
 
 The output folder holds `data-XXXXX-of-YYYYY.array_record` shards, each a contiguous block of
-examples in example order, plus `metadata.json`. Everything is written into `OUTPUT.tmp-<pid>`
-and renamed to OUTPUT only when complete, so a killed conversion never leaves a folder that
-looks like a dataset. The same input gives byte-identical output, whatever --num_workers is.
+examples in example order, plus `metadata.json`. Everything is written into a fresh
+`OUTPUT.tmp-<pid>-<random>` folder and renamed to OUTPUT only when complete, so a failed or
+killed conversion never leaves a folder that looks like a dataset. The output may not be, hold
+or lie inside the input; an existing output is replaced (with `overwrite`) only if it is a
+symlink or a dataset this module wrote, and nothing but its own files is ever deleted. The same
+input gives byte-identical output, whatever --num_workers is.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import dataclasses
@@ -35,6 +42,7 @@ import shutil
 import struct
 import time
 from typing import Any, Callable
+import warnings
 
 from absl import logging
 from array_record.python import array_record_module
@@ -61,7 +69,18 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 SHARD_TARGET_BYTES = 1 << 30
 
 PNG_COMPRESS_LEVEL = 6  # fixed (zlib's default), so PNG bytes are reproducible
+JPEG_QUALITY = 95  # downscaled JPEGs only; visually lossless, and bytes are reproducible
 MAX_LISTED_SKIPS = 1000  # metadata lists at most this many skipped files (all are logged)
+
+# Images with more pixels are downscaled (aspect kept) when converted. Training crops and
+# resizes every image to ~224 px, so detail beyond a few megapixels is never seen, while decode
+# time and memory grow with pixels (a 169-megapixel PNG of 0.5 MB took 1.25 GB to decode and
+# crop). 40 MP keeps photos from common cameras (12-36 MP) byte for byte and bounds one decoded
+# RGB image to 120 MB per reader process.
+DEFAULT_MAX_PIXELS = 40_000_000
+# The reader opens records with PIL's default limits: above this PIL warns of a decompression
+# bomb, and refuses twice it, so no record may hold a larger image.
+MAX_PIXELS_LIMIT = Image.MAX_IMAGE_PIXELS
 PROGRESS_INTERVAL_S = 5.0
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -83,7 +102,16 @@ IMAGE_EXTENSIONS = frozenset(
 
 
 class ConversionError(Exception):
-    """An expected failure (bad input or options); the CLI prints it without a traceback."""
+    """An expected failure (bad input, options or output, I/O errors); the CLI prints it
+    without a traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skip:
+    """An imagefolder file that listing already decided not to convert (see the link rules)."""
+
+    relpath: str
+    reason: str
 
 
 @dataclasses.dataclass
@@ -94,8 +122,9 @@ class _Source:
     class_names: list[str]
     image_shape: list[int] | None
     items: list[tuple[int, int, Any]]  # (example id, label, payload for encode_fn)
-    # Runs in the workers: payload -> (image bytes, "png"/"jpeg") or (None, why it is skipped).
-    encode_fn: Callable[[Any], tuple[bytes | None, str]]
+    # Runs in the workers: payload -> (image bytes, "png"/"jpeg", note or None), where the
+    # note says how the image was downscaled; or (None, why it is skipped, None).
+    encode_fn: Callable[[Any], tuple[bytes | None, str, str | None]]
     bytes_per_example: float  # rough output size, only for the default shard count
 
 
@@ -109,9 +138,15 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _encode_array(pixels: np.ndarray) -> tuple[bytes, str]:
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def _encode_array(pixels: np.ndarray) -> tuple[bytes, str, None]:
     """HxW (grayscale) or HxWx3 (RGB) uint8 -> PNG."""
-    return _png_bytes(Image.fromarray(pixels)), "png"
+    return _png_bytes(Image.fromarray(pixels)), "png", None
 
 
 def _png_compatible(img: Image.Image) -> Image.Image:
@@ -123,22 +158,92 @@ def _png_compatible(img: Image.Image) -> Image.Image:
     return img.convert("RGBA" if has_alpha else "RGB")
 
 
-def _encode_file(root: str, relpath: str) -> tuple[bytes | None, str]:
+class _Unsupported(Exception):
+    """An image PIL decodes but whose pixels cannot be mapped to 8 bits faithfully."""
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 16-bit-range integer) grayscale -> 8 bits over the full range.
+
+    PIL opens 16-bit RGB(A) PNG/TIFF/PPM as 8-bit RGB(A) already (the high byte of each
+    sample), but 16-bit grayscale as mode I;16 or I, which its convert("L") clips at 255: a
+    normal photo came out almost white. v >> 8 is PIL's own mapping for RGB, so a gray image
+    gives the same values whether it was saved as gray or as RGB, and it inverts the usual
+    8->16-bit widening (v * 257) exactly.
+    """
+    if img.mode == "F":
+        raise _Unsupported(
+            "floating-point pixels (mode F) have no known range to map onto 0..255; "
+            "convert the image to 8 or 16 bits first"
+        )
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        pixels = np.asarray(img)
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:  # a 32-bit integer image: its range is unknown
+            raise _Unsupported(
+                f"integer pixels span {low}..{high}, outside the 16-bit range 0..65535; "
+                "convert the image to 8 or 16 bits first"
+            )
+        return Image.fromarray((pixels >> 8).astype(np.uint8))
+    return img
+
+
+def _downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    scale = math.sqrt(max_pixels / (width * height))
+    w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    while w * h > max_pixels:  # floating-point rounding
+        w, h = (w - 1, h) if w >= h else (w, h - 1)
+    return w, h
+
+
+def _encode_image(img: Image.Image, data: bytes, max_pixels: int) -> tuple[bytes, str, str | None]:
+    jpeg = img.format in ("JPEG", "MPO")  # MPO: camera JPEG with extra frames, decodes as JPEG
+    width, height = img.size
+    small = None
+    if width * height > max_pixels:
+        small = _downscaled_size(width, height, max_pixels)
+        if jpeg:
+            img.draft(None, small)  # decode at 1/2, 1/4 or 1/8 scale, never below `small`
+    img.load()  # decodes every pixel: catches truncated and corrupt files
+    eight = _to_8bit(img)
+    if small is not None:
+        # The reader converts to L or RGB anyway (dropping alpha); resize in that mode.
+        mode = "L" if eight.mode in ("1", "L", "LA") else "RGB"
+        out = eight.convert(mode).resize(small, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        note = f"downscaled from {width}x{height} to {small[0]}x{small[1]}"
+        return (_jpeg_bytes(out), "jpeg", note) if jpeg else (_png_bytes(out), "png", note)
+    if jpeg:
+        return data, "jpeg", None
+    # PNG bytes are kept unless 16-bit (IHDR bit depth, byte 24): 8 bits halve the size and
+    # decode the same.
+    if img.format == "PNG" and eight is img and data[24] <= 8:
+        return data, "png", None
+    return _png_bytes(_png_compatible(eight)), "png", None
+
+
+def _encode_file(root: str, max_pixels: int, payload: str | _Skip) -> tuple[bytes | None, str, Any]:
     """Reads and checks one image file of an imagefolder; runs in the worker processes."""
-    if os.path.splitext(relpath)[1].lower() not in IMAGE_EXTENSIONS:
-        return None, "not an image file (by extension)"
+    if isinstance(payload, _Skip):
+        return None, payload.reason, None
+    if os.path.splitext(payload)[1].lower() not in IMAGE_EXTENSIONS:
+        return None, "not an image file (by extension)", None
     try:
-        with open(os.path.join(root, relpath), "rb") as f:
+        with open(os.path.join(root, payload), "rb") as f:
             data = f.read()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decodes every pixel: catches truncated and corrupt files
-            if img.format in ("JPEG", "MPO"):  # MPO: camera JPEG with extra frames, decodes as JPEG
-                return data, "jpeg"
-            if img.format == "PNG":
-                return data, "png"
-            return _png_bytes(_png_compatible(img)), "png"
+    except OSError as e:
+        return None, f"cannot read the file ({e.strerror or e})", None
+    try:
+        with warnings.catch_warnings():
+            # Images over max_pixels are downscaled here: PIL's warning about size is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return _encode_image(img, data, max_pixels)
+    except Image.DecompressionBombError as e:
+        return None, f"too many pixels to decode safely ({e}); downscale it first", None
+    except _Unsupported as e:
+        return None, str(e), None
     except Exception as e:  # PIL raises many exception types for bad files
-        return None, f"cannot decode image ({type(e).__name__}: {e})"
+        return None, f"cannot decode image ({type(e).__name__}: {e})", None
 
 
 # ------------------------------------------------------------------------------ formats
@@ -158,43 +263,179 @@ def _pick_split(fmt: str, path: str, split: str | None, found: dict, expected: s
     return next(iter(found))
 
 
-def _read_imagefolder(path: str, split: str | None) -> _Source:
+def _sorted_entries(path: str) -> list[os.DirEntry]:
+    with os.scandir(path) as entries:
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _class_of(real: str, label_of_real: dict[str, int]) -> int | None:
+    """The class whose (real) folder is or holds the real path `real`, if any."""
+    while True:
+        if real in label_of_real:
+            return label_of_real[real]
+        parent = os.path.dirname(real)
+        if parent == real:
+            return None
+        real = parent
+
+
+def _walk_class(
+    path: str, label: int, classes: list[str], reals: list[str], label_of_real: dict[str, int]
+) -> list[tuple[str, str | None]]:
+    """Lists one class folder depth-first in sorted order, following symlinks.
+
+    Returns (relpath, real path) per file, the real path only for files reached through a
+    symlink (it decides which class they belong to). Each directory (device, inode) is read
+    at most once per class, so symlink loops end; a directory link into another class's folder
+    is not followed.
+    """
+    files, seen = [], set()
+    stack = [(path, classes[label], reals[label], False)]
+    while stack:
+        path, rel, real, linked = stack.pop()
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in seen:
+            logging.warning("%s: a directory already read in this class, not read again", rel)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs = []
+        for entry in _sorted_entries(path):
+            if entry.name.startswith("."):
+                continue
+            is_link = entry.is_symlink()
+            child = os.path.realpath(entry.path) if is_link else os.path.join(real, entry.name)
+            child_rel = f"{rel}/{entry.name}"
+            if not entry.is_dir():  # is_dir follows symlinks
+                files.append((child_rel, child if linked or is_link else None))
+            elif (linked or is_link) and _class_of(child, label_of_real) not in (None, label):
+                other = classes[_class_of(child, label_of_real)]
+                logging.warning(
+                    "%s: leads into class folder %r (through a symlink); not followed",
+                    child_rel,
+                    other,
+                )
+            else:
+                subdirs.append((entry.path, child_rel, child, linked or is_link))
+        stack.extend(reversed(subdirs))
+    return files
+
+
+def _resolve_links(
+    per_class: list[list[tuple[str, str | None]]],
+    classes: list[str],
+    reals: list[str],
+    label_of_real: dict[str, int],
+) -> dict[str, str]:
+    """Which files reached through symlinks to skip (see _list_imagefolder): relpath -> why."""
+    linked = collections.defaultdict(list)  # real path -> [(label, relpath)] in sorted order
+    for label, files in enumerate(per_class):
+        for rel, real in files:
+            if real is not None:
+                linked[real].append((label, rel))
+    if not linked:
+        return {}
+    direct = {}  # real path -> relpath, for linked files that are also reached directly
+    for label, files in enumerate(per_class):
+        for rel, real in files:
+            if real is None:
+                real = os.path.join(reals[label], rel.split("/", 1)[1])
+                if real in linked:
+                    direct[real] = rel
+    skip = {}
+    for real, links in linked.items():
+        if real in direct:
+            for _, rel in links:
+                skip[rel] = f"a link to {direct[real]}, which is read as itself"
+            continue
+        lies_in = _class_of(real, label_of_real)
+        labels = sorted({label for label, _ in links})
+        if lies_in is not None:  # in a class folder, but where its walk does not go (hidden)
+            keep = next((link for link in links if link[0] == lies_in), None)
+        else:
+            keep = links[0] if len(labels) == 1 else None
+        for link in links:
+            if link is keep:
+                continue
+            if keep is not None and link[0] == keep[0]:
+                skip[link[1]] = f"a link to the same file as {keep[1]}"
+            elif lies_in is not None:
+                skip[link[1]] = f"a link into class folder {classes[lies_in]!r}"
+            else:
+                names = " and ".join(repr(classes[i]) for i in labels)
+                skip[link[1]] = f"the same file is linked from classes {names}: ambiguous label"
+    return skip
+
+
+def _list_imagefolder(path: str) -> tuple[list[str], list[tuple[int, int, str | _Skip]]]:
+    """The classes, and (example id, label, relpath or _Skip) for every candidate file.
+
+    Symlink rules, which make one file one example with one label, whatever links point at it:
+    * a class is a folder, or a symlink to one, directly in INPUT; two classes that are the
+      same directory, or one inside the other, are an error;
+    * inside a class folder, file and directory symlinks are followed in sorted order; each
+      directory is read once per class (loops end); a directory link into another class's
+      folder is not followed;
+    * a file is identified by its real path. Reached directly (no symlink below its class
+      folder), it is read there and every link to it is skipped. Reached only through links,
+      it goes to the class whose folder it lies in, if any (links from other classes are
+      skipped), else to the one class linking it (its first link in sorted order); linked from
+      several classes and lying in none, its label is ambiguous and every link is skipped.
+    Skipped files stay candidates (they take an id, so they shift no other id) and are listed
+    in metadata's `skipped`; --strict does not fail on them.
+    """
     if not os.path.isdir(path):
         raise ConversionError(f"imagefolder input {path!r} is not a directory")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    classes = [e.name for e in _sorted_entries(path) if e.is_dir() and not e.name.startswith(".")]
     if not classes:
         raise ConversionError(
             f"no class sub-folders in {path!r} (imagefolder expects INPUT/<class>/<image>)"
         )
-    items = []
+    reals = [os.path.realpath(os.path.join(path, c)) for c in classes]
+    # With a trailing separator, a folder is a prefix of what it holds, and sorted, a folder
+    # that holds others is directly followed by one of them.
+    key = [real.rstrip(os.sep) + os.sep for real in reals]
+    order = sorted(range(len(classes)), key=key.__getitem__)
+    for outer, inner in zip(order, order[1:]):
+        if key[inner].startswith(key[outer]):
+            raise ConversionError(
+                f"class folders {classes[outer]!r} and {classes[inner]!r} of {path!r} are the "
+                "same directory or one holds the other (through a symlink): each class needs "
+                "its own folder"
+            )
+    label_of_real = {real: label for label, real in enumerate(reals)}
+
+    per_class = []
     for label, name in enumerate(classes):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(path, name), followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            files += [
-                os.path.relpath(os.path.join(dirpath, f), path)
-                for f in filenames
-                if not f.startswith(".")
-            ]
+        files = _walk_class(os.path.join(path, name), label, classes, reals, label_of_real)
+        files.sort(key=lambda file: file[0])
         if not files:
-            logging.warning("class folder %r has no files", name)
+            logging.warning("class folder %r has no files; it stays class %d", name, label)
+        per_class.append(files)
+    skip = _resolve_links(per_class, classes, reals, label_of_real)
+
+    items = []
+    for label, files in enumerate(per_class):
         # Ids follow the sorted list of ALL candidates, so a skipped file shifts no other id.
-        items += [(len(items) + i, label, rel) for i, rel in enumerate(sorted(files))]
+        for rel, _ in files:
+            payload = _Skip(rel, skip[rel]) if rel in skip else rel
+            items.append((len(items), label, payload))
+    return classes, items
+
+
+def _read_imagefolder(path: str, split: str | None, max_pixels: int) -> _Source:
+    classes, items = _list_imagefolder(path)
     if not items:
         raise ConversionError(f"no files in the class folders of {path!r}")
     # Output size ~ input size; stat a sample rather than every file (slow on network disks).
-    sample = items[:: max(1, len(items) // 1000)]
-    sizes = [
-        os.path.getsize(os.path.join(path, rel))
-        for _, _, rel in sample
-        if os.path.isfile(os.path.join(path, rel))
-    ]
+    step = max(1, len(items) // 1000)
+    sample = [os.path.join(path, p) for _, _, p in items[::step] if isinstance(p, str)]
+    sizes = [os.path.getsize(p) for p in sample if os.path.isfile(p)]
     return _Source(
         split,
         classes,
         None,
         items,
-        functools.partial(_encode_file, path),
+        functools.partial(_encode_file, path, max_pixels),
         sum(sizes) / max(1, len(sizes)),
     )
 
@@ -261,13 +502,51 @@ def _read_mnist(path: str, split: str | None) -> _Source:
     )
 
 
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+# Everything a CIFAR batch pickle may name: numpy 1 (the originals: Python 2 cPickle, numpy's
+# _reconstruct) and numpy 2 spellings, protocol 5 arrays, and the _codecs.encode that Python 3
+# uses for bytes at protocols 0-2. None of these runs code it is given.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+    **{(f"{m}.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct
+       for m in ("numpy.core", "numpy._core")},
+    **{(f"{m}.numeric", "_frombuffer"): _NUMPY_CORE.numeric._frombuffer
+       for m in ("numpy.core", "numpy._core")},
+}  # fmt: skip
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only dicts, lists, bytes, numbers and numpy arrays: a crafted "batch" cannot run
+    code (plain pickle.load calls any function the file names, e.g. os.system)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _ForbiddenGlobal(f"{module}.{name}") from None
+
+
 def _load_pickle(path: str) -> dict:
-    # The CIFAR batches are pickles: only convert files from a source you trust.
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as e:
-        raise ConversionError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror or e})") from None
+    except _ForbiddenGlobal as e:
+        raise ConversionError(
+            f"{path}: refusing to unpickle it: it references {e}, which no CIFAR batch does "
+            "(a crafted pickle runs code this way)"
+        ) from None
+    except Exception as e:  # unpickling raises many types for damaged or foreign files
+        raise ConversionError(
+            f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a CIFAR dict")
     return obj
@@ -340,8 +619,7 @@ def _read_cifar(path: str, split: str | None, fmt: str) -> _Source:
     return _Source(split, class_names, [32, 32, 3], items, _encode_array, 3072)
 
 
-_READERS = {
-    "imagefolder": _read_imagefolder,
+_READERS = {  # imagefolder, the one with options, is called by name
     "mnist": _read_mnist,
     "cifar10": functools.partial(_read_cifar, fmt="cifar10"),
     "cifar100": functools.partial(_read_cifar, fmt="cifar100"),
@@ -382,6 +660,19 @@ class _Progress:
             )
 
 
+def _array_record(call: Callable, *args) -> Any:
+    try:
+        return call(*args)
+    except RuntimeError as e:  # how array_record reports I/O errors (disk full, no folder)
+        raise OSError(str(e)) from None
+
+
+def _example_name(example_id: int, payload: Any) -> str:
+    if isinstance(payload, _Skip):
+        return payload.relpath
+    return payload if isinstance(payload, str) else f"example {example_id}"
+
+
 def _write_shards(
     tmp: str,
     source: _Source,
@@ -394,40 +685,49 @@ def _write_shards(
     # Shard s holds items[bounds[s]:bounds[s+1]]: contiguous blocks keep example order = file order.
     bounds = [len(items) * s // num_shards for s in range(num_shards + 1)]
     shards = [records.SHARD_PATTERN.format(index=s, count=num_shards) for s in range(num_shards)]
-    sizes, codecs, skipped = [0] * num_shards, set(), []
+    sizes, image_formats, skipped, downscaled = [0] * num_shards, set(), [], []
     class_counts = collections.Counter()
     writer, shard = None, -1
     try:
         with _ordered_map(num_workers) as imap:
             results = imap(source.encode_fn, (payload for _, _, payload in items))
-            for pos, ((example_id, label, payload), (image, info)) in enumerate(
+            for pos, ((example_id, label, payload), (image, info, note)) in enumerate(
                 zip(items, results)
             ):
                 while pos >= bounds[shard + 1]:
                     if writer is not None:
-                        writer.close()
+                        _array_record(writer.close)
                         writer = None
                     shard += 1
                     writer = array_record_module.ArrayRecordWriter(
                         os.path.join(tmp, shards[shard]), WRITER_OPTIONS
                     )
+                name = _example_name(example_id, payload)
                 if image is None:
-                    name = payload if isinstance(payload, str) else f"example {example_id}"
-                    if strict:
+                    # Links skipped by the listing rules are not unreadable files.
+                    if strict and not isinstance(payload, _Skip):
                         raise ConversionError(f"{name}: {info} (--strict)")
                     logging.warning("skipping %s: %s", name, info)
                     skipped.append(name)
                 else:
-                    writer.write(records.encode_example(example_id, label, image))
+                    _array_record(writer.write, records.encode_example(example_id, label, image))
                     sizes[shard] += 1
-                    codecs.add(info)
+                    image_formats.add(info)
                     class_counts[label] += 1
+                    if note:
+                        logging.info("%s: %s", name, note)
+                        downscaled.append(name)
                 progress.update(pos + 1, len(skipped))
     finally:
         if writer is not None:
-            writer.close()
+            _array_record(writer.close)
     return dict(
-        shards=shards, shard_sizes=sizes, codecs=codecs, skipped=skipped, class_counts=class_counts
+        shards=shards,
+        shard_sizes=sizes,
+        image_formats=image_formats,
+        skipped=skipped,
+        downscaled=downscaled,
+        class_counts=class_counts,
     )
 
 
@@ -440,28 +740,140 @@ def _fsync_dir_files(path: str) -> None:
             os.close(fd)
 
 
-def _output_in_use(path: str) -> bool:
-    return os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path))
+# ------------------------------------------------------------------------------ output safety
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_not_nested(input_path: str, output_dir: str) -> None:
+    """The output may not be the input, hold it, or lie inside it (compared as real paths).
+
+    Replacing such an output deletes the input; one inside the input would be read by the next
+    conversion (as a class folder of an imagefolder).
+    """
+    source = os.path.realpath(input_path)
+    # Where the output's folder really goes: a symlink at OUTPUT is replaced, not followed.
+    target = os.path.join(
+        os.path.realpath(os.path.dirname(output_dir)), os.path.basename(output_dir)
+    )
+    if _is_within(target, source) or _is_within(source, target):
+        if target == source:
+            how = "is"
+        else:
+            how = "lies inside" if _is_within(target, source) else "contains"
+        real = "" if source == os.path.abspath(input_path) else f" (really {source})"
+        raise ConversionError(
+            f"output {output_dir!r} {how} the input {input_path!r}{real}; "
+            "choose an output folder outside the input"
+        )
+
+
+def _own_files(path: str) -> list[str] | None:
+    """The files a dataset written by this module holds, if `path` is one; else None."""
+    try:
+        with open(os.path.join(path, records.METADATA_FILE), "rb") as f:
+            shards = json.loads(f.read()).get("shards")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object
+        return None
+    if not (isinstance(shards, list) and all(isinstance(s, str) for s in shards)):
+        return None
+    return [records.METADATA_FILE, *shards]
+
+
+def _existing_output(output_dir: str, overwrite: bool) -> str:
+    """What is at OUTPUT: "absent", "empty" (an empty folder), "a symlink" or "a dataset".
+
+    Raises ConversionError when it must not be replaced: without `overwrite` anything but an
+    empty folder; with it, anything but a symlink or a folder holding exactly a dataset this
+    module wrote (metadata.json and its shards as plain files, nothing else, hidden files
+    included: whatever else sits there may be someone's work).
+    """
+    if not os.path.lexists(output_dir):
+        return "absent"
+    if os.path.islink(output_dir):
+        kind = "a symlink"
+    elif not os.path.isdir(output_dir):
+        raise ConversionError(f"output {output_dir!r} is a file, not a folder; not replacing it")
+    else:
+        names = sorted(os.listdir(output_dir))
+        if not names:
+            return "empty"
+        own = _own_files(output_dir)
+        foreign = [
+            n
+            for n in names
+            if own is None
+            or n not in own
+            or os.path.islink(os.path.join(output_dir, n))
+            or not os.path.isfile(os.path.join(output_dir, n))
+        ]
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if foreign[5:] else ""
+            )
+            what = (
+                f"is not a dataset written by make_arrayrecord (it holds {listed})"
+                if own is None
+                else f"holds files that make_arrayrecord did not write ({listed})"
+            )
+            raise ConversionError(
+                f"output {output_dir!r} {what}; not replacing it: choose another --output"
+            )
+        kind = "a dataset"
+    if not overwrite:
+        raise ConversionError(
+            f"output {output_dir!r} already exists ({kind}); pass --overwrite to replace it"
+        )
+    return kind
+
+
+def _fresh_folder(prefix: str) -> str:
+    """Creates PREFIX-<random>: never a folder someone else (or an earlier run) left there.
+
+    Not tempfile.mkdtemp: its mode 0700 would be the published dataset's.
+    """
+    while True:
+        path = f"{prefix}-{os.urandom(4).hex()}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _aside_name(output_dir: str) -> str:
+    for n in range(1000):
+        old = f"{output_dir}.old-{os.getpid()}-{n}"
+        if not os.path.lexists(old):
+            return old
+    raise ConversionError(f"too many {output_dir}.old-* entries; remove them")
 
 
 def _publish(tmp: str, output_dir: str, overwrite: bool) -> None:
-    if _output_in_use(output_dir):
-        if not overwrite:
-            raise ConversionError(
-                f"output {output_dir!r} already exists and is not empty "
-                "(pass --overwrite to replace it)"
-            )
-        old = f"{output_dir}.old-{os.getpid()}"
-        os.rename(output_dir, old)
+    kind = _existing_output(output_dir, overwrite)  # again: it may have changed meanwhile
+    if kind in ("absent", "empty"):
+        os.rename(tmp, output_dir)  # rename(2) replaces an empty folder atomically
+        return
+    own = _own_files(output_dir) if kind == "a dataset" else None
+    old = _aside_name(output_dir)
+    os.rename(output_dir, old)
+    try:
         os.rename(tmp, output_dir)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
+    except OSError:
+        os.rename(old, output_dir)
+        raise
+    try:
+        if kind == "a symlink":
+            os.remove(old)  # the link only: whatever it pointed at is left alone
         else:
-            os.remove(old)
-    else:
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # an empty folder is replaced
-        os.rename(tmp, output_dir)
+            # Only the files this module wrote; rmdir fails if anything else appeared.
+            for name in own:
+                os.remove(os.path.join(old, name))
+            os.rmdir(old)
+    except OSError as e:  # the new dataset is in place: not a failure of the conversion
+        logging.warning("the replaced dataset is left at %s (%s); delete it yourself", old, e)
 
 
 def convert(
@@ -476,12 +888,14 @@ def convert(
     keep: Callable[[int], bool] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Converts a dataset to ArrayRecord shards plus metadata.json; returns the metadata.
 
     `keep(example_id)` selects examples (those it rejects are not written and not counted as
-    skipped). Raises ConversionError for bad input, unreadable files under `strict`, or an
-    existing non-empty output folder without `overwrite`.
+    skipped). Images over `max_pixels` are downscaled. Raises ConversionError for bad input,
+    unreadable files under `strict`, an output that is in use or must not be replaced (see
+    _existing_output), an output nested with the input, and I/O errors.
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -489,16 +903,24 @@ def convert(
         raise ConversionError(f"unknown split {split!r}; expected train or test")
     if num_workers < 1 or (num_shards is not None and num_shards < 1):
         raise ConversionError("num_workers and num_shards must be at least 1")
+    if not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
+        raise ConversionError(
+            f"max_pixels={max_pixels} must be in 1..{MAX_PIXELS_LIMIT} (PIL's decompression-"
+            "bomb threshold, which the training reader keeps)"
+        )
     if not os.path.exists(input_path):
         raise ConversionError(f"input path {input_path!r} does not exist")
     output_dir = os.path.abspath(output_dir)
-    if _output_in_use(output_dir) and not overwrite:  # fail before the work, not after it
-        raise ConversionError(
-            f"output {output_dir!r} already exists and is not empty "
-            "(pass --overwrite to replace it)"
-        )
+    _check_not_nested(input_path, output_dir)
+    _existing_output(output_dir, overwrite)  # fail before the work, not after it
 
-    source = _READERS[format](input_path, split)
+    try:
+        if format == "imagefolder":
+            source = _read_imagefolder(input_path, split, max_pixels)
+        else:
+            source = _READERS[format](input_path, split)
+    except OSError as e:
+        raise ConversionError(f"cannot read the input {input_path!r}: {e}") from None
     items = [it for it in source.items if keep is None or keep(it[0])]
     if not items:
         raise ConversionError(
@@ -509,20 +931,26 @@ def convert(
         num_shards = math.ceil(len(items) * source.bytes_per_example / SHARD_TARGET_BYTES)
     num_shards = max(1, min(num_shards, len(items)))  # every shard gets at least one example
 
-    tmp = f"{output_dir}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp):  # left by an earlier, killed process with the same pid
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    parent, base = os.path.split(output_dir)
+    tmp = None
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = _fresh_folder(os.path.join(parent, f"{base}.tmp-{os.getpid()}"))
         started = time.monotonic()
-        tracker = _Progress(f"{format} {os.path.basename(output_dir)}", len(items), progress)
+        tracker = _Progress(f"{format} {base}", len(items), progress)
         out = _write_shards(tmp, source, items, num_shards, num_workers, strict, tracker)
         num_examples = sum(out["shard_sizes"])
         if num_examples == 0:
             raise ConversionError(
-                f"every one of the {len(items)} files in {input_path!r} was skipped as unreadable"
+                f"every one of the {len(items)} files in {input_path!r} was skipped "
+                "(the warnings above say why)"
             )
-        codecs = out["codecs"]
+        class_counts = [out["class_counts"][c] for c in range(len(source.class_names))]
+        # Kept as classes so that labels stay the positions of the sorted class names.
+        empty_classes = [n for n, c in zip(source.class_names, class_counts) if c == 0]
+        for name in empty_classes:
+            logging.warning("class %r has no examples in %s", name, output_dir)
+        image_formats = out["image_formats"]
         metadata = {
             "schema_version": records.SCHEMA_VERSION,
             "format": format,
@@ -531,9 +959,15 @@ def convert(
             "num_source_examples": len(source.items),
             "num_classes": len(source.class_names),
             "class_names": source.class_names,
-            "class_counts": [out["class_counts"][c] for c in range(len(source.class_names))],
-            "image_format": codecs.pop() if len(codecs) == 1 else "mixed",
+            "class_counts": class_counts,
+            "empty_classes": empty_classes,
+            "image_format": image_formats.pop() if len(image_formats) == 1 else "mixed",
             "image_shape": source.image_shape,
+            "max_pixels": max_pixels,
+            "downscaled": {
+                "count": len(out["downscaled"]),
+                "files": out["downscaled"][:MAX_LISTED_SKIPS],
+            },
             "shards": out["shards"],
             "shard_sizes": out["shard_sizes"],
             "skipped": {"count": len(out["skipped"]), "files": out["skipped"][:MAX_LISTED_SKIPS]},
@@ -545,16 +979,23 @@ def convert(
             f.write(json.dumps(metadata, sort_keys=True, indent=2) + "\n")
         _fsync_dir_files(tmp)  # data on disk before the rename makes it visible
         _publish(tmp, output_dir, overwrite)
+    except OSError as e:  # disk full, no permission, ...: nothing half-written is left
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(f"cannot write the output {output_dir!r}: {e}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     tracker.update(len(items), len(out["skipped"]), force=True)
     if progress:
         size = sum(os.path.getsize(os.path.join(output_dir, s)) for s in metadata["shards"])
         logging.info(
-            "wrote %d examples (%d skipped) in %d shard(s), %.1f MB, to %s in %.1f s",
+            "wrote %d examples (%d skipped, %d downscaled) in %d shard(s), %.1f MB, to %s "
+            "in %.1f s",
             num_examples,
             len(out["skipped"]),
+            len(out["downscaled"]),
             num_shards,
             size / 1e6,
             output_dir,

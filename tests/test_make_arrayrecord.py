@@ -5,9 +5,13 @@ import gzip
 import io
 import os
 import pickle
+import resource
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import zlib
 
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 import numpy as np
@@ -375,3 +379,428 @@ def test_keep_filter_and_shard_order(tmp_path):
         start += size
     with pytest.raises(mar.ConversionError, match="keep filter"):
         mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "o2"), keep=lambda i: False)
+
+
+# ------------------------------------------------------------------------ output safety
+
+
+def tree_bytes(root):
+    """{relpath: bytes} of every file under root (symlinks not followed)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = open(path, "rb").read()
+    return out
+
+
+def test_output_never_is_holds_or_lies_in_the_input(tmp_path):
+    make_imagefolder(tmp_path / "data" / "in")
+    before = tree_bytes(tmp_path)
+    cases = [
+        (tmp_path / "data" / "in", True, "is the input"),
+        (tmp_path / "data", True, "contains the input"),
+        (tmp_path, True, "contains the input"),
+        # Inside the input: the next conversion would read it as a class.
+        (tmp_path / "data" / "in" / "converted", False, "lies inside the input"),
+    ]
+    for output, overwrite, message in cases:
+        with pytest.raises(mar.ConversionError, match=message):
+            mar.convert(
+                "imagefolder",
+                str(tmp_path / "data" / "in"),
+                str(output),
+                overwrite=overwrite,
+                progress=False,
+            )
+        assert tree_bytes(tmp_path) == before, output
+    # Compared as real paths: the same folder through a symlinked parent.
+    os.symlink(tmp_path / "data", tmp_path / "alias")
+    with pytest.raises(mar.ConversionError, match="is the input"):
+        mar.convert(
+            "imagefolder",
+            str(tmp_path / "data" / "in"),
+            str(tmp_path / "alias" / "in"),
+            overwrite=True,
+            progress=False,
+        )
+    assert tree_bytes(tmp_path / "data") == tree_bytes(tmp_path / "alias") != {}
+    assert {f"data/{k}": v for k, v in tree_bytes(tmp_path / "data").items()} == before
+
+
+def test_overwrite_replaces_only_datasets_this_tool_wrote(tmp_path):
+    make_mnist(tmp_path / "in")
+    convert = lambda out: mar.convert(
+        "mnist", str(tmp_path / "in"), str(out), overwrite=True, progress=False
+    )
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.tex").write_text("\\chapter{Results}")
+    with pytest.raises(mar.ConversionError, match="not a dataset written by make_arrayrecord"):
+        convert(tmp_path / "thesis")
+    assert (tmp_path / "thesis" / "thesis.tex").read_text() == "\\chapter{Results}"
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(mar.ConversionError, match="is a file"):
+        convert(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    # A dataset with something else in it (hidden files too): that may be someone's work.
+    convert(tmp_path / "ds")
+    for extra in ("README.md", ".notes", "sub/x"):
+        os.makedirs(os.path.dirname(tmp_path / "ds" / extra), exist_ok=True)
+        (tmp_path / "ds" / extra).write_text("mine")
+        with pytest.raises(mar.ConversionError, match="did not write"):
+            convert(tmp_path / "ds")
+        assert (tmp_path / "ds" / extra).read_text() == "mine"
+        os.remove(tmp_path / "ds" / extra)
+    os.rmdir(tmp_path / "ds" / "sub")
+    # The dataset alone is replaced, leaving no .old-* or .tmp-* folder.
+    meta = mar.convert(
+        "mnist", str(tmp_path / "in"), str(tmp_path / "ds"), num_shards=2, overwrite=True
+    )
+    assert sorted(os.listdir(tmp_path / "ds")) == sorted(meta["shards"] + ["metadata.json"])
+    assert sorted(os.listdir(tmp_path)) == ["ds", "in", "notes.txt", "thesis"]
+
+
+def test_overwrite_onto_a_symlink_replaces_the_link(tmp_path):
+    make_mnist(tmp_path / "in")
+    mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "v1"), progress=False)
+    v1 = all_bytes(tmp_path / "v1")
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.tex").write_text("x")
+    for target in ("v1", "thesis"):
+        os.symlink(tmp_path / target, tmp_path / "current")
+        result = run_cli(
+            "--format=mnist",
+            f"--input={tmp_path / 'in'}",
+            f"--output={tmp_path / 'current'}",
+            "--num_shards=2",
+            "--overwrite",
+        )
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not os.path.islink(tmp_path / "current")  # a real folder replaced the link
+        assert records.read_metadata(str(tmp_path / "current"))["shard_sizes"] == [10, 10]
+        assert all_bytes(tmp_path / "v1") == v1  # what the link pointed at is untouched
+        assert (tmp_path / "thesis" / "thesis.tex").read_text() == "x"
+        assert sorted(os.listdir(tmp_path)) == ["current", "in", "thesis", "v1"]
+        shutil.rmtree(tmp_path / "current")
+
+
+# ------------------------------------------------------------------------ symlinks
+
+
+def _labels_by_content(out_dir):
+    """{image bytes: [labels]} of a converted dataset."""
+    found = {}
+    for e in read_all(out_dir)[1]:
+        found.setdefault(e.image, []).append(e.label)
+    return found
+
+
+def test_symlinks_never_duplicate_a_file_or_give_it_two_labels(tmp_path):
+    root, ext = tmp_path / "in", tmp_path / "elsewhere"
+    content = {}  # name -> PNG bytes
+    for folder, names in {
+        root / "a": ["a0", "a1"],
+        root / "b": ["b0", "b1"],
+        root / "c": ["c0", "c1"],
+        root / "c" / ".hidden": ["h0"],
+        ext / "shared": ["s0"],
+        ext / "only_b": ["o0"],
+        ext / "d": ["d0", "d1"],
+    }.items():
+        os.makedirs(folder)
+        for i, name in enumerate(names):
+            Image.fromarray(_pixels(len(content), (4, 4))).save(folder / f"{name}.png")
+            content[name] = (folder / f"{name}.png").read_bytes()
+    links = {
+        "a/loop": "..",  # the input folder itself: a loop through every class
+        "b/to_c": "../c",  # another class's folder
+        "b/c0_copy.png": "../c/c0.png",  # a file of another class
+        "a/h0.png": "../c/.hidden/h0.png",  # in class c's folder, where c's walk does not go
+        "c/h0_alias.png": ".hidden/h0.png",  # ... and linked from c itself: c gets it
+        "a/shared": str(ext / "shared"),  # the same outside folder linked from two classes
+        "b/shared": str(ext / "shared"),
+        "b/only_b": str(ext / "only_b"),  # an outside folder linked from one class
+        "b/o0_again.png": str(ext / "only_b" / "o0.png"),  # ... and one of its files again
+        "d": str(ext / "d"),  # a class folder that is a symlink
+    }
+    for link, target in links.items():
+        os.symlink(target, root / link)
+    outputs = []
+    for run in range(2):
+        meta = mar.convert("imagefolder", str(root), str(tmp_path / f"out{run}"), progress=False)
+        outputs.append(all_bytes(tmp_path / f"out{run}"))
+    assert outputs[0] == outputs[1]  # deterministic
+    assert meta["class_names"] == ["a", "b", "c", "d"]
+    labels = _labels_by_content(tmp_path / "out0")
+    want = {
+        **{f"{c}{i}": [label] for label, c in enumerate("abc") for i in range(2)},
+        "d0": [3],
+        "d1": [3],
+        "h0": [2],
+        "o0": [1],
+    }
+    assert {name: labels.get(content[name]) for name in content} == {**want, "s0": None}
+    assert meta["num_examples"] == 10 and meta["class_counts"] == [2, 3, 3, 2]
+    assert meta["skipped"]["files"] == [
+        "a/h0.png",
+        "a/shared/s0.png",
+        "b/c0_copy.png",
+        "b/only_b/o0.png",
+        "b/shared/s0.png",
+    ]
+
+
+def test_class_folders_that_overlap_are_refused(tmp_path):
+    make_imagefolder(tmp_path / "in")
+    os.symlink("dog", tmp_path / "in" / "wolf")
+    with pytest.raises(mar.ConversionError, match="'dog' and 'wolf' .* same directory"):
+        mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
+    os.remove(tmp_path / "in" / "wolf")
+    os.mkdir(tmp_path / "in" / "dog" / "puppy")
+    os.symlink("dog/puppy", tmp_path / "in" / "puppy")
+    with pytest.raises(mar.ConversionError, match="'dog' and 'puppy' .* holds the other"):
+        mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------ pixel depth
+
+
+def png_file(width, height, bit_depth, color_type, rows):
+    """A PNG written chunk by chunk (PIL writes neither 48-bit RGB nor what we need here)."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    compress = zlib.compressobj()
+    idat = b"".join(compress.compress(b"\0" + row) for row in rows) + compress.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def png16(array):
+    """A real 16-bit PNG (gray, or RGB 48-bit) of a uint16 HxW or HxWx3 array."""
+    rows = [row.astype(">u2").tobytes() for row in array]
+    return png_file(array.shape[1], array.shape[0], 16, 0 if array.ndim == 2 else 2, rows)
+
+
+def test_16_bit_images_are_scaled_by_their_full_range(tmp_path):
+    # A photo-like gradient over the whole 16-bit range (clipping at 255 made it white).
+    gray = np.linspace(0, 65535, 48 * 40).reshape(48, 40).astype(np.uint16)
+    rgb = np.random.default_rng(0).integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    os.makedirs(tmp_path / "in" / "x")
+    Image.fromarray(gray).save(tmp_path / "in" / "x" / "gray.png")  # mode I;16
+    Image.fromarray(gray).save(tmp_path / "in" / "x" / "gray.tif")
+    (tmp_path / "in" / "x" / "gray16.pgm").write_bytes(  # PIL opens it as mode I
+        b"P5\n40 48\n65535\n" + gray.astype(">u2").tobytes()
+    )
+    (tmp_path / "in" / "x" / "rgb48.png").write_bytes(png16(rgb))
+    Image.fromarray(gray.astype(np.float32) / 65535).save(tmp_path / "in" / "x" / "z_float.tif")
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "in" / "x" / "z_int32.tif")
+    warnings = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mar.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+        meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
+    examples = read_all(tmp_path / "out")[1]
+    assert meta["skipped"]["files"] == ["x/z_float.tif", "x/z_int32.tif"]
+    assert any("z_float.tif: floating-point pixels" in w for w in warnings), warnings
+    assert any("z_int32.tif: integer pixels span 70000..70000" in w for w in warnings)
+    for e in examples[:3]:  # gray.pgm, gray.png, gray.tif
+        assert e.image[24] == 8  # an 8-bit PNG
+        pixels = decode_pixels(e.image)
+        np.testing.assert_array_equal(pixels, gray >> 8)
+        assert 126 < pixels.mean() < 129
+    assert examples[3].image[24] == 8  # 48-bit RGB rewritten at 8 bits, same values
+    np.testing.assert_array_equal(decode_pixels(examples[3].image), rgb >> 8)
+    with pytest.raises(mar.ConversionError, match="z_float.tif: floating-point"):
+        mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "o2"), strict=True)
+
+
+# ------------------------------------------------------------------------ huge images
+
+
+def test_images_over_max_pixels_are_downscaled(tmp_path):
+    os.makedirs(tmp_path / "in" / "x")
+    big = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "in" / "x" / "big.jpg", quality=90)
+    Image.fromarray(big).save(tmp_path / "in" / "x" / "big.png")
+    Image.fromarray(big[:100, :100]).save(tmp_path / "in" / "x" / "small.png")
+    meta = mar.convert(
+        "imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), max_pixels=20_000
+    )
+    assert meta["max_pixels"] == 20_000
+    assert meta["downscaled"] == {"count": 2, "files": ["x/big.jpg", "x/big.png"]}
+    jpeg, png, small = read_all(tmp_path / "out")[1]
+    for e, fmt in ((jpeg, "JPEG"), (png, "PNG")):
+        with Image.open(io.BytesIO(e.image)) as img:
+            assert img.format == fmt and img.size == (182, 109)  # aspect kept, <= 20,000 px
+    assert small.image == (tmp_path / "in" / "x" / "small.png").read_bytes()
+    # The default: 40 megapixels (a 45-megapixel PNG of 40 kB is cut down to it).
+    Image.new("L", (7000, 6500)).save(tmp_path / "in" / "x" / "huge.png")
+    shutil.rmtree(tmp_path / "out")
+    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert meta["downscaled"]["files"] == ["x/huge.png"]
+    with Image.open(io.BytesIO(read_all(tmp_path / "out")[1][2].image)) as img:
+        assert img.width * img.height <= mar.DEFAULT_MAX_PIXELS == 40_000_000
+        assert img.size == (6563, 6094)
+
+
+def test_decompression_bombs_are_skipped_with_a_clear_reason(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "in" / "x")
+    Image.new("L", (8, 8)).save(tmp_path / "in" / "x" / "a.png")
+    # A valid 200-megapixel black 1-bit PNG of 25 kB: over twice PIL's bomb threshold.
+    bomb = png_file(20000, 10000, 1, 0, [bytes(2500)] * 10000)
+    (tmp_path / "in" / "x" / "bomb.png").write_bytes(bomb)
+    warnings = []
+    monkeypatch.setattr(mar.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert meta["skipped"]["files"] == ["x/bomb.png"]
+    assert any("bomb.png: too many pixels to decode safely" in w for w in warnings), warnings
+    with pytest.raises(mar.ConversionError, match="max_pixels"):
+        mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "o"), max_pixels=10**9)
+
+
+# ------------------------------------------------------------------------ empty classes
+
+
+def test_empty_classes_keep_their_label_and_are_listed(tmp_path, monkeypatch):
+    make_imagefolder(tmp_path / "in")
+    os.mkdir(tmp_path / "in" / "ant")  # no files
+    os.mkdir(tmp_path / "in" / "bee")
+    (tmp_path / "in" / "bee" / "broken.png").write_bytes(b"\x89PNG broken")  # nothing readable
+    warnings = []
+    monkeypatch.setattr(mar.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert meta["class_names"] == ["ant", "bee", "bird", "cat", "dog"]
+    assert meta["empty_classes"] == ["ant", "bee"] and meta["class_counts"] == [0, 0, 3, 2, 2]
+    assert sorted({e.label for e in read_all(tmp_path / "out")[1]}) == [2, 3, 4]
+    assert any("'ant' has no files" in w for w in warnings), warnings
+    assert any("class 'bee' has no examples" in w for w in warnings), warnings
+
+
+# ------------------------------------------------------------------------ I/O failures
+
+
+def _no_traceback_nothing_left(result, folder, expected):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("make_arrayrecord: error:"), result.stderr
+    assert sorted(os.listdir(folder)) == expected  # no output, no .tmp-* folder
+    return errors[0]
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    make_mnist(tmp_path / "in", n=200)
+
+    def small_files():  # a file-size limit: writes past 64 kB fail with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.make_arrayrecord", "--format=mnist"]
+        + [f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=small_files,
+    )
+    line = _no_traceback_nothing_left(result, tmp_path, ["in"])
+    assert "File too large" in line and str(tmp_path / "out") in line
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    make_mnist(tmp_path / "in")
+    (tmp_path / "file").write_text("")
+    result = run_cli("--format=mnist", f"--input={tmp_path / 'in'}", f"--output={tmp_path}/file/x")
+    assert "File exists" in _no_traceback_nothing_left(result, tmp_path, ["file", "in"])
+    if os.geteuid() != 0:  # root writes whatever the mode bits say
+        os.mkdir(tmp_path / "ro", 0o555)
+        result = run_cli(
+            "--format=mnist", f"--input={tmp_path / 'in'}", f"--output={tmp_path}/ro/x"
+        )
+        assert "Permission denied" in _no_traceback_nothing_left(result, tmp_path / "ro", [])
+
+
+# ------------------------------------------------------------------------ CIFAR pickles
+
+
+def py2_cifar_pickle(data, labels, labels_key=b"labels"):
+    """A batch as the original CIFAR files are: Python 2 cPickle, protocol 2, of a dict with
+    str (bytes) keys, a numpy uint8 array (numpy.core.multiarray._reconstruct) and int lists.
+    Written opcode by opcode: Python 3 cannot produce Python 2 strings. U/T: short/long
+    string, K/M: 1/2-byte int, c: global, \\x85-\\x87: 1-3 tuple, R: call, b: setstate."""
+    string = lambda b: (
+        (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))) + b
+    )
+    small_int = lambda i: b"K" + bytes([i]) if i < 256 else b"M" + struct.pack("<H", i)
+    dtype = b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R"
+    dtype += b"(K\x03" + string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    array = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b")
+    array += b"\x87R(K\x01" + small_int(data.shape[0]) + small_int(data.shape[1]) + b"\x86"
+    array += dtype + b"\x89" + string(data.tobytes()) + b"tb"
+    ints = b"](" + b"".join(small_int(i) for i in labels) + b"e"
+    names = b"](" + b"".join(string(b"img_%d.png" % i) for i in range(len(labels))) + b"e"
+    return (
+        b"\x80\x02}("
+        + string(b"batch_label") + string(b"training batch 1 of 5")
+        + string(labels_key) + ints
+        + string(b"data") + array
+        + string(b"filenames") + names
+        + b"u."
+    )  # fmt: skip
+
+
+def test_cifar_reads_original_python2_pickles(tmp_path):
+    folder = tmp_path / "in"
+    os.makedirs(folder)
+    hwc = _pixels(3, (4, 32, 32, 3))
+    data = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2).reshape(4, 3072))
+    batch = py2_cifar_pickle(data, [3, 1, 4, 1])
+    unpickled = pickle.loads(batch, encoding="bytes")  # the builder is a faithful pickle
+    assert unpickled[b"labels"] == [3, 1, 4, 1] and unpickled[b"filenames"][0] == b"img_0.png"
+    np.testing.assert_array_equal(unpickled[b"data"], data)
+    (folder / "test_batch").write_bytes(batch)
+    mar.convert("cifar10", str(folder), str(tmp_path / "out"))
+    examples = read_all(tmp_path / "out")[1]
+    assert [e.label for e in examples] == [3, 1, 4, 1]
+    for e in examples:
+        np.testing.assert_array_equal(decode_pixels(e.image), hwc[e.example_id])
+
+
+class _RunsCode:
+    def __init__(self, call, argument):
+        self.call, self.argument = call, argument
+
+    def __reduce__(self):
+        return self.call, (self.argument,)
+
+
+@pytest.mark.parametrize("how", ["os.system", "builtins.eval"])
+def test_cifar_refuses_pickles_that_would_run_code(tmp_path, how):
+    marker = tmp_path / "ran"
+    payload = (
+        _RunsCode(os.system, f"touch {marker}")
+        if how == "os.system"
+        else _RunsCode(eval, f"open({str(marker)!r}, 'w').close()")
+    )
+    evil = pickle.dumps({b"data": payload, b"labels": [0]}, protocol=2)
+    pickle.loads(evil)  # it does run code when unpickled plainly
+    assert marker.exists()
+    marker.unlink()
+    os.makedirs(tmp_path / "in")
+    (tmp_path / "in" / "test_batch").write_bytes(evil)
+    # Protocol 2 spells builtins the Python 2 way.
+    name = "posix.system" if how == "os.system" else "__builtin__.eval"
+    with pytest.raises(mar.ConversionError, match=f"refusing .* references {name}, which no"):
+        mar.convert("cifar10", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    result = run_cli("--format=cifar10", f"--input={tmp_path / 'in'}", f"--output={tmp_path}/o")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"references {name}" in result.stderr and not marker.exists()

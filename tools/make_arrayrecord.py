@@ -5,8 +5,11 @@
     python -m tools.make_arrayrecord --format=imagefolder --input=/data/imagenet/train \
         --output=/data/imagenet_ar/train --num_workers=16
 
-Expected failures (missing or empty input, unknown format, an unreadable file with --strict,
-an output folder in use) print one line and exit 1.
+Expected failures print one line on stderr, with no traceback, and exit 1: a missing or empty
+input, an unknown format, an unreadable file with --strict, an output that is in use (without
+--overwrite), an output that must never be replaced (not a dataset this tool wrote) or that is,
+holds or lies inside the input, and I/O errors such as a full disk or an unwritable folder (then
+nothing half-written is left behind).
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import sys
 from absl import app
 from absl import flags
 
-from pipeline.conversion import FORMATS, SPLITS, ConversionError, convert
+from pipeline.conversion import (
+    DEFAULT_MAX_PIXELS,
+    FORMATS,
+    MAX_PIXELS_LIMIT,
+    SPLITS,
+    ConversionError,
+    convert,
+)
 
 # ------------------------------------------------------------------------------ CLI
 
@@ -38,7 +48,21 @@ def _define_flags() -> None:
     )
     flags.DEFINE_integer("num_workers", 1, "Processes reading and encoding images.", lower_bound=1)
     flags.DEFINE_bool("strict", False, "Fail on any unreadable file instead of skipping it.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty output folder.")
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace what is at --output if it is a dataset this tool wrote (and nothing else) or "
+        "a symlink (the link is replaced; its target is left alone).",
+    )
+    flags.DEFINE_integer(
+        "max_pixels",
+        DEFAULT_MAX_PIXELS,
+        "imagefolder: images with more pixels are downscaled to fit (JPEG stays JPEG, quality "
+        f"95; others become PNG) and listed in metadata. At most {MAX_PIXELS_LIMIT}, PIL's "
+        "decompression-bomb threshold.",
+        lower_bound=1,
+        upper_bound=MAX_PIXELS_LIMIT,
+    )
     flags.mark_flags_as_required(["format", "input", "output"])
 
 
@@ -56,6 +80,7 @@ def main(argv: list[str]) -> int:
             num_workers=f.num_workers,
             strict=f.strict,
             overwrite=f.overwrite,
+            max_pixels=f.max_pixels,
         )
     except ConversionError as e:
         print(f"make_arrayrecord: error: {e}", file=sys.stderr)
