@@ -27,6 +27,6 @@ def get_config():
     config.train.warmup_epochs = 1.0
     config.train.weight_decay = 1e-4
     config.train.label_smoothing = 0.0
-    config.eval.every_steps = 3900  # every 10 epochs
-    config.checkpoint.every_steps = 3900
+    config.eval.every_epochs = 10.0
+    config.checkpoint.every_epochs = 10.0
     return config

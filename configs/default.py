@@ -52,13 +52,19 @@ def get_config() -> ml_collections.ConfigDict:
     train.log_every_steps = 100  # log line and TensorBoard scalars
     train.max_nonfinite_in_a_row = 5  # skipped non-finite steps tolerated before stopping
     train.num_image_summaries = 8  # augmented inputs shown in TensorBoard at the start
+    # No training step or eval batch completing for this long (or 50x the median step time,
+    # if longer) means a stall: every process logs its stacks and exits 5. 0 turns it off.
+    train.stall_timeout_seconds = 600.0
 
+    # Intervals: every_steps when > 0, else every_epochs when > 0, else only at the end.
     config.eval = eval_ = ml_collections.ConfigDict()
-    eval_.every_steps = 5000  # also evaluates at the end; 0: only at the end
+    eval_.every_steps = 0
+    eval_.every_epochs = 5.0  # also evaluates at the end
     eval_.global_batch_size = -1  # -1: the training global batch size
 
     config.checkpoint = checkpoint = ml_collections.ConfigDict()
-    checkpoint.every_steps = 1000  # also saves at the end and on preemption
+    checkpoint.every_steps = 0
+    checkpoint.every_epochs = 1.0  # also saves at the end and on preemption
     checkpoint.max_to_keep = 3
     checkpoint.async_save = True  # write in the background while training goes on
     checkpoint.barrier_timeout_seconds = 300  # Orbax cross-host barriers
@@ -67,4 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     # A host that stops answering is declared dead after this long, and the others exit.
     distributed.heartbeat_timeout_seconds = 100
     distributed.initialization_timeout_seconds = 300
+    # After SIGTERM, the agreed checkpoint must commit within this long, else the process logs
+    # its stacks and exits 5 (a TPU VM gets 30 s of notice before it is gone).
+    distributed.preemption_grace_seconds = 25.0
     return config

@@ -32,7 +32,8 @@ def get_config():
     config.train.weight_decay = 1e-4
     config.train.label_smoothing = 0.0
     config.train.log_every_steps = 20
-    config.eval.every_steps = 0  # at the end only
+    config.eval.every_epochs = 0.0  # at the end only
+    config.checkpoint.every_epochs = 0.0
     config.checkpoint.every_steps = 50
     config.checkpoint.max_to_keep = 2
     return config

@@ -20,6 +20,6 @@ def get_config():
     config.train.global_batch_size = 1024
     config.train.num_epochs = 90.0
     config.train.warmup_epochs = 5.0
-    config.eval.every_steps = 1251 * 5  # every 5 epochs at batch 1024
-    config.checkpoint.every_steps = 1251  # every epoch
+    config.eval.every_epochs = 5.0
+    config.checkpoint.every_epochs = 1.0
     return config

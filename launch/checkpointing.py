@@ -1,22 +1,27 @@
 """Asynchronous Orbax checkpoints that a resumed run can trust.
 
-A step directory WORKDIR/checkpoints/<step>/ holds three items:
+A step directory WORKDIR/checkpoints/<step>/ holds two items:
   state  the TrainState (parameters, BatchNorm statistics, optimizer state, step, counters)
-  data   each host's Grain iterator state, one JSON file per process (Grain's own handler)
-  meta   what the run must match to resume it, and a fingerprint of `state`
+  meta   JSON: the run signature a resume must match, an exact digest of every array of
+         `state`, and the topology history (which process x device layouts trained it)
 
-A step counts only when Orbax committed it (`commit_success.txt`) and its restored state
-matches the fingerprint taken when it was saved. Anything else (a save torn by SIGKILL, a
-file damaged by hand) is moved aside to `<step>.rejected-<reason>` with a warning, so it is
-never trained on, never deleted, and the step can be saved again.
+There is no data-iterator state: the input position is the global step itself, so a step
+restores onto any number of hosts and devices (see `pipeline.dataset`).
+
+A step counts only when Orbax committed it (`commit_success.txt`) and its restored arrays
+match the digest taken when it was saved, bit for bit. A step of ours that fails either
+check (a save torn by SIGKILL, a file damaged by hand) is moved aside to
+`<step>.rejected-<reason>` with a warning: never trained on, never deleted. A step written by
+another configuration, or a folder this project did not write, is an error naming it, and
+nothing is moved.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,10 +33,11 @@ from launch import distributed
 from resnet import steps
 
 COMMIT_MARKER = "commit_success.txt"
+FORMAT = "resnet-multihost"
 
 
 class IncompatibleCheckpoint(ValueError):
-    """The workdir's checkpoints belong to a different run configuration."""
+    """The workdir's checkpoints belong to a different run, or were not written by us."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -42,15 +48,51 @@ class NoUsableCheckpoint(RuntimeError):
     """Checkpoints exist but none can be trusted; refuse to start over on top of them."""
 
 
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of every element as uint32 (narrower types widened)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).ravel()
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
 @jax.jit
-def fingerprint(tree: Any) -> jax.Array:
-    """One float32 sum per leaf: cheap, and any damaged or foreign array changes it."""
-    return jnp.stack([jnp.sum(jnp.asarray(x, jnp.float32)) for x in jax.tree.leaves(tree)])
+def digest(tree: Any) -> jax.Array:
+    """Two uint32 hashes per leaf, of its exact bits; the same whatever the reduction order.
+
+    Each hash is a sum mod 2**32 of the words times an odd, position-dependent factor, so
+    changing any single value always changes both; integer sums do not depend on the order
+    XLA adds in, so the digest is identical on every backend and device count.
+    """
+    rows = []
+    for leaf in jax.tree.leaves(tree):
+        words = _words(leaf)
+        index = jnp.arange(words.size, dtype=jnp.uint32)
+        mixed = words ^ (words >> 15)
+        rows.append(
+            jnp.stack(
+                [
+                    jnp.sum(words * (2 * index + 1), dtype=jnp.uint32),
+                    jnp.sum(mixed * (jnp.uint32(0x9E3779B1) + 2 * index), dtype=jnp.uint32),
+                ]
+            )
+        )
+    return jnp.stack(rows)
 
 
 @jax.jit
 def _pre_save_checks(state: Any) -> tuple[jax.Array, jax.Array]:
-    return steps.all_finite(state), fingerprint(state)
+    return steps.all_finite(state), digest(state)
+
+
+def _read_meta(step_dir: epath.Path) -> dict | None:
+    """The step's meta JSON, or None where there is none that parses as a dict."""
+    try:
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 class Checkpointer:
@@ -82,7 +124,7 @@ class Checkpointer:
 
     # --- saving ---------------------------------------------------------------------------
 
-    def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> float:
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> float:
         """Starts saving `step`; returns the seconds the save held up the training loop.
 
         The clock starts once the device has finished computing `state` (queued steps are
@@ -90,19 +132,17 @@ class Checkpointer:
         """
         jax.block_until_ready(state)
         start = time.perf_counter()
-        finite, prints = jax.device_get(self._pre_save_checks(state))
+        finite, hashes = jax.device_get(self._pre_save_checks(state))
         if not finite:
-            raise FloatingPointError(
+            raise CheckpointSaveError(
                 f"refusing to checkpoint step {step}: the state holds non-finite values"
             )
-        meta = dict(meta, step=step, fingerprint=np.asarray(prints).tolist())
+        meta = dict(meta, format=FORMAT, step=step, digest=np.asarray(hashes).tolist())
         try:
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=grain.checkpoint.CheckpointSave(data_iterator),
-                    meta=ocp.args.JsonSave(meta),
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
                 ),
                 force=True,
             )
@@ -119,7 +159,12 @@ class Checkpointer:
         Orbax logs some background failures and skips the step's finalization without raising
         (orbax #605), so a finished save also has to have left its commit marker.
         """
-        self._manager.check_for_errors()
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # pylint: disable=broad-except
+            raise CheckpointSaveError(
+                f"a background save under {self.directory} failed: {e!r}"
+            ) from e
         if self._pending_step is not None and not self._manager.is_saving_in_progress():
             step, self._pending_step = self._pending_step, None
             if not (self.directory / str(step) / COMMIT_MARKER).exists():
@@ -129,7 +174,11 @@ class Checkpointer:
                 )
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the in-flight save; raises CheckpointSaveError if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            raise CheckpointSaveError(f"a save under {self.directory} failed: {e!r}") from e
         self.check_for_errors()
 
     def close(self) -> None:
@@ -154,32 +203,53 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"reject_checkpoint_{step}")
         self._manager.reload()
 
-    def restore_latest(
-        self, abstract_state: Any, data_iterator: Any, expected_meta: dict[str, Any]
-    ) -> tuple[Any, int] | None:
-        """Restores the newest trustworthy step into `data_iterator`; None if there are none.
+    def _foreign(self, step: int) -> bool:
+        """Whether the step folder was written by something other than this project.
 
-        Raises IncompatibleCheckpoint (config mismatch) or NoUsableCheckpoint (all damaged)
-        before any training step, leaving every checkpoint on disk.
+        Every step we write has a `meta` item; one whose JSON parses must say it is ours
+        (or, from older versions, hold our signature). A garbled meta is damage, not alien.
         """
-        steps = sorted(self._manager.all_steps(), reverse=True)
+        step_dir = self.directory / str(step)
+        if not (step_dir / "meta").is_dir():
+            return True
+        meta = _read_meta(step_dir)
+        return (
+            meta is not None
+            and meta.get("format") != FORMAT
+            and ("train.global_batch_size" not in meta)
+        )
+
+    def restore_latest(
+        self, abstract_state: Any, expected_meta: dict[str, Any]
+    ) -> tuple[Any, int, dict] | None:
+        """Restores the newest trustworthy step: (state, step, its meta); None if there are none.
+
+        Raises IncompatibleCheckpoint (another configuration, or folders we did not write) or
+        NoUsableCheckpoint (all damaged) before any training step, leaving every folder as it is.
+        """
+        steps_found = sorted(self._manager.all_steps(), reverse=True)
+        foreign = [s for s in steps_found if self._foreign(s)]
+        if foreign:
+            raise IncompatibleCheckpoint(
+                f"{self.directory} holds {[str(s) for s in foreign]}, which this project did not "
+                "write (no resnet-multihost meta); move them out of the way or use another "
+                "--workdir. Nothing was changed."
+            )
         rejected = []
-        for step in steps:
-            if not (self.directory / str(step) / COMMIT_MARKER).exists():
+        for step in steps_found:
+            step_dir = self.directory / str(step)
+            if not (step_dir / COMMIT_MARKER).exists():
                 self._reject(step, "uncommitted")
                 rejected.append(step)
                 continue
-            try:
-                meta = self._manager.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-                )["meta"]
-            except Exception as e:  # pylint: disable=broad-except
-                self._reject(step, f"unreadable meta: {e}")
+            meta = _read_meta(step_dir)
+            if meta is None:
+                self._reject(step, "unreadable meta")
                 rejected.append(step)
                 continue
-            _check_compatible(meta, expected_meta, str(self.directory / str(step)))
-            restored, problem = self._restore_step(step, abstract_state, data_iterator, meta)
-            if distributed.all_hosts_agree(problem is not None):
+            _check_compatible(meta, expected_meta, str(step_dir))
+            restored, problem = self._restore_step(step, abstract_state, meta)
+            if distributed.any_host(problem is not None):
                 self._reject(step, problem or "damaged on another host")
                 rejected.append(step)
                 continue
@@ -187,7 +257,7 @@ class Checkpointer:
                 logging.warning(
                     "Resuming from step %d, older than the rejected steps %s.", step, rejected
                 )
-            return restored, step
+            return restored, step, meta
         rejected += [p.name for p in self.directory.glob("*.rejected-*")]
         if rejected:
             # Starting from scratch here would quietly throw away a run: make the user decide.
@@ -197,22 +267,18 @@ class Checkpointer:
             )
         return None
 
-    def _restore_step(self, step, abstract_state, data_iterator, meta):
+    def _restore_step(self, step, abstract_state, meta):
         try:
             restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ),
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             )["state"]
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:  # pylint: disable=broad-except  # any damage: reject the step
             logging.warning("Restoring step %d failed: %s", step, e)
             return None, "unreadable"
-        saved = np.asarray(meta.get("fingerprint", []), np.float32)
-        actual = np.asarray(fingerprint(restored))
-        if saved.shape != actual.shape or not np.allclose(saved, actual, rtol=1e-5, atol=1e-6):
-            return None, "fingerprint mismatch"
+        saved = np.asarray(meta.get("digest", []), np.uint32)
+        actual = np.asarray(digest(restored))
+        if saved.shape != actual.shape or not np.array_equal(saved, actual):
+            return None, "digest mismatch"
         return restored, None
 
 
@@ -228,13 +294,31 @@ def _check_compatible(saved: dict, expected: dict, where: str) -> None:
         )
 
 
-def run_signature(config, process_count: int, train_examples: int) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the checkpoint."""
+def run_signature(config, train_examples: int, channels: int, shapes: str) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint.
+
+    Not the topology: the state is replicated and the data position is the global step, so a
+    run may resume on another number of hosts or devices with the same global batch.
+    """
     return {
         "model.name": config.model.name,
         "model.num_classes": config.model.num_classes,
         "train.global_batch_size": config.train.global_batch_size,
         "train.seed": config.train.seed,
-        "process_count": process_count,  # each host's data iterator state is per process
         "train_examples": train_examples,
+        "input_channels": channels,
+        "parameter_shapes": shapes,  # digest of every parameter's path, shape and dtype
     }
+
+
+def topology() -> dict[str, int]:
+    return {"processes": jax.process_count(), "devices_per_process": jax.local_device_count()}
+
+
+def topology_history(meta: dict | None, step: int) -> list[dict[str, int]]:
+    """The restored history, extended with this run's layout if it differs from the last."""
+    history = list((meta or {}).get("topology_history", []))
+    current = topology()
+    if not history or {k: history[-1].get(k) for k in current} != current:
+        history.append(dict(current, from_step=step))
+    return history

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-
 import jax
 import numpy as np
 from absl import logging
@@ -12,6 +9,104 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXIS = "batch"
+
+
+class ClusterError(Exception):
+    """This process cannot use the devices the cluster allocated to it: retrying cannot help."""
+
+
+class SlurmDevices:
+    """The GPUs one process of a Slurm job step should use, read from its environment.
+
+    `local_device_ids`: CUDA device ordinals for `jax.distributed.initialize` (None: let JAX
+    choose). `expected`: how many GPUs Slurm allocated to this process (0: none, no check).
+    """
+
+    def __init__(self, local_device_ids: list[int] | None, expected: int):
+        self.local_device_ids = local_device_ids
+        self.expected = expected
+
+    def __repr__(self) -> str:
+        return f"SlurmDevices(local_device_ids={self.local_device_ids}, expected={self.expected})"
+
+
+# What JAX's own Slurm detection (jax/_src/clusters/slurm_cluster.py) requires: a job step.
+_SLURM_STEP_VARIABLES = (
+    "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+)  # fmt: skip
+
+
+def _slurm_tasks_on_this_node(env: dict[str, str]) -> int:
+    """This node's task count in the step: SLURM_STEP_TASKS_PER_NODE is e.g. "8", "2(x3),1"."""
+    import re  # pylint: disable=g-import-not-at-top
+
+    counts: list[int] = []
+    for group in env.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", group.strip())
+        if not match:
+            raise ClusterError(f"cannot parse SLURM_STEP_TASKS_PER_NODE={group!r}")
+        counts += [int(match[1])] * int(match[2] or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def slurm_devices(env: dict[str, str]) -> SlurmDevices | None:
+    """Which GPUs this process uses under Slurm; None outside a Slurm job step.
+
+    Without help JAX gives each Slurm task one GPU, the one numbered SLURM_LOCALID, so one
+    launcher per node would train on 1 of its 8 GPUs. Slurm's environment for a task (checked
+    on a real slurmd, see tests/test_slurm.py):
+      SLURM_STEP_GPUS       the GPUs of this task; all of the node's step GPUs, or only its own
+                            under --gpus-per-task / --gpu-bind
+      SLURM_GPUS_ON_NODE    the step's GPU count on this node
+      CUDA_VISIBLE_DEVICES  what this task's CUDA sees, so the ordinals are 0..n-1 (the IDs
+                            listed are global unless the cluster constrains devices by cgroup)
+    Layouts: one task per node (tools/slurm_train.sbatch) uses every GPU it sees; tasks bound to
+    their own GPUs use theirs; several tasks that all see the node's GPUs split them evenly
+    (one each with one task per GPU, as JAX itself does). No GPUs allocated: JAX's choice,
+    unchanged.
+    """
+    if not all(name in env for name in _SLURM_STEP_VARIABLES):
+        return None
+    task_gpus = [g for g in env.get("SLURM_STEP_GPUS", "").split(",") if g.strip()]
+    node_gpus = int(env.get("SLURM_GPUS_ON_NODE") or len(task_gpus))
+    if not node_gpus:
+        return SlurmDevices(None, 0)
+    if not task_gpus:  # an older Slurm: only the count
+        task_gpus = [str(i) for i in range(node_gpus)]
+    if "CUDA_VISIBLE_DEVICES" in env:
+        visible = [g for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+        ordinals = list(range(len(visible)))
+    else:  # nothing hides devices: CUDA numbers the node's GPUs as Slurm does
+        ordinals = [int(g) for g in task_gpus]
+    tasks = _slurm_tasks_on_this_node(env)
+    if tasks == 1 or len(task_gpus) < node_gpus:  # alone on the node, or bound to its own GPUs
+        return SlurmDevices(ordinals, len(task_gpus))
+    if len(ordinals) % tasks:
+        raise ClusterError(
+            f"{tasks} Slurm tasks on this node share {len(ordinals)} GPUs, which does not "
+            "divide; run one task per node (srun --ntasks-per-node=1) or one per GPU"
+        )
+    share = len(ordinals) // tasks
+    local = int(env["SLURM_LOCALID"])
+    return SlurmDevices(ordinals[local * share : (local + 1) * share], share)
+
+
+def _check_and_log_devices(expected: int, what: str) -> None:
+    """Logs this process's devices; ClusterError when it sees fewer GPUs than `expected`."""
+    local = jax.local_devices()
+    platform = local[0].platform if local else "no"
+    logging.info(
+        "Process %d of %d: %d local %s device(s)%s.",
+        jax.process_index(), jax.process_count(), len(local), platform, what,
+    )  # fmt: skip
+    gpus = sum(d.platform == "gpu" for d in local)
+    if gpus < expected:
+        raise ClusterError(
+            f"process {jax.process_index()} sees {gpus} GPU(s) but Slurm allocated {expected} "
+            f"to it ({len(local)} {platform} device(s) visible): check that jax[cuda12] is "
+            "installed (pip install '.[gpu]') and that the node's GPUs work (nvidia-smi)"
+        )
 
 
 def initialize(
@@ -22,11 +117,15 @@ def initialize(
     heartbeat_timeout_seconds: int,
     initialization_timeout_seconds: int,
 ) -> None:
-    """Initialises `jax.distributed` before anything touches a device.
+    """Initialises `jax.distributed` before anything touches a device, then logs the devices.
 
     Explicit flags (GPU clusters, local simulation) win; without them JAX auto-detects TPU
-    pod slices and Slurm; where nothing is detected the run is a plain single process.
+    pod slices and Slurm; where nothing is detected the run is a plain single process. Under
+    Slurm each process gets the GPUs Slurm allocated to it (`slurm_devices`), and raises
+    ClusterError when it sees fewer.
     """
+    import os  # pylint: disable=g-import-not-at-top
+
     timeouts = dict(
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
         initialization_timeout=initialization_timeout_seconds,
@@ -35,13 +134,25 @@ def initialize(
         if not (coordinator_address and num_processes and process_id is not None):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
         jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
+        _check_and_log_devices(0, "")
         return
+    # JAX_LOCAL_DEVICE_IDS: the user's own choice, which JAX reads itself.
+    slurm = None if "JAX_LOCAL_DEVICE_IDS" in os.environ else slurm_devices(dict(os.environ))
     try:
-        jax.distributed.initialize(**timeouts)
+        jax.distributed.initialize(local_device_ids=slurm and slurm.local_device_ids, **timeouts)
     except ValueError as e:
         if "coordinator_address" not in str(e):
             raise
         logging.info("No cluster detected (%s): running as a single process.", e)
+        _check_and_log_devices(0, "")
+        return
+    if slurm is None or not slurm.expected:
+        _check_and_log_devices(0, "")
+        return
+    _check_and_log_devices(
+        slurm.expected,
+        f" (Slurm allocated {slurm.expected} GPU(s) to it: CUDA ordinals {slurm.local_device_ids})",
+    )
 
 
 def is_distributed() -> bool:
@@ -65,12 +176,13 @@ def check_batch_size(global_batch_size: int, what: str = "train.global_batch_siz
     """Returns the per-device batch, or says why the global batch does not divide."""
     devices, processes = jax.device_count(), jax.process_count()
     if global_batch_size <= 0 or global_batch_size % devices:
+        below = global_batch_size // devices * devices
+        valid = sorted({max(devices, below), max(devices, below + devices)})
         raise ValueError(
             f"{what}={global_batch_size} must be a positive multiple of the number of devices, "
             f"{devices} ({processes} processes x {jax.local_device_count()} devices), so that "
-            "every device gets the same number of examples; nearest valid values: "
-            f"{max(devices, global_batch_size // devices * devices)} or "
-            f"{(global_batch_size // devices + 1) * devices}"
+            f"every device gets the same number of examples; nearest valid: "
+            f"{' or '.join(map(str, valid))}"
         )
     return global_batch_size // devices
 
@@ -84,28 +196,7 @@ def describe_topology(global_batch_size: int) -> str:
     )
 
 
-class PreemptionWatch:
-    """Tells every host, at the same step, that some host was asked to stop.
-
-    Distributed: JAX's preemption service (the coordinator relays one host's SIGTERM, and
-    `reached_preemption_sync_point` turns true on every host at one agreed step; every host
-    must ask at every step). Single process: that function is always False, so a SIGTERM
-    handler sets a flag instead.
-    """
-
-    def __init__(self):
-        self._signalled = threading.Event()
-        if not is_distributed():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._signalled.set())
-
-    def should_stop(self, step: int) -> bool:
-        if is_distributed():
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._signalled.is_set()
-
-
-def all_hosts_agree(flag: bool) -> bool:
+def any_host(flag: bool) -> bool:
     """True where any host says True (a host-side all-reduce; call it on every host)."""
     if not is_distributed():
         return flag

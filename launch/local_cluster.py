@@ -7,7 +7,8 @@ The processes join through `jax.distributed` on a free localhost port and use gl
 cross-process collectives, exactly as hosts of a real cluster would. Their output is shown
 line by line with a `[pN]` prefix. If one fails, the others are stopped and the exit status is
 the first failure's; SIGINT/SIGTERM are forwarded to every process (a SIGTERM lets the run
-save a checkpoint and exit with status 75).
+save a checkpoint and exit with status 75). After a failure or a forwarded signal, processes
+still alive `--grace_seconds` later are killed and named: this supervisor never waits forever.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import portpicker
 from absl import app
 from absl import flags
 
+from launch.status import ExitStatus
+
 flags.DEFINE_integer("num_processes", 2, "Launcher processes to start.")
 flags.DEFINE_integer("devices_per_process", 2, "Simulated CPU devices per process.")
 flags.DEFINE_string("module", "launch.main", "Python module each process runs.")
@@ -32,7 +35,6 @@ flags.DEFINE_float(
     "After a failure or a signal, how long to wait for the processes before killing them.",
 )
 FLAGS = flags.FLAGS
-PREEMPTED = 75  # the launcher's "checkpoint saved, rerun to resume" status
 
 
 def _child_env(devices: int) -> dict[str, str]:
@@ -88,12 +90,12 @@ def run(
         procs.append(proc)
         relays.append(relay)
 
-    stopping = False
+    deadline = None
 
     def stop_all(_signum=None, _frame=None):
-        nonlocal stopping
-        if not stopping:  # once: a second SIGTERM must not interrupt the checkpoint
-            stopping = True
+        nonlocal deadline
+        if deadline is None:  # once: a second SIGTERM must not interrupt the checkpoint
+            deadline = time.monotonic() + grace_seconds
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -101,20 +103,25 @@ def run(
     signal.signal(signal.SIGINT, stop_all)
     signal.signal(signal.SIGTERM, stop_all)
 
-    status, deadline = 0, None
+    status = 0
     while any(p.poll() is None for p in procs):
-        failed = [p.returncode for p in procs if p.returncode not in (None, 0, PREEMPTED)]
-        if failed and deadline is None:
+        not_done = (None, ExitStatus.FINISHED, ExitStatus.PREEMPTED)
+        failed = [p.returncode for p in procs if p.returncode not in not_done]
+        if failed and status == 0:
             status = failed[0]
             sys.stdout.write(
                 f"[local_cluster] a process exited with status {status}; stopping the others\n"
             )
             stop_all()
-            deadline = time.monotonic() + grace_seconds
         if deadline is not None and time.monotonic() > deadline:
-            for p in procs:
+            for index, p in enumerate(procs):
                 if p.poll() is None:
+                    sys.stdout.write(
+                        f"[local_cluster] process {index} (pid {p.pid}) still running "
+                        f"{grace_seconds:.0f}s after SIGTERM; killing it\n"
+                    )
                     p.kill()
+            deadline = float("inf")
         time.sleep(0.1)
     for relay in relays:
         relay.join(timeout=5)
@@ -128,6 +135,11 @@ def run(
 
 
 def main(argv):
+    if FLAGS.num_processes < 1 or FLAGS.devices_per_process < 1:
+        print(
+            "error: --num_processes and --devices_per_process must be at least 1", file=sys.stderr
+        )
+        sys.exit(int(ExitStatus.BAD_INPUT))
     sys.exit(
         run(
             FLAGS.num_processes,

@@ -4,13 +4,15 @@ r"""Trains a ResNet on one host or many.
   python -m launch.main --config=configs/resnet50_imagenet.py --workdir=gs://bucket/run \
       --config.train.global_batch_size=2048
 
-Exit status: 0 finished, 75 preempted (a checkpoint was saved: run the same command again to
-resume), 2 bad configuration or unusable checkpoints, 3 training diverged (non-finite
-steps), 4 a checkpoint could not be saved, anything else a failure.
+Exit statuses (launch/status.py): 0 finished, 75 preempted (a checkpoint was saved: run the
+same command again to resume), 2 bad configuration, data, workdir or checkpoints, 3 training
+diverged, 4 a checkpoint could not be saved, 5 stalled (stacks are in the log; rerun
+resumes), anything else a failure. This is the one place that maps outcomes to statuses.
 """
 
 import logging as std_logging
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -18,6 +20,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from launch import distributed
+from launch import liveness
+from launch.status import ExitStatus
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -42,9 +46,6 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-EXIT_BAD_CONFIG = 2
-EXIT_DIVERGED = 3
-EXIT_SAVE_FAILED = 4
 _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/etils/")
 
 
@@ -54,42 +55,87 @@ def _quiet_libraries(record) -> bool:
     return not chatty or record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
 
 
+def _fail(status: ExitStatus, message: str) -> None:
+    logging.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(int(status))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag or config override as one line and exit status 2."""
+    try:
+        remaining = FLAGS(argv)
+        if FLAGS["config"].present:
+            FLAGS.config.keys()  # config_flags loads lazily: a bad config file fails here
+        return remaining
+    except Exception as e:  # pylint: disable=broad-except  # config_flags raises many types
+        message = str(e)
+        if isinstance(e, (KeyError, AttributeError)):  # an override naming no config field
+            first, *hint = str(e.args[0] if e.args else e).splitlines()
+            key = first.strip("'\"")
+            culprits = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+            message = " ".join(
+                [f"{', '.join(culprits) or '--config'}: the config has no field {key!r}.", *hint]
+            )
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(int(ExitStatus.BAD_INPUT))
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_libraries)
     config = FLAGS.config
-    distributed.initialize(
-        FLAGS.coordinator_address,
-        FLAGS.num_processes,
-        FLAGS.process_id,
-        heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
-        initialization_timeout_seconds=config.distributed.initialization_timeout_seconds,
-    )
+    # First: from here on a SIGTERM is a clean stop, whatever the process is doing.
+    stop = liveness.StopRequest(config.distributed.preemption_grace_seconds)
+
+    import jax  # pylint: disable=g-import-not-at-top
+
+    # Our own SIGTERM handling agrees on a stop step through the train step (launch/train.py);
+    # JAX's preemption service would replace the handler above with its own.
+    jax.config.update("jax_enable_preemption_service", False)
+    start = time.perf_counter()
+    try:
+        distributed.initialize(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
+            initialization_timeout_seconds=config.distributed.initialization_timeout_seconds,
+        )
+    except (ValueError, distributed.ClusterError) as e:
+        _fail(ExitStatus.BAD_INPUT, str(e))
+    timings = {"startup/distributed_s": time.perf_counter() - start}
+
     # Imported after jax.distributed is up: nothing may touch a device before that.
-    from launch import checkpointing, train  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    import pipeline
+    from launch import checkpointing, train
+    from launch.plan import ConfigError
+    from launch.workdir import WorkdirError
 
     try:
+        stop.check()
         with config.unlocked():
-            status = train.train_and_evaluate(config, FLAGS.workdir)
+            result = train.train_and_evaluate(config, FLAGS.workdir, stop, timings)
+    except liveness.StopBeforeStart as e:
+        logging.warning("Stopped before training (%s): nothing new to save.", e)
+        sys.exit(int(ExitStatus.PREEMPTED))
     except (
-        train.ConfigError,
+        ConfigError,
+        pipeline.DatasetError,
+        WorkdirError,
         checkpointing.IncompatibleCheckpoint,
         checkpointing.NoUsableCheckpoint,
     ) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
+        _fail(ExitStatus.BAD_INPUT, str(e))
+    except train.Diverged as e:
+        _fail(ExitStatus.DIVERGED, f"training diverged: {e}")
     except checkpointing.CheckpointSaveError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_SAVE_FAILED)
-    except FloatingPointError as e:
-        logging.error("%s", e)
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
-    sys.exit(status)
+        _fail(ExitStatus.SAVE_FAILED, str(e))
+    status = ExitStatus.FINISHED if result.outcome == "finished" else ExitStatus.PREEMPTED
+    sys.exit(int(status))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class Writer:
-    """tensorboardX under WORKDIR/tensorboard on process 0; does nothing on the others."""
+    """Process 0 only: TensorBoard events under WORKDIR/tensorboard, and WORKDIR/metrics.jsonl.
+
+    metrics.jsonl holds one JSON object per log interval and per eval (`{"step": ..., "kind":
+    "train"|"eval"|"startup", figures...}`): what scripts and tests read instead of log text.
+    """
 
     def __init__(self, workdir: str):
         self._writer = None
+        self._jsonl = epath.Path(workdir) / METRICS_FILE
+        self._lines: list[str] = []  # gs:// objects cannot be appended to: rewritten whole
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
             self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer:
-            for tag, value in values.items():
-                self._writer.add_scalar(tag, float(value), step)
+    def scalars(self, step: int, values: dict[str, float], kind: str) -> None:
+        if not self._writer:
+            return
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), step)
+        record = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}
+        line = json.dumps(record) + "\n"
+        if str(self._jsonl).startswith("gs://"):
+            self._lines.append(line)
+            self._jsonl.write_text("".join(self._lines))
+        else:
+            with open(self._jsonl, "a") as f:
+                f.write(line)
 
     def text(self, tag: str, text: str) -> None:
         if self._writer:

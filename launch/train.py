@@ -1,152 +1,110 @@
-"""The training loop: data, model and optimizer, resume, steps, eval, checkpoints, metrics.
+"""The run, top to bottom: data, plan, program, resume, input, compile, the loop, eval, finish.
 
-`train_and_evaluate` reads top to bottom as the run happens. The math lives in
-`resnet.steps`, the input in `pipeline`, durability in `launch.checkpointing`.
+`train_and_evaluate` reads as the run happens and returns a `RunResult`; `launch.main` turns
+results and exceptions into exit statuses. The math lives in `resnet.steps` (built by
+`launch.program`), the input in `pipeline`, durability in `launch.checkpointing`.
+
+Keeping every host in step. Each host dispatches a step and then waits for the one dispatched
+`LAG` steps earlier, so the device always has work queued while the host never runs far
+ahead. That wait is what the stall watchdog watches, and what carries the stop decision:
+every step all-reduces the hosts' stop votes, and all hosts read the same step's result at
+the same iteration, so they stop, save and exit at one agreed step.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
-import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import nnx
 
-import resnet
+import pipeline
 from launch import checkpointing
-from launch import demo_data
 from launch import distributed
+from launch import liveness
 from launch import metrics as metrics_lib
-from pipeline import dataset as dataset_lib
-from pipeline import global_batches
-from pipeline import transforms
-from resnet import steps as steps_lib
+from launch import plan as plan_lib
+from launch import program as program_lib
+from launch import workdir as workdir_lib
+from launch.plan import ConfigError
 
-EXIT_FINISHED = 0
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, run the same command again to resume
 FINISHED_MARKER = "FINISHED"
+LAG = 2  # steps in flight beyond the one the host waits for
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before anything is compiled."""
+class Diverged(Exception):
+    """Too many non-finite steps in a row: the run cannot make progress."""
 
 
-# --- configuration checks -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    outcome: str  # "finished" or "preempted"
+    step: int
+    eval: dict[str, float]
 
 
-def _dataset_info(directory: str, field: str) -> dataset_lib.DatasetInfo:
-    if not directory:
+# --- data ---------------------------------------------------------------------------------
+
+
+def data_dirs(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
+    """(train_dir, eval_dir): explicit directories always win over the embedded demo data."""
+    data = config.data
+    if data.embedded and (data.train_dir or data.eval_dir):
+        logging.warning(
+            "config.data.train_dir/eval_dir are set (%r, %r): training on them, not on the "
+            "embedded %r dataset that config.data.embedded names.",
+            data.train_dir,
+            data.eval_dir,
+            data.embedded,
+        )
+    elif data.embedded:
+        try:
+            return pipeline.prepare_embedded(data.embedded, workdir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if not data.train_dir:
         raise ConfigError(
-            f"config.{field} is empty: point it at a dataset made by "
+            "config.data.train_dir is empty: point it at a dataset made by "
             "`python -m tools.make_arrayrecord` (or use configs/demo.py)"
         )
+    return data.train_dir, data.eval_dir
+
+
+def _load_info(directory: str, field: str):
     try:
-        return dataset_lib.load_info(directory)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"config.{field}: {e}") from None
+        return pipeline.load_info(directory)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.data.{field}: {e}") from None
 
 
-def check_config(config: ml_collections.ConfigDict, train_info, eval_info) -> None:
-    if config.model.name not in resnet.MODEL_NAMES:
-        raise ConfigError(
-            f"config.model.name={config.model.name!r} is not a known model; "
-            f"choose one of {', '.join(resnet.MODEL_NAMES)}"
-        )
-    if config.model.num_classes != train_info.num_classes:
-        raise ConfigError(
-            f"config.model.num_classes={config.model.num_classes} but the training "
-            f"data has {train_info.num_classes} classes"
-        )
-    if eval_info and eval_info.num_classes != train_info.num_classes:
-        raise ConfigError(
-            f"train data has {train_info.num_classes} classes, eval data {eval_info.num_classes}"
-        )
-    for field in ("mean", "std"):
-        if len(config.data[field]) != train_info.channels:
-            raise ConfigError(
-                f"config.data.{field} has {len(config.data[field])} values for "
-                f"images with {train_info.channels} channel(s)"
-            )
-    if config.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(
-            f"config.model.dtype={config.model.dtype!r}: use float32, bfloat16 or float16"
-        )
-    for field, valid in (("batch_norm", resnet.BATCH_NORMS), ("max_pool", resnet.MAX_POOLS)):
-        if config.model[field] not in valid:
-            raise ConfigError(
-                f"config.model.{field}={config.model[field]!r}: use one of {', '.join(valid)}"
-            )
-    try:
-        distributed.check_batch_size(config.train.global_batch_size)
-        distributed.check_batch_size(eval_batch_size(config), "eval.global_batch_size")
-        dataset_lib.steps_per_epoch(train_info.num_examples, config.train.global_batch_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+def _describe(info) -> dict[str, Any]:
+    return {"path": info.data_dir, "examples": info.num_examples, "classes": info.num_classes}
 
 
-def eval_batch_size(config) -> int:
-    size = config.eval.global_batch_size
-    return config.train.global_batch_size if size <= 0 else size
+# --- evaluation ---------------------------------------------------------------------------
 
 
-def total_steps(config, steps_per_epoch: int) -> int:
-    if config.train.num_steps > 0:
-        return int(config.train.num_steps)
-    return max(1, int(math.ceil(config.train.num_epochs * steps_per_epoch)))
-
-
-# --- model and state --------------------------------------------------------------------------
-
-
-def build_model(config, channels: int) -> nnx.Module:
-    return resnet.create_model(
-        config.model.name,
-        num_classes=config.model.num_classes,
-        rngs=nnx.Rngs(config.train.seed + 1),
-        dtype=jnp.dtype(config.model.dtype),
-        in_channels=channels,
-        zero_init_residual=config.model.zero_init_residual,
-        bn_momentum=config.model.bn_momentum,
-        bn_epsilon=config.model.bn_epsilon,
-        batch_norm=config.model.batch_norm,
-        max_pool=config.model.max_pool,
-    )
-
-
-def make_optimizer(config, steps_per_epoch: int, num_steps: int):
-    peak = config.train.base_learning_rate * config.train.global_batch_size / 256
-    warmup = int(round(config.train.warmup_epochs * steps_per_epoch))
-    schedule = steps_lib.learning_rate_schedule(peak, warmup, num_steps)
-    tx = steps_lib.sgd_optimizer(
-        schedule,
-        momentum=config.train.momentum,
-        nesterov=config.train.nesterov,
-        weight_decay=config.train.weight_decay,
-    )
-    return tx, schedule
-
-
-# --- evaluation -------------------------------------------------------------------------------
-
-
-def evaluate(
-    eval_step, state, eval_data, sharding, batch_size: int, prefetch: int
-) -> dict[str, float]:
-    """Exact metrics over every eval example: masked sums on device, one division at the end."""
-    batches = global_batches.DeviceIterator(eval_data, sharding, batch_size, prefetch)
-    totals = None
+def evaluate(compiled_eval_step, program, state, batches, stop, watchdog) -> dict | None:
+    """Exact metrics over every eval example; None if the hosts agreed to stop midway."""
+    totals = program.zero_eval_totals()
+    in_flight: collections.deque = collections.deque()
     for batch in batches:
-        sums = eval_step(state, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    batches.close()
+        totals, agreed_stop = compiled_eval_step(
+            state, batch, totals, program.stop_votes(stop.requested)
+        )
+        in_flight.append(agreed_stop)
+        if len(in_flight) > LAG:
+            if jax.device_get(in_flight.popleft()):
+                return None
+            watchdog.beat(step_completed=False)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     return {
@@ -157,140 +115,167 @@ def evaluate(
     }
 
 
-# --- the run ----------------------------------------------------------------------------------
+# --- the run ------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """Trains (resuming if WORKDIR holds checkpoints); returns the process exit status."""
-    # 1. Data and configuration, all checked before anything is compiled.
-    if config.data.embedded:
-        config.data.train_dir, config.data.eval_dir = demo_data.prepare(
-            config.data.embedded, workdir
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stop: liveness.StopRequest | None = None,
+    timings: dict[str, float] | None = None,
+) -> RunResult:
+    """Trains (resuming if WORKDIR holds checkpoints) and evaluates.
+
+    `stop` is the process's signal handling (launch.main installs it at process start; by
+    default nothing ever asks to stop); `timings` collects start-up phases in seconds.
+    """
+    stop = stop or liveness.StopRequest(config.distributed.preemption_grace_seconds, install=False)
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[f"startup/{name}_s"] = now - clock
+        clock = now
+        stop.check()
+
+    with contextlib.ExitStack() as cleanup:
+        # 0. The workdir: writable, and ours alone for the whole run.
+        workdir_lib.check_writable(workdir)
+        lock = _lock_workdir(workdir)
+        if lock is not None:
+            cleanup.callback(lock.release)
+
+        # 1. Data and plan, all checked before anything is compiled.
+        train_dir, eval_dir = data_dirs(config, workdir)
+        train_info = _load_info(train_dir, "train_dir")
+        eval_info = _load_info(eval_dir, "eval_dir") if eval_dir else None
+        plan = plan_lib.make_plan(config, train_info, eval_info)
+        mesh = distributed.make_mesh()
+        program = program_lib.build_program(
+            config,
+            mesh,
+            channels=train_info.channels,
+            steps_per_epoch=plan.steps_per_epoch,
+            num_steps=plan.num_steps,
         )
-    train_info = _dataset_info(config.data.train_dir, "data.train_dir")
-    eval_info = (
-        _dataset_info(config.data.eval_dir, "data.eval_dir") if config.data.eval_dir else None
-    )
-    check_config(config, train_info, eval_info)
-    global_batch = config.train.global_batch_size
-    steps_per_epoch = dataset_lib.steps_per_epoch(train_info.num_examples, global_batch)
-    num_steps = total_steps(config, steps_per_epoch)
+        data = {"train": _describe(train_info), "eval": eval_info and _describe(eval_info)}
+        logging.info("Topology: %s", distributed.describe_topology(plan.global_batch))
+        logging.info("Train data: %s", data["train"])
+        logging.info("Eval data: %s", data["eval"] or "none")
+        logging.info("Plan: %s", plan.describe())
+        phase("data")
 
-    # 2. The global mesh: parameters replicated, batches split over 'batch'.
-    mesh = distributed.make_mesh()
-    replicated = distributed.replicated(mesh)
-    batch_sharding = distributed.batch_sharding(mesh)
-    logging.info("Topology: %s", distributed.describe_topology(global_batch))
-    logging.info(
-        "%d steps (%d per epoch, %d train examples, %d dropped per epoch)",
-        num_steps,
-        steps_per_epoch,
-        train_info.num_examples,
-        train_info.num_examples - steps_per_epoch * global_batch,
-    )
-
-    # 3. Model, optimizer and jitted steps.
-    tx, schedule = make_optimizer(config, steps_per_epoch, num_steps)
-    make_model = lambda: build_model(config, train_info.channels)
-    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
-    init = lambda: steps_lib.init_state(make_model(), tx)[1]
-    compute = dict(
-        mean=tuple(config.data.mean),
-        std=tuple(config.data.std),
-        compute_dtype=jnp.dtype(config.model.dtype),
-    )
-    train_step = jax.jit(
-        steps_lib.make_train_step(
-            graphdef, tx, schedule, label_smoothing=config.train.label_smoothing, **compute
-        ),
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(
-        steps_lib.make_eval_step(graphdef, **compute),
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=replicated,
-    )
-
-    # 4. Input, then resume from the newest trustworthy checkpoint (state and data position).
-    rows = global_batches.host_rows(batch_sharding, global_batch)
-    augmentation = transforms.Augmentation(
-        image_size=config.data.image_size,
-        channels=train_info.channels,
-        crop_scale=tuple(config.data.crop_scale),
-        crop_ratio=tuple(config.data.crop_ratio),
-        random_flip=config.data.random_flip,
-    )
-    train_data = dataset_lib.train_dataset(
-        train_info,
-        rows=rows,
-        global_batch_size=global_batch,
-        num_steps=num_steps,
-        seed=config.train.seed,
-        augmentation=augmentation,
-        num_workers=config.data.num_workers,
-        num_threads=config.data.num_threads,
-    )
-    train_iter = global_batches.DeviceIterator(
-        train_data, batch_sharding, global_batch, config.data.prefetch
-    )
-    eval_data = None
-    if eval_info:
-        eval_global = eval_batch_size(config)
-        eval_data = dataset_lib.eval_dataset(
-            eval_info,
-            rows=global_batches.host_rows(batch_sharding, eval_global),
-            global_batch_size=eval_global,
-            image_size=config.data.image_size,
-            crop_fraction=config.data.eval_crop_fraction,
-            num_workers=config.data.num_workers,
-            num_threads=config.data.num_threads,
+        # 2. Resume from the newest trustworthy checkpoint, on whatever topology this is.
+        ckpt = checkpointing.Checkpointer(
+            str(epath.Path(workdir) / "checkpoints"),
+            max_to_keep=config.checkpoint.max_to_keep,
+            async_save=config.checkpoint.async_save,
+            barrier_timeout_seconds=config.checkpoint.barrier_timeout_seconds,
         )
+        cleanup.callback(ckpt.close)
+        signature = checkpointing.run_signature(
+            config, train_info.num_examples, train_info.channels, program.shapes_digest()
+        )
+        restored = ckpt.restore_latest(program.abstract_state, signature)
+        if restored:
+            state, start_step, saved_meta = restored
+            _log_resume(start_step, saved_meta)
+        else:
+            state, start_step, saved_meta = program.init(), 0, None
+        marker = epath.Path(workdir) / FINISHED_MARKER
+        if start_step >= plan.num_steps and marker.exists():
+            logging.info("The run had already finished (step %d).", start_step)
+            return RunResult("finished", start_step, json.loads(marker.read_text()).get("eval", {}))
+        history = checkpointing.topology_history(saved_meta, start_step)
+        meta = dict(signature, topology_history=history)
+        phase("restore")
 
-    ckpt = checkpointing.Checkpointer(
-        str(epath.Path(workdir) / "checkpoints"),
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save,
-        barrier_timeout_seconds=config.checkpoint.barrier_timeout_seconds,
-    )
-    signature = checkpointing.run_signature(config, jax.process_count(), train_info.num_examples)
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init)
-    )
-    restored = ckpt.restore_latest(abstract_state, train_iter, signature)
-    if restored:
-        state, start_step = restored
-        logging.info("Resumed from the checkpoint of step %d.", start_step)
-    else:
-        state, start_step = jax.jit(init, out_shardings=replicated)(), 0
-    ckpt.prepare(state)
+        # 3. Input from the restored step, and the steps compiled ahead of time.
+        train_iter = pipeline.train_batches(
+            train_info,
+            config.data,
+            program.batch_sharding,
+            global_batch_size=plan.global_batch,
+            num_steps=plan.num_steps,
+            start_step=start_step,
+            seed=config.train.seed,
+        )
+        cleanup.callback(train_iter.close)
+        eval_batches = eval_step = None
+        if eval_info:
+            eval_batches = pipeline.eval_batches(
+                eval_info, config.data, program.batch_sharding, global_batch_size=plan.eval_batch
+            )
+            eval_step = program.compile_eval_step(plan.eval_batch, config.data.image_size)
+        train_step = program.compile_train_step(plan.global_batch, config.data.image_size)
+        ckpt.prepare(state)
+        phase("compile")
 
-    writer = metrics_lib.Writer(workdir)
-    writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
-    run = _Run(
-        config,
-        workdir,
-        num_steps,
-        train_step,
-        eval_step,
-        train_iter,
-        eval_data,
-        batch_sharding,
-        ckpt,
-        signature,
-        writer,
-    )
-    try:
-        return _loop(run, state, start_step)
-    finally:
-        # Every exit path waits for an in-flight save: a half-written step must not be left.
+        # 4. The loop.
+        writer = metrics_lib.Writer(workdir)
+        cleanup.callback(writer.close)
+        writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
+        watchdog = liveness.Watchdog(config.train.stall_timeout_seconds)
+        cleanup.callback(watchdog.close)
+        run = _Run(
+            config=config,
+            workdir=workdir,
+            plan=plan,
+            program=program,
+            train_step=train_step,
+            eval_step=eval_step,
+            train_iter=train_iter,
+            eval_batches=eval_batches,
+            ckpt=ckpt,
+            meta=meta,
+            writer=writer,
+            stop=stop,
+            watchdog=watchdog,
+            timings=timings,
+            data=data,
+        )
         try:
-            ckpt.wait()
-        finally:
-            ckpt.close()
-            train_iter.close()
-            writer.close()
+            result = _loop(run, state, start_step)
+        except BaseException:
+            # The original error is the one to report; a failing save is only logged here.
+            try:
+                ckpt.wait()
+            except checkpointing.CheckpointSaveError as e:
+                logging.error("While stopping after an error: %s", e)
+            raise
+        ckpt.wait()  # every exit path leaves no half-written step behind
+        return result
+
+
+def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock | None:
+    """Process 0 takes the lock; every host learns whether it got it."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        lock = workdir_lib.WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirError as e:
+            lock, error = None, e
+    if distributed.any_host(error is not None):
+        raise error or workdir_lib.WorkdirError(f"{workdir} is in use (see process 0's log)")
+    return lock
+
+
+def _log_resume(step: int, meta: dict) -> None:
+    before = (meta.get("topology_history") or [{}])[-1]
+    now = checkpointing.topology()
+    if before and {k: before.get(k) for k in now} != now:
+        logging.warning(
+            "Resuming a %sx%s checkpoint on %sx%s (processes x devices per process); the global "
+            "batches are the same, only their split over devices changes.",
+            before.get("processes"),
+            before.get("devices_per_process"),
+            now["processes"],
+            now["devices_per_process"],
+        )
+    logging.info("Resumed from the checkpoint of step %d.", step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,40 +284,37 @@ class _Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    num_steps: int
-    train_step: Callable
-    eval_step: Callable
-    train_iter: global_batches.DeviceIterator
-    eval_data: Any
-    batch_sharding: jax.sharding.NamedSharding
+    plan: plan_lib.Plan
+    program: program_lib.Program
+    train_step: Any
+    eval_step: Any
+    train_iter: Any
+    eval_batches: Any
     ckpt: checkpointing.Checkpointer
-    signature: dict[str, Any]
+    meta: dict[str, Any]
     writer: metrics_lib.Writer
+    stop: liveness.StopRequest
+    watchdog: liveness.Watchdog
+    timings: dict[str, float]
+    data: dict[str, Any]
 
 
-def _loop(run: _Run, state: steps_lib.TrainState, start_step: int) -> int:
-    global_batch = run.config.train.global_batch_size
-    eval_every = run.config.eval.every_steps
-    save_every = run.config.checkpoint.every_steps
-    log_every = max(run.config.train.log_every_steps, 1)
-    preemption = distributed.PreemptionWatch()
-    meter = metrics_lib.ProgressMeter(global_batch, run.num_steps, start_step)
-    pending: list[dict[str, jax.Array]] = []
+def _loop(run: _Run, state, start_step: int) -> RunResult:
+    plan, stop, watchdog = run.plan, run.stop, run.watchdog
+    meter = metrics_lib.ProgressMeter(plan.global_batch, plan.num_steps, start_step)
+    pending: list[dict[str, jax.Array]] = []  # metrics not yet logged
+    in_flight: collections.deque = collections.deque()  # stop flags of unconfirmed steps
     last_saved = start_step if start_step else None
 
-    def run_eval(step: int) -> dict[str, float]:
-        if run.eval_data is None:
+    def run_eval(step: int) -> dict[str, float] | None:
+        if run.eval_batches is None:
             return {}
         start = time.perf_counter()
-        results = evaluate(
-            run.eval_step,
-            state,
-            run.eval_data,
-            run.batch_sharding,
-            eval_batch_size(run.config),
-            run.config.data.prefetch,
-        )
-        run.writer.scalars(step, {k: v for k, v in results.items() if k != "eval/count"})
+        results = evaluate(run.eval_step, run.program, state, run.eval_batches, stop, watchdog)
+        if results is None:
+            logging.warning("Eval at step %d stopped: the hosts agreed to stop.", step)
+            return None
+        run.writer.scalars(step, {k: v for k, v in results.items() if k != "eval/count"}, "eval")
         logging.info(
             "eval at step %d: loss %.4f  top1 %.4f  top5 %.4f  (%d examples, %.1fs)",
             step,
@@ -346,84 +328,114 @@ def _loop(run: _Run, state: steps_lib.TrainState, start_step: int) -> int:
 
     def save(step: int) -> None:
         nonlocal last_saved
-        blocked = run.ckpt.save(step, state, run.train_iter, run.signature)
+        if last_saved == step:
+            return
+        blocked = run.ckpt.save(step, state, run.meta)
         last_saved = step
         logging.info("checkpoint of step %d started; the loop was blocked %.3fs", step, blocked)
 
-    if start_step >= run.num_steps:
-        logging.info("The run had already finished (step %d of %d).", start_step, run.num_steps)
-        return EXIT_FINISHED
+    def preempted(step: int) -> RunResult:
+        logging.warning(
+            "Stop agreed by every host: saving step %d, then exiting (rerun to resume).", step
+        )
+        save(step)
+        run.ckpt.wait()
+        return RunResult("preempted", step, {})
 
     step = start_step
-    while step < run.num_steps:
+    stop.training_started()
+    watchdog.start()
+    startup_end = time.perf_counter()
+    while step < plan.num_steps:
         wait_start = time.perf_counter()
         batch = next(run.train_iter)
         meter.add_data_wait(time.perf_counter() - wait_start)
         if step == start_step and run.config.train.num_image_summaries:
-            images = np.asarray(batch["image"].addressable_shards[0].data)
-            run.writer.images(
-                "train/augmented_inputs",
-                step,
-                metrics_lib.image_grid_input(images, run.config.train.num_image_summaries),
-            )
-        state, step_metrics = run.train_step(state, batch)
+            _image_summary(run, step, batch)
+        state, step_metrics = run.train_step(state, batch, run.program.stop_votes(stop.requested))
         step += 1
         pending.append(step_metrics)
+        in_flight.append(step_metrics["stop"])
+        agreed_stop = False
+        if len(in_flight) > LAG:
+            agreed_stop = bool(jax.device_get(in_flight.popleft()))  # waits for that step
+            watchdog.beat()
+            if step - start_step == LAG + 1:
+                run.timings["startup/first_step_s"] = time.perf_counter() - startup_end
+                _log_startup(run, step)
 
-        if step % log_every == 0 or step == run.num_steps:
-            _log(
-                step,
-                run.num_steps,
-                pending,
-                meter,
-                run.writer,
-                run.config.train.max_nonfinite_in_a_row,
-            )
+        if step % plan.log_every == 0 or step == plan.num_steps:
+            _log(step, plan.num_steps, pending, meter, run.writer, run.config)
             pending = []
         run.ckpt.check_for_errors()  # cheap: looks at the save futures, not at the devices
-        if preemption.should_stop(step):
-            logging.warning(
-                "Preemption: saving step %d, then exiting with status %d.", step, EXIT_PREEMPTED
-            )
-            if last_saved != step:
-                save(step)
-            run.ckpt.wait()
-            return EXIT_PREEMPTED
-        if eval_every > 0 and step % eval_every == 0 and step < run.num_steps:
-            run_eval(step)
-        if save_every > 0 and step % save_every == 0 and step < run.num_steps:
+        if agreed_stop:
+            return preempted(step)
+        if plan.eval_every and step % plan.eval_every == 0 and step < plan.num_steps:
+            if run_eval(step) is None:
+                return preempted(step)
+        if plan.save_every and step % plan.save_every == 0 and step < plan.num_steps:
             save(step)
 
-    results = run_eval(run.num_steps)
-    if last_saved != run.num_steps:
-        save(run.num_steps)
+    return _finish(run, state, run_eval, save)
+
+
+def _finish(run: _Run, state, run_eval, save) -> RunResult:
+    """Final eval, final checkpoint, and the FINISHED marker with the final figures."""
+    step = run.plan.num_steps
+    results = run_eval(step)
+    save(step)
     run.ckpt.wait()
+    if results is None:  # stopped during the final eval: the rerun evaluates
+        return RunResult("preempted", step, {})
     run.writer.flush()
     if jax.process_index() == 0:
-        marker = {"step": run.num_steps, **{k: v for k, v in results.items()}}
-        (epath.Path(run.workdir) / FINISHED_MARKER).write_text(json.dumps(marker, indent=2))
-    logging.info("Finished %d steps.", run.num_steps)
-    return EXIT_FINISHED
+        record = {
+            "step": step,
+            **results,  # the eval figures at the top level, as earlier versions wrote them
+            "eval": results,
+            "data": run.data,
+            "topology_history": run.meta["topology_history"],
+        }
+        (epath.Path(run.workdir) / FINISHED_MARKER).write_text(json.dumps(record, indent=2))
+    logging.info("Finished %d steps.", step)
+    return RunResult("finished", step, results)
 
 
-def _log(step, num_steps, pending, meter, writer, max_nonfinite_in_a_row) -> None:
-    values = jax.device_get(pending)  # the only host sync of the hot loop, once per interval
+def _image_summary(run: _Run, step: int, batch) -> None:
+    images = np.asarray(batch["image"].addressable_shards[0].data)
+    run.writer.images(
+        "train/augmented_inputs",
+        step,
+        metrics_lib.image_grid_input(images, run.config.train.num_image_summaries),
+    )
+
+
+def _log_startup(run: _Run, step: int) -> None:
+    parts = ", ".join(f"{k.split('/')[1][:-2]} {v:.1f}s" for k, v in run.timings.items())
+    logging.info("Start-up: %s", parts)
+    run.writer.scalars(step, run.timings, "startup")
+
+
+def _log(step, num_steps, pending, meter, writer, config) -> None:
+    values = jax.device_get(pending)  # waits for the interval's last step
     worst = max(int(v["nonfinite_in_a_row"]) for v in values)
-    if worst > max_nonfinite_in_a_row:
-        raise FloatingPointError(
+    if worst > config.train.max_nonfinite_in_a_row:
+        raise Diverged(
             f"{worst} steps in a row up to step {step} had a non-finite loss, gradient or update "
-            f"(limit train.max_nonfinite_in_a_row={max_nonfinite_in_a_row}); their updates were "
-            "skipped and no checkpoint holds them. Lower the learning rate or check the data."
+            f"(limit train.max_nonfinite_in_a_row={config.train.max_nonfinite_in_a_row}); their "
+            "updates were skipped and no checkpoint holds them. Lower the learning rate or "
+            "check the data."
         )
     finite = [v for v in values if np.isfinite(v["loss"])]
+    mean = lambda key: float(np.mean([v[key] for v in finite])) if finite else float("nan")
     figures = meter.summarize(step)
     figures.update(
         {
-            "train/loss": float(np.mean([v["loss"] for v in finite])) if finite else float("nan"),
-            "train/top1": float(np.mean([v["top1"] for v in finite])) if finite else float("nan"),
+            "train/loss": mean("loss"),
+            "train/top1": mean("top1"),
             "train/learning_rate": float(values[-1]["learning_rate"]),
             "train/skipped_nonfinite_steps": float(values[-1]["nonfinite_total"]),
         }
     )
     metrics_lib.log_progress(step, num_steps, figures)
-    writer.scalars(step, {k: v for k, v in figures.items() if k.startswith("train/")})
+    writer.scalars(step, {k: v for k, v in figures.items() if k.startswith("train/")}, "train")

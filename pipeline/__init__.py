@@ -1,6 +1,43 @@
-"""ArrayRecord + Grain input into globally sharded arrays."""
+"""ArrayRecord + Grain input into globally sharded arrays.
 
+The public face:
+
+    pipeline.load_info(directory) -> DatasetInfo    # what a converted dataset holds
+    pipeline.prepare_embedded(name, workdir)        # the shipped demo data -> (train, eval) dirs
+    pipeline.train_batches(...), pipeline.eval_batches(...)   # global batches (pipeline/input.py)
+    pipeline.DatasetError                           # anything wrong with a dataset
+
+The attributes are loaded on first use: Grain's worker processes import `pipeline.dataset`,
+and must not pay for (or be able to touch) jax, which `pipeline.input` imports.
+"""
+
+import importlib
 import os
 
 # The datasets shipped inside the package (the MNIST test set, as the demo).
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
+
+_PUBLIC = {
+    "DatasetInfo": "pipeline.dataset",
+    "load_info": "pipeline.dataset",
+    "DatasetError": "pipeline.records",
+    "train_batches": "pipeline.input",
+    "eval_batches": "pipeline.input",
+    "EvalBatches": "pipeline.input",
+}
+
+
+def prepare_embedded(name: str, workdir: str) -> tuple[str, str]:
+    """Converts the named embedded dataset under WORKDIR/data once; returns (train, eval)."""
+    from pipeline import demo_data  # pylint: disable=g-import-not-at-top
+
+    return demo_data.prepare(name, workdir)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+__all__ = ["EMBEDDED_DIR", "prepare_embedded", *_PUBLIC]

@@ -7,12 +7,17 @@ Formats:
   imagefolder  INPUT/<class>/<image>: class index = position in the sorted folder names. JPEG
                and PNG bytes are kept as they are (after a full decode check); other formats
                PIL reads, and 16-bit images, are re-encoded as 8-bit PNG; images over
-               `max_pixels` are downscaled (JPEG stays JPEG, the rest PNG). Undecodable and
-               floating-point images are skipped (or, with --strict, fail the conversion).
-               Symlinks are followed, but no file becomes two examples (see _list_imagefolder).
-  mnist        IDX files (gzipped or not), train-* or t10k-*; each digit becomes a PNG.
+               `max_pixels`, or over the bounded size (`shorter_side`, `max_side`), are
+               downscaled once with a Lanczos filter (JPEG stays JPEG at `jpeg_quality`, the
+               rest PNG). Undecodable and floating-point images are skipped (or, with --strict,
+               fail the conversion). Symlinks are followed, but no file becomes two examples
+               (see _list_imagefolder). encoding="raw" stores RGB pixels instead and needs
+               every (bounded) image to have one size.
+  mnist        IDX files (gzipped or not), train-* or t10k-*; each digit becomes raw pixels
+               (the default) or a PNG (encoding="encoded").
   cifar10/100  the python pickle batches (data_batch_1..5 / test_batch, or train / test), read
-               with an unpickler that only builds the numpy arrays and lists they hold.
+               with an unpickler that only builds the numpy arrays and lists they hold; raw
+               pixels by default, as for mnist.
 
 The output folder holds `data-XXXXX-of-YYYYY.array_record` shards, each a contiguous block of
 examples in example order, plus `metadata.json`. Everything is written into a fresh
@@ -40,6 +45,7 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 import time
 from typing import Any, Callable
 import warnings
@@ -69,7 +75,16 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 SHARD_TARGET_BYTES = 1 << 30
 
 PNG_COMPRESS_LEVEL = 6  # fixed (zlib's default), so PNG bytes are reproducible
-JPEG_QUALITY = 95  # downscaled JPEGs only; visually lossless, and bytes are reproducible
+JPEG_QUALITY = 95  # default for downscaled JPEGs; visually lossless, and bytes are reproducible
+ENCODINGS = (records.ENCODED, records.RAW)
+# encoding=None: raw pixels for the small fixed-size formats, files as they are otherwise.
+DEFAULT_ENCODING = {
+    "imagefolder": records.ENCODED,
+    "mnist": records.RAW,
+    "cifar10": records.RAW,
+    "cifar100": records.RAW,
+}
+SIZE_PERCENTILES = (0, 5, 25, 50, 75, 95, 100)  # metadata's stored_size distribution
 MAX_LISTED_SKIPS = 1000  # metadata lists at most this many skipped files (all are logged)
 
 # Images with more pixels are downscaled (aspect kept) when converted. Training crops and
@@ -81,7 +96,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # The reader opens records with PIL's default limits: above this PIL warns of a decompression
 # bomb, and refuses twice it, so no record may hold a larger image.
 MAX_PIXELS_LIMIT = Image.MAX_IMAGE_PIXELS
-PROGRESS_INTERVAL_S = 5.0
+PROGRESS_INTERVAL_S = 5.0  # log lines when stderr is not a terminal
+TTY_PROGRESS_INTERVAL_S = 0.2  # redraws of the progress line on a terminal
 IMAGE_EXTENSIONS = frozenset(
     {
         ".jpg",
@@ -122,10 +138,22 @@ class _Source:
     class_names: list[str]
     image_shape: list[int] | None
     items: list[tuple[int, int, Any]]  # (example id, label, payload for encode_fn)
-    # Runs in the workers: payload -> (image bytes, "png"/"jpeg", note or None), where the
-    # note says how the image was downscaled; or (None, why it is skipped, None).
-    encode_fn: Callable[[Any], tuple[bytes | None, str, str | None]]
+    # Runs in the workers: payload -> (image bytes, "png"/"jpeg"/"raw", note or None,
+    # (width, height, channels) as stored), where the note says how the image was downscaled;
+    # or (None, why it is skipped, None, None).
+    encode_fn: Callable[[Any], tuple[bytes | None, str, str | None, tuple | None]]
     bytes_per_example: float  # rough output size, only for the default shard count
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageOptions:
+    """How imagefolder images are stored (picklable: it travels to the worker processes)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    shorter_side: int | None = None  # bound on the shorter side (None: no bound)
+    max_side: int | None = None  # bound on the longer side
+    jpeg_quality: int = JPEG_QUALITY  # for JPEGs that are downscaled
+    raw: bool = False  # store RGB pixels instead of PNG/JPEG bytes
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -138,15 +166,19 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _jpeg_bytes(img: Image.Image) -> bytes:
+def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def _encode_array(pixels: np.ndarray) -> tuple[bytes, str, None]:
-    """HxW (grayscale) or HxWx3 (RGB) uint8 -> PNG."""
-    return _png_bytes(Image.fromarray(pixels)), "png", None
+def _encode_array(raw: bool, pixels: np.ndarray) -> tuple[bytes, str, None, tuple]:
+    """HxW (grayscale) or HxWx3 (RGB) uint8 -> raw pixels or PNG."""
+    height, width = pixels.shape[:2]
+    shape = (width, height, 1 if pixels.ndim == 2 else pixels.shape[2])
+    if raw:
+        return records.encode_raw(pixels), "raw", None, shape
+    return _png_bytes(Image.fromarray(pixels)), "png", None, shape
 
 
 def _png_compatible(img: Image.Image) -> Image.Image:
@@ -196,54 +228,105 @@ def _downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int
     return w, h
 
 
-def _encode_image(img: Image.Image, data: bytes, max_pixels: int) -> tuple[bytes, str, str | None]:
+def _side_bounded(width: int, height: int, side: int, shorter: bool) -> tuple[int, int]:
+    """The size whose shorter (or longer) side is exactly `side`, the aspect ratio kept."""
+    wide = width >= height
+    fixed, other = (height, width) if wide == shorter else (width, height)
+    scaled = max(1, round(other * side / fixed))
+    return (scaled, side) if wide == shorter else (side, scaled)
+
+
+def stored_size(width: int, height: int, opts: _ImageOptions) -> tuple[int, int] | None:
+    """The size an image of width x height is stored at, or None when it is kept as it is.
+
+    Each bound that the image exceeds gives a size that meets it exactly (aspect kept); the
+    smallest of those is taken, then trimmed a pixel at a time if rounding broke another.
+    """
+    candidates = []
+    if width * height > opts.max_pixels:
+        candidates.append(_downscaled_size(width, height, opts.max_pixels))
+    if opts.shorter_side and min(width, height) > opts.shorter_side:
+        candidates.append(_side_bounded(width, height, opts.shorter_side, shorter=True))
+    if opts.max_side and max(width, height) > opts.max_side:
+        candidates.append(_side_bounded(width, height, opts.max_side, shorter=False))
+    if not candidates:
+        return None
+    w, h = min(candidates, key=lambda size: (size[0] * size[1], size))
+
+    def too_big(w, h):
+        return (
+            w * h > opts.max_pixels
+            or (opts.shorter_side and min(w, h) > opts.shorter_side)
+            or (opts.max_side and max(w, h) > opts.max_side)
+        )
+
+    while too_big(w, h):
+        w, h = (w - 1, h) if w >= h else (w, h - 1)
+    return w, h
+
+
+def _encode_image(
+    img: Image.Image, data: bytes, opts: _ImageOptions
+) -> tuple[bytes, str, str | None, tuple]:
     jpeg = img.format in ("JPEG", "MPO")  # MPO: camera JPEG with extra frames, decodes as JPEG
     width, height = img.size
-    small = None
-    if width * height > max_pixels:
-        small = _downscaled_size(width, height, max_pixels)
-        if jpeg:
-            img.draft(None, small)  # decode at 1/2, 1/4 or 1/8 scale, never below `small`
+    small = stored_size(width, height, opts)
+    if small is not None and jpeg:
+        # Decode at 1/2, 1/4 or 1/8 scale while that leaves at least twice the target size:
+        # the DCT does the coarse reduction, the Lanczos filter the last factor of 2 or more.
+        img.draft(None, (2 * small[0], 2 * small[1]))
     img.load()  # decodes every pixel: catches truncated and corrupt files
     eight = _to_8bit(img)
-    if small is not None:
-        # The reader converts to L or RGB anyway (dropping alpha); resize in that mode.
-        mode = "L" if eight.mode in ("1", "L", "LA") else "RGB"
-        out = eight.convert(mode).resize(small, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        note = f"downscaled from {width}x{height} to {small[0]}x{small[1]}"
-        return (_jpeg_bytes(out), "jpeg", note) if jpeg else (_png_bytes(out), "png", note)
+    if small is not None or opts.raw:
+        # The reader converts to L or RGB anyway (dropping alpha); resize in that mode. Raw
+        # imagefolder records are RGB, as the reader reads imagefolder datasets.
+        mode = "L" if eight.mode in ("1", "L", "LA") and not opts.raw else "RGB"
+        out = eight.convert(mode) if eight.mode != mode else eight
+        note = None
+        if small is not None:
+            out = out.resize(small, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            note = f"downscaled from {width}x{height} to {small[0]}x{small[1]}"
+        shape = (*out.size, 1 if mode == "L" else 3)
+        if opts.raw:
+            return records.encode_raw(np.asarray(out)), "raw", note, shape
+        if jpeg:
+            return _jpeg_bytes(out, opts.jpeg_quality), "jpeg", note, shape
+        return _png_bytes(out), "png", note, shape
+    channels = 1 if eight.mode in ("1", "L", "LA") else 3
     if jpeg:
-        return data, "jpeg", None
+        return data, "jpeg", None, (width, height, channels)
     # PNG bytes are kept unless 16-bit (IHDR bit depth, byte 24): 8 bits halve the size and
     # decode the same.
     if img.format == "PNG" and eight is img and data[24] <= 8:
-        return data, "png", None
-    return _png_bytes(_png_compatible(eight)), "png", None
+        return data, "png", None, (width, height, channels)
+    return _png_bytes(_png_compatible(eight)), "png", None, (width, height, channels)
 
 
-def _encode_file(root: str, max_pixels: int, payload: str | _Skip) -> tuple[bytes | None, str, Any]:
+def _encode_file(
+    root: str, opts: _ImageOptions, payload: str | _Skip
+) -> tuple[bytes | None, str, Any, Any]:
     """Reads and checks one image file of an imagefolder; runs in the worker processes."""
     if isinstance(payload, _Skip):
-        return None, payload.reason, None
+        return None, payload.reason, None, None
     if os.path.splitext(payload)[1].lower() not in IMAGE_EXTENSIONS:
-        return None, "not an image file (by extension)", None
+        return None, "not an image file (by extension)", None, None
     try:
         with open(os.path.join(root, payload), "rb") as f:
             data = f.read()
     except OSError as e:
-        return None, f"cannot read the file ({e.strerror or e})", None
+        return None, f"cannot read the file ({e.strerror or e})", None, None
     try:
         with warnings.catch_warnings():
             # Images over max_pixels are downscaled here: PIL's warning about size is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                return _encode_image(img, data, max_pixels)
+                return _encode_image(img, data, opts)
     except Image.DecompressionBombError as e:
-        return None, f"too many pixels to decode safely ({e}); downscale it first", None
+        return None, f"too many pixels to decode safely ({e}); downscale it first", None, None
     except _Unsupported as e:
-        return None, str(e), None
+        return None, str(e), None, None
     except Exception as e:  # PIL raises many exception types for bad files
-        return None, f"cannot decode image ({type(e).__name__}: {e})", None
+        return None, f"cannot decode image ({type(e).__name__}: {e})", None, None
 
 
 # ------------------------------------------------------------------------------ formats
@@ -422,7 +505,7 @@ def _list_imagefolder(path: str) -> tuple[list[str], list[tuple[int, int, str | 
     return classes, items
 
 
-def _read_imagefolder(path: str, split: str | None, max_pixels: int) -> _Source:
+def _read_imagefolder(path: str, split: str | None, opts: _ImageOptions) -> _Source:
     classes, items = _list_imagefolder(path)
     if not items:
         raise ConversionError(f"no files in the class folders of {path!r}")
@@ -435,7 +518,7 @@ def _read_imagefolder(path: str, split: str | None, max_pixels: int) -> _Source:
         classes,
         None,
         items,
-        functools.partial(_encode_file, path, max_pixels),
+        functools.partial(_encode_file, path, opts),
         sum(sizes) / max(1, len(sizes)),
     )
 
@@ -498,7 +581,12 @@ def _read_mnist(path: str, split: str | None) -> _Source:
     _, rows, cols = images.shape
     items = [(i, int(labels[i]), images[i]) for i in range(len(images))]
     return _Source(
-        split, [str(d) for d in range(10)], [rows, cols, 1], items, _encode_array, rows * cols
+        split,
+        [str(d) for d in range(10)],
+        [rows, cols, 1],
+        items,
+        functools.partial(_encode_array, False),
+        rows * cols,
     )
 
 
@@ -616,7 +704,9 @@ def _read_cifar(path: str, split: str | None, fmt: str) -> _Source:
     images = np.concatenate(pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     images = np.ascontiguousarray(images)
     items = [(i, label, images[i]) for i, label in enumerate(labels)]
-    return _Source(split, class_names, [32, 32, 3], items, _encode_array, 3072)
+    return _Source(
+        split, class_names, [32, 32, 3], items, functools.partial(_encode_array, False), 3072
+    )
 
 
 _READERS = {  # imagefolder, the one with options, is called by name
@@ -640,24 +730,66 @@ def _ordered_map(num_workers: int):
         yield lambda fn, it: pool.imap(fn, it, chunksize=32)
 
 
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class _Progress:
-    def __init__(self, what: str, total: int, enabled: bool):
+    """Examples done, rate and ETA: one line redrawn in place on a terminal, a log line every
+    PROGRESS_INTERVAL_S otherwise (files, pipes, batch jobs)."""
+
+    def __init__(self, what: str, total: int, enabled: bool, stream=None):
         self.what, self.total, self.enabled = what, total, enabled
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = enabled and bool(isatty and isatty())
         self.start = self.last = time.monotonic()
+        self.drawn = False  # a progress line is on the terminal, not ended by a newline
+
+    def line(self, done: int, skipped: int, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        percent = 100.0 * done / max(self.total, 1)
+        text = (
+            f"{self.what}: {done}/{self.total} ({percent:.0f}%), {rate:.0f} images/s, "
+            f"elapsed {_duration(elapsed)}, ETA {_duration(eta)}, {skipped} skipped"
+        )
+        if self.tty:
+            filled = int(20 * done / max(self.total, 1))
+            text = f"[{'#' * filled}{'.' * (20 - filled)}] {text}"
+        return text
 
     def update(self, done: int, skipped: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
         now = time.monotonic()
-        if self.enabled and (force or now - self.last >= PROGRESS_INTERVAL_S):
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            logging.info(
-                "%s: %d/%d examples (%.0f/s), %d skipped",
-                self.what,
-                done,
-                self.total,
-                rate,
-                skipped,
-            )
+        interval = TTY_PROGRESS_INTERVAL_S if self.tty else PROGRESS_INTERVAL_S
+        if not force and now - self.last < interval:
+            return
+        self.last = now
+        if self.tty:
+            self.stream.write("\r" + self.line(done, skipped, now) + "\x1b[K")
+            self.stream.flush()
+            self.drawn = True
+        else:
+            logging.info("%s", self.line(done, skipped, now))
+
+    def interrupt(self) -> None:
+        """Clears the progress line before something else is printed on the terminal."""
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.drawn = False
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
 
 
 def _array_record(call: Callable, *args) -> Any:
@@ -687,11 +819,13 @@ def _write_shards(
     shards = [records.SHARD_PATTERN.format(index=s, count=num_shards) for s in range(num_shards)]
     sizes, image_formats, skipped, downscaled = [0] * num_shards, set(), [], []
     class_counts = collections.Counter()
+    stored = []  # (width, height, bytes) of every image written
+    first_shape = None  # raw: (name, shape) of the first image, which every other must match
     writer, shard = None, -1
     try:
         with _ordered_map(num_workers) as imap:
             results = imap(source.encode_fn, (payload for _, _, payload in items))
-            for pos, ((example_id, label, payload), (image, info, note)) in enumerate(
+            for pos, ((example_id, label, payload), (image, info, note, shape)) in enumerate(
                 zip(items, results)
             ):
                 while pos >= bounds[shard + 1]:
@@ -707,17 +841,32 @@ def _write_shards(
                     # Links skipped by the listing rules are not unreadable files.
                     if strict and not isinstance(payload, _Skip):
                         raise ConversionError(f"{name}: {info} (--strict)")
+                    progress.interrupt()
                     logging.warning("skipping %s: %s", name, info)
                     skipped.append(name)
                 else:
+                    if info == "raw":
+                        if first_shape is None:
+                            first_shape = (name, shape)
+                        elif shape != first_shape[1]:
+                            raise ConversionError(
+                                f"--encoding=raw stores one fixed image size, but {name} is "
+                                f"{_shape_text(shape)} and {first_shape[0]} is "
+                                f"{_shape_text(first_shape[1])}; bound the size "
+                                "(--shorter_side/--max_side) only if that makes them equal, "
+                                "resize them beforehand, or use --encoding=encoded"
+                            )
                     _array_record(writer.write, records.encode_example(example_id, label, image))
                     sizes[shard] += 1
                     image_formats.add(info)
                     class_counts[label] += 1
+                    stored.append((shape[0], shape[1], len(image)))
                     if note:
+                        progress.interrupt()
                         logging.info("%s: %s", name, note)
                         downscaled.append(name)
                 progress.update(pos + 1, len(skipped))
+            progress.update(len(items), len(skipped), force=True)
     finally:
         if writer is not None:
             _array_record(writer.close)
@@ -728,7 +877,35 @@ def _write_shards(
         skipped=skipped,
         downscaled=downscaled,
         class_counts=class_counts,
+        stored=stored,
+        raw_shape=first_shape[1] if first_shape else None,
     )
+
+
+def _shape_text(shape: tuple) -> str:
+    width, height, channels = shape
+    return f"{width}x{height}" + (" RGB" if channels == 3 else " grayscale")
+
+
+def _distribution(values: list[int]) -> dict:
+    """Percentiles (actual values, so integers) and the mean of a list of sizes."""
+    array = np.asarray(values, dtype=np.int64)
+    out = {
+        f"p{q}": int(v)
+        for q, v in zip(SIZE_PERCENTILES, np.percentile(array, SIZE_PERCENTILES, method="nearest"))
+    }
+    out["mean"] = round(float(array.mean()), 1)
+    return out
+
+
+def _stored_size_stats(stored: list[tuple[int, int, int]]) -> dict:
+    widths, heights, sizes = zip(*stored)
+    return {
+        "width": _distribution(widths),
+        "height": _distribution(heights),
+        "bytes": _distribution(sizes),
+        "total_bytes": int(sum(sizes)),
+    }
 
 
 def _fsync_dir_files(path: str) -> None:
@@ -889,13 +1066,24 @@ def convert(
     progress: bool = True,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    shorter_side: int | None = None,
+    max_side: int | None = None,
+    jpeg_quality: int = JPEG_QUALITY,
+    encoding: str | None = None,
+    progress_stream=None,
 ) -> dict:
     """Converts a dataset to ArrayRecord shards plus metadata.json; returns the metadata.
 
     `keep(example_id)` selects examples (those it rejects are not written and not counted as
-    skipped). Images over `max_pixels` are downscaled. Raises ConversionError for bad input,
-    unreadable files under `strict`, an output that is in use or must not be replaced (see
-    _existing_output), an output nested with the input, and I/O errors.
+    skipped). imagefolder images over `max_pixels`, or whose shorter side exceeds
+    `shorter_side` or longer side `max_side`, are downscaled once (Lanczos; JPEG stays JPEG at
+    `jpeg_quality`, others become PNG); smaller ones are stored untouched. `encoding`: "raw"
+    (uint8 pixels; the default for mnist and cifar) or "encoded" (PNG/JPEG; the default for
+    imagefolder). Progress goes to `progress_stream` (default stderr): one redrawn line on a
+    terminal, log lines otherwise. Raises ConversionError for bad input or options,
+    unreadable files under `strict`, raw images of differing sizes, an output that is in use
+    or must not be replaced (see _existing_output), an output nested with the input, and I/O
+    errors.
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -908,6 +1096,28 @@ def convert(
             f"max_pixels={max_pixels} must be in 1..{MAX_PIXELS_LIMIT} (PIL's decompression-"
             "bomb threshold, which the training reader keeps)"
         )
+    for name, value in (("shorter_side", shorter_side), ("max_side", max_side)):
+        if value is not None and not 1 <= value <= records.RAW_MAX_SIDE:
+            raise ConversionError(f"{name}={value} must be in 1..{records.RAW_MAX_SIDE}")
+    if shorter_side is not None and max_side is not None and max_side < shorter_side:
+        raise ConversionError(
+            f"max_side={max_side} is below shorter_side={shorter_side}: no image could have "
+            "its shorter side bounded by the one and its longer side by the other"
+        )
+    if not 1 <= jpeg_quality <= 100:
+        raise ConversionError(f"jpeg_quality={jpeg_quality} must be in 1..100")
+    if format != "imagefolder" and (shorter_side or max_side):
+        raise ConversionError(
+            f"--shorter_side and --max_side bound imagefolder images; {format} images have "
+            "one small size and are stored as they are"
+        )
+    encoding = DEFAULT_ENCODING[format] if encoding is None else encoding
+    if encoding not in ENCODINGS:
+        raise ConversionError(
+            f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}"
+        )
+    raw = encoding == records.RAW
+    opts = _ImageOptions(max_pixels, shorter_side, max_side, jpeg_quality, raw)
     if not os.path.exists(input_path):
         raise ConversionError(f"input path {input_path!r} does not exist")
     output_dir = os.path.abspath(output_dir)
@@ -916,9 +1126,10 @@ def convert(
 
     try:
         if format == "imagefolder":
-            source = _read_imagefolder(input_path, split, max_pixels)
+            source = _read_imagefolder(input_path, split, opts)
         else:
             source = _READERS[format](input_path, split)
+            source.encode_fn = functools.partial(_encode_array, raw)
     except OSError as e:
         raise ConversionError(f"cannot read the input {input_path!r}: {e}") from None
     items = [it for it in source.items if keep is None or keep(it[0])]
@@ -937,8 +1148,11 @@ def convert(
         os.makedirs(parent, exist_ok=True)
         tmp = _fresh_folder(os.path.join(parent, f"{base}.tmp-{os.getpid()}"))
         started = time.monotonic()
-        tracker = _Progress(f"{format} {base}", len(items), progress)
-        out = _write_shards(tmp, source, items, num_shards, num_workers, strict, tracker)
+        tracker = _Progress(f"{format} {base}", len(items), progress, progress_stream)
+        try:
+            out = _write_shards(tmp, source, items, num_shards, num_workers, strict, tracker)
+        finally:
+            tracker.close()
         num_examples = sum(out["shard_sizes"])
         if num_examples == 0:
             raise ConversionError(
@@ -951,8 +1165,13 @@ def convert(
         for name in empty_classes:
             logging.warning("class %r has no examples in %s", name, output_dir)
         image_formats = out["image_formats"]
+        image_shape = source.image_shape
+        if raw:
+            width, height, channels = out["raw_shape"]
+            image_shape = [height, width, channels]
         metadata = {
-            "schema_version": records.SCHEMA_VERSION,
+            "schema_version": records.SCHEMA_VERSION if raw else records.ENCODED_SCHEMA_VERSION,
+            "encoding": encoding,
             "format": format,
             "split": source.split,
             "num_examples": num_examples,
@@ -962,8 +1181,12 @@ def convert(
             "class_counts": class_counts,
             "empty_classes": empty_classes,
             "image_format": image_formats.pop() if len(image_formats) == 1 else "mixed",
-            "image_shape": source.image_shape,
+            "image_shape": image_shape,
             "max_pixels": max_pixels,
+            "shorter_side": shorter_side,
+            "max_side": max_side,
+            "jpeg_quality": jpeg_quality,
+            "stored_size": _stored_size_stats(out["stored"]),
             "downscaled": {
                 "count": len(out["downscaled"]),
                 "files": out["downscaled"][:MAX_LISTED_SKIPS],
@@ -987,18 +1210,20 @@ def convert(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tracker.update(len(items), len(out["skipped"]), force=True)
     if progress:
         size = sum(os.path.getsize(os.path.join(output_dir, s)) for s in metadata["shards"])
+        elapsed = time.monotonic() - started
         logging.info(
             "wrote %d examples (%d skipped, %d downscaled) in %d shard(s), %.1f MB, to %s "
-            "in %.1f s",
+            "in %.1f s (%.0f images/s with %d worker(s))",
             num_examples,
             len(out["skipped"]),
             len(out["downscaled"]),
             num_shards,
             size / 1e6,
             output_dir,
-            time.monotonic() - started,
+            elapsed,
+            len(items) / max(elapsed, 1e-9),
+            num_workers,
         )
     return metadata

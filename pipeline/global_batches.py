@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 from typing import Any, Iterator
 
 import jax
@@ -31,14 +30,18 @@ def host_rows(sharding: NamedSharding, global_batch_size: int) -> np.ndarray:
 
 
 def to_global(
-    local_batch: dict[str, np.ndarray], sharding: NamedSharding, global_batch_size: int
+    local_batch: dict[str, np.ndarray],
+    sharding: NamedSharding,
+    global_batch_size: int,
+    fields: tuple[str, ...] | None = None,
 ) -> dict[str, jax.Array]:
-    """Assembles one global array per field from every host's local rows."""
+    """Assembles one global array per field (all, or `fields`) from every host's local rows."""
     return {
         name: jax.make_array_from_process_local_data(
             sharding, value, (global_batch_size,) + value.shape[1:]
         )
         for name, value in local_batch.items()
+        if fields is None or name in fields
     }
 
 
@@ -46,23 +49,25 @@ class DeviceIterator:
     """Global batches from a Grain iterator, `prefetch` steps ahead on the devices.
 
     Transfers are asynchronous, so keeping a couple of batches in flight hides the copy
-    behind the running step without a thread. The checkpointable state is the state of the
-    Grain iterator just after the last batch *handed out*, not after the prefetched ones.
-
-    `get_state`/`set_state` speak bytes (JSON) so that Grain's own Orbax handler
-    (`grain.checkpoint.CheckpointSave`) stores one state file per process.
+    behind the running step without a thread. There is no iterator state to checkpoint: the
+    datasets are indexed by global step, so a resumed run builds its iterator at the restored
+    step (see `pipeline.dataset`).
     """
 
     def __init__(
-        self, dataset: Any, sharding: NamedSharding, global_batch_size: int, prefetch: int = 2
+        self,
+        dataset: Any,
+        sharding: NamedSharding,
+        global_batch_size: int,
+        prefetch: int = 2,
+        fields: tuple[str, ...] | None = None,
     ):
-        self._dataset = dataset
         self._sharding = sharding
         self._global_batch = global_batch_size
         self._prefetch = max(prefetch, 1)
+        self._fields = fields
         self._source = iter(dataset)
         self._queue: collections.deque = collections.deque()
-        self._state = self._source.get_state()  # after the last batch handed out
 
     def _fill(self) -> None:
         while len(self._queue) < self._prefetch:
@@ -70,9 +75,7 @@ class DeviceIterator:
                 local = next(self._source)
             except StopIteration:
                 return
-            self._queue.append(
-                (to_global(local, self._sharding, self._global_batch), self._source.get_state())
-            )
+            self._queue.append(to_global(local, self._sharding, self._global_batch, self._fields))
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
         return self
@@ -81,24 +84,12 @@ class DeviceIterator:
         self._fill()
         if not self._queue:
             raise StopIteration
-        batch, self._state = self._queue.popleft()
+        batch = self._queue.popleft()
         self._fill()
         return batch
 
-    def get_state(self) -> bytes:
-        return json.dumps(self._state, sort_keys=True).encode()
-
-    def set_state(self, state: bytes) -> None:
-        self.close()
-        self._source = iter(self._dataset)
-        self._state = json.loads(state)
-        self._source.set_state(self._state)
-        self._queue.clear()
-
-    def start_prefetch(self) -> None:
-        """Called by Grain's checkpoint handler after a restore; prefetching starts lazily."""
-
     def close(self) -> None:
+        self._queue.clear()
         close = getattr(self._source, "close", None)
         if close is not None:
             close()

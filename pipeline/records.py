@@ -3,13 +3,30 @@
 Every ArrayRecord record is one example, laid out as
 
     offset  size  field
-    0       4     magic b"RNR1" (schema version 1)
+    0       4     magic b"RNR1"
     4       8     example id, uint64 little-endian (stable across conversions)
     12      4     label, int32 little-endian
-    16      ...   the encoded image (PNG or JPEG; docs/data.md says when it is re-encoded)
+    16      ...   the image: PNG or JPEG bytes, or raw pixels (below)
+
+Raw pixels (schema version 2, `encoding: raw` in metadata.json) are a 12-byte image header
+followed by the uint8 pixels in row-major height x width x channels order:
+
+    offset  size  field
+    0       4     magic b"RAW8"
+    4       2     height, uint16 little-endian
+    6       2     width, uint16 little-endian
+    8       1     channels (1 or 3)
+    9       3     zero
+
+so every record says how its image is stored (PNG starts with b"\x89PNG", JPEG with
+b"\xff\xd8", raw with b"RAW8"), and metadata.json says it for the whole dataset. Version 1
+datasets hold only PNG/JPEG records; version 2 adds raw ones. The reader reads both, and the
+converter writes version 1 unless the records hold raw pixels, so encoded datasets stay
+readable by older code, which refuses a raw dataset by its version instead of failing on
+its first record.
 
 A fixed binary header keeps decoding to one `struct.unpack` per record and needs no
-serialization library; the image codec is recognised from the image bytes.
+serialization library.
 
 Every problem found in a dataset, from its metadata.json to one record, is a `DatasetError`
 whose one-line message says what is wrong and where.
@@ -22,10 +39,21 @@ import json
 import os
 import struct
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version this code reads and writes
+ENCODED_SCHEMA_VERSION = 1  # what the converter writes for PNG/JPEG records
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MAGIC = b"RNR1"
 _HEADER = struct.Struct("<4sQi")
 HEADER_SIZE = _HEADER.size
+
+# metadata.json "encoding": how the records store their images.
+ENCODED = "encoded"  # PNG or JPEG bytes (image_format says which)
+RAW = "raw"  # raw uint8 pixels of one fixed image_shape
+ENCODINGS = (ENCODED, RAW)
+RAW_MAGIC = b"RAW8"
+_RAW_HEADER = struct.Struct("<4sHHB3x")
+RAW_HEADER_SIZE = _RAW_HEADER.size
+RAW_MAX_SIDE = 65535
 METADATA_FILE = "metadata.json"
 SHARD_PATTERN = "data-{index:05d}-of-{count:05d}.array_record"
 
@@ -46,7 +74,7 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 class Example:
     example_id: int
     label: int
-    image: bytes  # encoded PNG or JPEG
+    image: bytes  # PNG or JPEG bytes, or a raw image (encode_raw)
 
 
 def encode_example(example_id: int, label: int, image: bytes) -> bytes:
@@ -57,11 +85,47 @@ def decode_example(record: bytes) -> Example:
     """Raises DatasetError (without a location: the caller knows it) for a foreign record."""
     if len(record) < HEADER_SIZE or record[:4] != MAGIC:
         raise DatasetError(
-            f"not a schema-{SCHEMA_VERSION} record (starts with {bytes(record[:4])!r}, "
+            f"not a dataset record (starts with {bytes(record[:4])!r}, "
             f"expected {MAGIC!r}); re-convert the dataset with tools.make_arrayrecord"
         )
     _, example_id, label = _HEADER.unpack_from(record)
     return Example(example_id, label, bytes(record[HEADER_SIZE:]))
+
+
+def unpack_header(record: bytes) -> tuple[bytes, int, int]:
+    """(magic, example id, label) of a record, without copying its image."""
+    return _HEADER.unpack_from(record)
+
+
+def encode_raw(pixels) -> bytes:
+    """A raw image: HxW (grayscale) or HxWxC (C = 1 or 3) uint8 pixels -> header + pixels."""
+    if pixels.dtype.name != "uint8":
+        raise ValueError(f"raw images are uint8, not {pixels.dtype}")
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
+        raise ValueError(f"raw images are HxW or HxWx1|3, not shape {pixels.shape}")
+    height, width, channels = pixels.shape
+    if not (0 < height <= RAW_MAX_SIDE and 0 < width <= RAW_MAX_SIDE):
+        raise ValueError(f"raw image sides must be 1..{RAW_MAX_SIDE}, not {height}x{width}")
+    return _RAW_HEADER.pack(RAW_MAGIC, height, width, channels) + pixels.tobytes()
+
+
+def is_raw(image: bytes) -> bool:
+    return image[:4] == RAW_MAGIC
+
+
+def raw_shape(image: bytes) -> tuple[int, int, int]:
+    """(height, width, channels) of a raw image; ValueError if it is not a complete one."""
+    if len(image) < RAW_HEADER_SIZE or image[:4] != RAW_MAGIC:
+        raise ValueError(f"not a raw image (starts with {bytes(image[:4])!r})")
+    _, height, width, channels = _RAW_HEADER.unpack_from(image)
+    if channels not in (1, 3) or len(image) != RAW_HEADER_SIZE + height * width * channels:
+        raise ValueError(
+            f"raw image header says {height}x{width}x{channels} "
+            f"({height * width * channels} bytes) but it holds {len(image) - RAW_HEADER_SIZE}"
+        )
+    return height, width, channels
 
 
 def _is_int(value, low: int) -> bool:
@@ -73,9 +137,10 @@ def _check_metadata(metadata, where: str) -> None:
     if not isinstance(metadata, dict):
         raise DatasetError(f"{where} holds a JSON {type(metadata).__name__}, not an object")
     version = metadata.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS or isinstance(version, bool):
+        readable = " and ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)
         raise DatasetError(
-            f"{where} has record schema version {version!r}, this code reads {SCHEMA_VERSION}"
+            f"{where} has record schema version {version!r}, this code reads {readable}"
         )
     required = ("num_examples", "num_classes", "class_names", "shards", "shard_sizes")
     missing = [key for key in required if key not in metadata]
@@ -116,6 +181,14 @@ def _check_metadata(metadata, where: str) -> None:
         and shape[2] in (1, 3)
     ):
         raise bad("image_shape", "null or [height, width, 1 or 3]")
+    encoding = metadata.get("encoding", ENCODED)  # version 1 datasets before the field
+    if encoding not in ENCODINGS:
+        raise bad("encoding", " or ".join(repr(e) for e in ENCODINGS))
+    if encoding == RAW and (version < 2 or shape is None):
+        raise DatasetError(
+            f"{where}: encoding 'raw' needs schema_version 2 and a fixed image_shape "
+            f"(it has {version!r} and {shape!r}); convert the dataset again"
+        )
 
 
 def read_metadata(dataset_dir: str) -> dict:

@@ -35,10 +35,6 @@ BATCH_NORMS = ("fused", "flax")
 # (autodiff of reduce_window: select-and-scatter). The same values either way.
 MAX_POOLS = ("dense", "xla")
 
-# nnx.List (flax >= 0.12) marks a list of modules as data; flax 0.11 treats plain
-# lists as graph nodes and has no nnx.List.
-_ModuleList = getattr(nnx, "List", list)
-
 # He-normal with fan_out, as torchvision initialises its convolutions.
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Dense head: N(0, 0.01^2) weights and zero bias, the Caffe/Goyal et al. (2017)
@@ -242,11 +238,11 @@ class ResNet(nnx.Module):
             bn_epsilon=bn_epsilon,
             rngs=rngs,
         )
-        self.max_pool = max_pool if stem == "imagenet" else None
+        # ImageNet stem: 7x7/2 conv and a 3x3/2 max pool; CIFAR stem: one 3x3/1 conv.
+        imagenet = stem == "imagenet"
+        self.max_pool = max_pool if imagenet else None
         width = stage_widths[0]
-        self.stem_conv = layers.conv(
-            in_channels, width, 7 if self.max_pool else 3, 2 if self.max_pool else 1
-        )
+        self.stem_conv = layers.conv(in_channels, width, 7 if imagenet else 3, 2 if imagenet else 1)
         self.stem_bn = layers.bn(width)
 
         stages = []
@@ -266,8 +262,8 @@ class ResNet(nnx.Module):
                     )
                 )
                 in_ch = channels * block.expansion
-            stages.append(_ModuleList(blocks))
-        self.stages = _ModuleList(stages)
+            stages.append(nnx.List(blocks))
+        self.stages = nnx.List(stages)
         # The head runs in float32: it is tiny, and the loss wants float32 logits.
         self.head = nnx.Linear(
             in_ch,

@@ -10,7 +10,6 @@ any number of devices (unlike per-device "ghost" batches).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import flax.struct
@@ -30,16 +29,10 @@ class TrainState:
     nonfinite_total: jax.Array  # int32 scalar
 
 
-# flax >= 0.12 States hold the Variable objects themselves, and a Variable may only be updated
-# in the trace that made it: copy them so BatchNorm can update its statistics inside
-# jax.grad. flax 0.11 States hold plain values and `merge` always makes new Variables.
-_MERGE_CAN_COPY = "copy" in inspect.signature(nnx.merge).parameters
-
-
 def merge(graphdef: nnx.GraphDef, *states: nnx.State) -> nnx.Module:
-    return (
-        nnx.merge(graphdef, *states, copy=True) if _MERGE_CAN_COPY else nnx.merge(graphdef, *states)
-    )
+    # States hold the Variable objects themselves, and a Variable may only be updated in the
+    # trace that made it: copy them so BatchNorm can update its statistics inside jax.grad.
+    return nnx.merge(graphdef, *states, copy=True)
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
@@ -124,14 +117,17 @@ def make_train_step(
     compute_dtype,
     label_smoothing: float,
 ) -> Callable:
-    """Returns `train_step(state, batch) -> (state, metrics)`; jit it with donation.
+    """Returns `train_step(state, batch, stop_votes) -> (state, metrics)`; jit it with donation.
+
+    `stop_votes` holds one int32 per device (1 where that device's host was asked to stop);
+    `metrics["stop"]` is their maximum, the same on every host.
 
     A step whose loss, gradients or updated parameters are not finite leaves parameters,
     statistics and optimizer state untouched and only counts itself, so a checkpoint never
     holds non-finite values.
     """
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], stop_votes: jax.Array):
         images = normalize(batch["image"], mean, std, compute_dtype)
         labels = batch["label"]
 
@@ -165,29 +161,38 @@ def make_train_step(
             "learning_rate": schedule(state.step),
             "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
             "nonfinite_total": new_state.nonfinite_total,
+            "stop": jnp.max(stop_votes),  # rides this step's all-reduce: every host agrees
         }
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, mean, std, compute_dtype) -> Callable:
-    """Returns `eval_step(state, batch) -> sums`: masked sums, exact over padded batches.
+def zero_eval_totals() -> dict[str, jax.Array]:
+    return {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "count")}
 
-    Sums (not means) are returned so that batches, devices and hosts add up exactly; divide
-    by `count` once at the end.
+
+def make_eval_step(graphdef: nnx.GraphDef, *, mean, std, compute_dtype) -> Callable:
+    """Returns `eval_step(state, batch, totals, stop_votes) -> (totals, stop)`.
+
+    Masked sums (not means) are added to the running `totals` inside the step, so that
+    batches, devices and hosts add up exactly (divide by `count` once at the end) and each
+    batch is one program that depends on the previous one. Independent per-batch programs,
+    each with its own cross-host all-reduce, may run concurrently and in a different order on
+    different hosts; over gloo that deadlocked two-process evaluations.
     """
 
-    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+    def eval_step(state: TrainState, batch: dict[str, jax.Array], totals, stop_votes):
         model = merge(graphdef, state.params, state.batch_stats)
         logits = model(normalize(batch["image"], mean, std, compute_dtype), training=False)
         labels, mask = batch["label"], batch["mask"]
         k5 = min(5, logits.shape[-1])
-        return {
+        sums = {
             "loss": jnp.sum(cross_entropy(logits, labels, 0.0) * mask),
             "top1": jnp.sum(_top_k_correct(logits, labels, 1) * mask),
             "top5": jnp.sum(_top_k_correct(logits, labels, k5) * mask),
             "count": jnp.sum(mask),
         }
+        return jax.tree.map(jnp.add, totals, sums), jnp.max(stop_votes)
 
     return eval_step

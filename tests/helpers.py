@@ -40,8 +40,7 @@ def child_env(devices: int) -> dict[str, str]:
     return env
 
 
-def tiny_run_args(train_dir: str, eval_dir: str, workdir: str, **overrides) -> list[str]:
-    """Launcher flags for a small, fast run of configs/demo.py on the given data."""
+def _tiny_settings(train_dir: str, eval_dir: str, overrides: dict) -> dict:
     settings = {
         "data.embedded": "",
         "data.train_dir": train_dir,
@@ -56,8 +55,25 @@ def tiny_run_args(train_dir: str, eval_dir: str, workdir: str, **overrides) -> l
         "distributed.heartbeat_timeout_seconds": 10,
     }
     settings.update(overrides)
+    return settings
+
+
+def tiny_run_args(train_dir: str, eval_dir: str, workdir: str, **overrides) -> list[str]:
+    """Launcher flags for a small, fast run of configs/demo.py on the given data."""
+    settings = _tiny_settings(train_dir, eval_dir, overrides)
     args = ["--config=configs/demo.py", f"--workdir={workdir}"]
     return args + [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def tiny_config(train_dir: str, eval_dir: str, **overrides):
+    """The same run as `tiny_run_args`, as a config for calling the launcher in-process."""
+    from configs import demo  # pylint: disable=g-import-not-at-top
+
+    config = demo.get_config()
+    for key, value in _tiny_settings(train_dir, eval_dir, overrides).items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
 
 
 def launcher_command(args: list[str], processes: int, devices: int) -> list[str]:

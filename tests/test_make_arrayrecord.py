@@ -20,6 +20,7 @@ import pytest
 
 from pipeline import records
 from pipeline import conversion as mar
+from pipeline import transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +113,10 @@ def read_all(out_dir):
 
 
 def decode_pixels(image_bytes):
+    """The stored pixels of any encoding: HxW for grayscale, HxWx3 for RGB."""
+    if records.is_raw(image_bytes):
+        pixels = transforms.raw_pixels(image_bytes)
+        return pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
     with Image.open(io.BytesIO(image_bytes)) as img:
         return np.asarray(img)
 
@@ -143,20 +148,30 @@ def test_imagefolder_round_trip(tmp_path):
             np.testing.assert_array_equal(decode_pixels(ex.image), want)
 
 
-@pytest.mark.parametrize("gz", [True, False])
-def test_mnist_round_trip(tmp_path, gz):
+@pytest.mark.parametrize("gz, encoding", [(True, None), (False, "raw"), (True, "encoded")])
+def test_mnist_round_trip(tmp_path, gz, encoding):
     images, labels = make_mnist(tmp_path / "in", prefix="train", gz=gz)
     meta, examples = (
-        mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "out"), progress=False),
+        mar.convert(
+            "mnist", str(tmp_path / "in"), str(tmp_path / "out"), progress=False, encoding=encoding
+        ),
         read_all(tmp_path / "out")[1],
     )
+    raw = encoding != "encoded"  # raw pixels are mnist's default
     assert meta["split"] == "train"  # the only split present
     assert meta["num_examples"] == 20 and meta["class_names"] == [str(d) for d in range(10)]
-    assert meta["image_shape"] == [28, 28, 1] and meta["image_format"] == "png"
+    assert meta["image_shape"] == [28, 28, 1]
+    assert meta["encoding"] == ("raw" if raw else "encoded")
+    assert meta["image_format"] == ("raw" if raw else "png")
+    assert meta["schema_version"] == (2 if raw else 1)  # v1 readers still read PNG datasets
     assert [e.example_id for e in examples] == list(range(20))
     assert [e.label for e in examples] == labels.tolist()
     for e in examples:
+        assert e.image.startswith(b"RAW8" if raw else b"\x89PNG")
         np.testing.assert_array_equal(decode_pixels(e.image), images[e.example_id])
+    stats = meta["stored_size"]
+    assert stats["width"]["p50"] == stats["height"]["p100"] == 28
+    assert stats["bytes"]["p50"] == (12 + 784 if raw else stats["bytes"]["p50"])
 
 
 def test_mnist_split_choice_and_bad_headers(tmp_path):
@@ -178,8 +193,8 @@ def test_mnist_split_choice_and_bad_headers(tmp_path):
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
-@pytest.mark.parametrize("fmt", ["cifar10", "cifar100"])
-def test_cifar_round_trip(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, encoding", [("cifar10", None), ("cifar100", "encoded")])
+def test_cifar_round_trip(tmp_path, fmt, encoding):
     fine = fmt == "cifar100"
     inner = tmp_path / "in" / ("cifar-100-python" if fine else "cifar-10-batches-py")
     data = make_cifar(inner, fine)
@@ -187,9 +202,11 @@ def test_cifar_round_trip(tmp_path, fmt):
         # cifar10 from the parent of the extracted folder, cifar100 from the folder itself.
         src = tmp_path / "in" if not fine else inner
         out = tmp_path / f"out-{split}"
-        meta = mar.convert(fmt, str(src), str(out), split=split, progress=False)
+        meta = mar.convert(fmt, str(src), str(out), split=split, progress=False, encoding=encoding)
         _, examples = read_all(out)
         hwc, labels = data[split]
+        assert meta["encoding"] == ("encoded" if encoding else "raw")
+        assert all(e.image.startswith(b"\x89PNG" if encoding else b"RAW8") for e in examples)
         assert meta["num_examples"] == len(labels) and meta["image_shape"] == [32, 32, 3]
         assert meta["num_classes"] == (100 if fine else 10) and meta["class_names"][3] == "class3"
         assert [e.example_id for e in examples] == list(range(len(labels)))
@@ -335,11 +352,17 @@ def test_cli_expected_errors(tmp_path):
 def test_deterministic_across_runs_and_worker_counts(tmp_path):
     make_imagefolder(tmp_path / "imgs")
     _add_bad_files(tmp_path / "imgs")
+    _photo(0, 90, 60).save(tmp_path / "imgs" / "dog" / "z_big.jpg")
     make_mnist(tmp_path / "mnist")
-    for fmt, src in (("imagefolder", "imgs"), ("mnist", "mnist")):
+    for fmt, src, options in (
+        ("imagefolder", "imgs", {}),
+        ("imagefolder", "imgs", {"shorter_side": 5, "jpeg_quality": 85}),
+        ("mnist", "mnist", {}),
+        ("mnist", "mnist", {"encoding": "encoded"}),
+    ):
         outs = []
         for run, workers in enumerate((1, 1, 2)):
-            out = tmp_path / f"{fmt}-{run}"
+            out = tmp_path / f"{fmt}-{len(options)}-{run}"
             mar.convert(
                 fmt,
                 str(tmp_path / src),
@@ -347,9 +370,10 @@ def test_deterministic_across_runs_and_worker_counts(tmp_path):
                 num_shards=3,
                 num_workers=workers,
                 progress=False,
+                **options,
             )
             outs.append(all_bytes(out))
-        assert len(outs[0]) == 4 and outs[0] == outs[1] == outs[2], fmt
+        assert len(outs[0]) == 4 and outs[0] == outs[1] == outs[2], (fmt, options)
 
 
 def test_keep_filter_and_shard_order(tmp_path):
@@ -804,3 +828,177 @@ def test_cifar_refuses_pickles_that_would_run_code(tmp_path, how):
     result = run_cli("--format=cifar10", f"--input={tmp_path / 'in'}", f"--output={tmp_path}/o")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"references {name}" in result.stderr and not marker.exists()
+
+
+# ------------------------------------------------------------------------ bounded size
+
+
+def _photo(seed, width, height):
+    """A smooth, photo-like RGB image (a JPEG of noise would be all artefacts)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_stored_size_meets_every_bound_and_keeps_smaller_images():
+    opts = mar._ImageOptions
+    assert mar.stored_size(500, 375, opts()) is None  # the default: lossless pass-through
+    assert mar.stored_size(500, 375, opts(shorter_side=256)) == (341, 256)
+    assert mar.stored_size(375, 500, opts(shorter_side=256)) == (256, 341)
+    assert mar.stored_size(500, 375, opts(shorter_side=400)) is None  # smaller: untouched
+    assert mar.stored_size(500, 375, opts(max_side=320)) == (320, 240)
+    assert mar.stored_size(300, 500, opts(max_side=320)) == (192, 320)
+    # Several bounds: the tightest wins, and every bound holds.
+    assert mar.stored_size(4000, 1000, opts(shorter_side=256, max_side=512)) == (512, 128)
+    assert mar.stored_size(4000, 3000, opts(shorter_side=256, max_side=512)) == (341, 256)
+    assert mar.stored_size(4000, 3000, opts(max_pixels=20_000, shorter_side=256)) == (163, 122)
+    for w, h in [(4001, 2999), (333, 500), (17, 9000), (9000, 17)]:
+        for o in (opts(shorter_side=100), opts(max_side=100), opts(max_pixels=5000, max_side=90)):
+            size = mar.stored_size(w, h, o) or (w, h)  # None: kept as it is
+            assert min(size) <= (o.shorter_side or 10**9) and max(size) <= (o.max_side or 10**9)
+            assert size[0] * size[1] <= o.max_pixels and min(size) >= 1
+
+
+def test_bounded_size_resizes_larger_images_once_and_stores_smaller_ones_untouched(tmp_path):
+    os.makedirs(tmp_path / "in" / "x")
+    _photo(0, 300, 200).save(tmp_path / "in" / "x" / "a_big.jpg", quality=92)
+    _photo(1, 200, 300).save(tmp_path / "in" / "x" / "b_big.png")
+    _photo(2, 120, 90).save(tmp_path / "in" / "x" / "c_small.jpg", quality=92)
+    _photo(3, 400, 100).convert("L").save(tmp_path / "in" / "x" / "d_wide_gray.jpg")
+    meta = mar.convert(
+        "imagefolder",
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        shorter_side=100,
+        max_side=320,
+        jpeg_quality=80,
+    )
+    assert (meta["shorter_side"], meta["max_side"], meta["jpeg_quality"]) == (100, 320, 80)
+    assert meta["downscaled"]["files"] == ["x/a_big.jpg", "x/b_big.png", "x/d_wide_gray.jpg"]
+    big_jpeg, big_png, small, gray = read_all(tmp_path / "out")[1]
+    for e, fmt, size in ((big_jpeg, "JPEG", (150, 100)), (big_png, "PNG", (100, 150))):
+        with Image.open(io.BytesIO(e.image)) as img:
+            assert img.format == fmt and img.size == size
+    # Re-encoded at the requested quality: the same quantisation tables as PIL's quality 80.
+    reference = io.BytesIO()
+    Image.open(io.BytesIO(big_jpeg.image)).save(reference, format="JPEG", quality=80)
+    assert Image.open(io.BytesIO(big_jpeg.image)).quantization == (
+        Image.open(reference).quantization
+    )
+    # A high-quality (Lanczos) resize of the original: close to resizing it directly.
+    direct = Image.open(tmp_path / "in" / "x" / "a_big.jpg").resize((150, 100), Image.LANCZOS)
+    error = np.abs(decode_pixels(big_jpeg.image).astype(int) - np.asarray(direct, int))
+    assert error.mean() < 3
+    assert small.image == (tmp_path / "in" / "x" / "c_small.jpg").read_bytes()  # untouched
+    with Image.open(io.BytesIO(gray.image)) as img:
+        assert img.size == (320, 80) and img.mode == "L"  # max_side binds; gray stays gray
+    stats = meta["stored_size"]
+    assert stats["width"] == {
+        "p0": 100, "p5": 100, "p25": 120, "p50": 150, "p75": 150, "p95": 320, "p100": 320,
+        "mean": 172.5,
+    }  # fmt: skip
+    assert stats["height"]["p0"] == 80 and stats["height"]["p100"] == 150
+    assert stats["bytes"]["p100"] == max(len(e.image) for e in (big_jpeg, big_png, small, gray))
+    assert stats["total_bytes"] == sum(len(e.image) for e in (big_jpeg, big_png, small, gray))
+    # The default stays a lossless pass-through, and says so.
+    shutil.rmtree(tmp_path / "out")
+    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert meta["shorter_side"] is None and meta["max_side"] is None
+    assert meta["downscaled"]["count"] == 0 and meta["encoding"] == "encoded"
+    assert read_all(tmp_path / "out")[1][0].image == (tmp_path / "in/x/a_big.jpg").read_bytes()
+
+
+def test_bad_size_options_are_expected_errors(tmp_path):
+    make_imagefolder(tmp_path / "in")
+    make_mnist(tmp_path / "mnist")
+    cases = [
+        (dict(shorter_side=300, max_side=200), "max_side=200 is below shorter_side=300"),
+        (dict(jpeg_quality=0), "jpeg_quality=0 must be in 1..100"),
+        (dict(shorter_side=0), "shorter_side=0 must be in"),
+        (dict(encoding="zip"), "unknown encoding 'zip'"),
+    ]
+    for options, message in cases:
+        with pytest.raises(mar.ConversionError, match=message):
+            mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "o"), **options)
+    with pytest.raises(mar.ConversionError, match="bound imagefolder images"):
+        mar.convert("mnist", str(tmp_path / "mnist"), str(tmp_path / "o"), shorter_side=20)
+    assert not (tmp_path / "o").exists()
+    result = run_cli(
+        "--format=imagefolder",
+        f"--input={tmp_path / 'in'}",
+        f"--output={tmp_path / 'o'}",
+        "--shorter_side=4",
+        "--max_side=5",
+        "--jpeg_quality=70",
+        "--encoding=encoded",
+    )
+    assert result.returncode == 0, result.stderr
+    meta = records.read_metadata(str(tmp_path / "o"))
+    assert (meta["shorter_side"], meta["max_side"], meta["jpeg_quality"]) == (4, 5, 70)
+    assert meta["stored_size"]["width"]["p100"] <= 5 and meta["downscaled"]["count"] == 7
+
+
+# ------------------------------------------------------------------------ raw pixels
+
+
+def test_imagefolder_raw_needs_one_size_and_stores_rgb_pixels(tmp_path):
+    os.makedirs(tmp_path / "in" / "a")
+    os.makedirs(tmp_path / "in" / "b")
+    rgb = _pixels(0, (6, 5, 3))
+    gray = _pixels(1, (6, 5))
+    Image.fromarray(rgb).save(tmp_path / "in" / "a" / "rgb.png")
+    Image.fromarray(gray).save(tmp_path / "in" / "b" / "gray.png")
+    _photo(2, 5, 6).save(tmp_path / "in" / "b" / "photo.jpg")
+    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), encoding="raw")
+    assert meta["encoding"] == meta["image_format"] == "raw" and meta["schema_version"] == 2
+    assert meta["image_shape"] == [6, 5, 3]  # RGB, as imagefolder datasets are read
+    first, second, third = read_all(tmp_path / "out")[1]
+    np.testing.assert_array_equal(decode_pixels(first.image), rgb)
+    np.testing.assert_array_equal(decode_pixels(second.image), np.stack([gray] * 3, -1))
+    with Image.open(tmp_path / "in" / "b" / "photo.jpg") as img:
+        np.testing.assert_array_equal(decode_pixels(third.image), np.asarray(img.convert("RGB")))
+    # Another size: a clear error naming both files, and nothing written.
+    Image.fromarray(_pixels(3, (7, 5, 3))).save(tmp_path / "in" / "b" / "z_tall.png")
+    with pytest.raises(mar.ConversionError) as error:
+        mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "o2"), encoding="raw")
+    assert "b/z_tall.png is 5x7 RGB and a/rgb.png is 5x6 RGB" in str(error.value)
+    assert "--encoding=encoded" in str(error.value)
+    assert not (tmp_path / "o2").exists()
+
+
+# ------------------------------------------------------------------------ progress
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_redrawn_line_on_a_terminal_and_log_lines_otherwise(tmp_path):
+    make_mnist(tmp_path / "in", n=300)
+    terminal = _Terminal()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mar, "TTY_PROGRESS_INTERVAL_S", 0.0)
+        mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "o1"), progress_stream=terminal)
+    text = terminal.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line, redrawn with \r
+    assert text.count("\r") >= 300  # redrawn at every example with a zero interval
+    last = text.rstrip("\n").rsplit("\r", 1)[1]
+    assert last.startswith("[####################] mnist o1: 300/300 (100%), ")
+    assert "images/s" in last and "ETA 0:00:00" in last and last.endswith("0 skipped\x1b[K")
+    # Not a terminal: log lines, never a carriage return.
+    logged, pipe = [], io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mar, "PROGRESS_INTERVAL_S", 0.0)
+        patch.setattr(mar.logging, "info", lambda msg, *a: logged.append(msg % a))
+        mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "o2"), progress_stream=pipe)
+    assert pipe.getvalue() == ""
+    lines = [line for line in logged if line.startswith("mnist o2: ")]
+    assert len(lines) >= 300 and "ETA" in lines[0] and "images/s" in lines[0]
+    assert lines[-1].startswith("mnist o2: 300/300 (100%)")
+    assert any("images/s with 1 worker(s)" in line for line in logged)
+    # progress=False: silent.
+    quiet = _Terminal()
+    mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "o3"), progress=False,
+                progress_stream=quiet)  # fmt: skip
+    assert quiet.getvalue() == ""

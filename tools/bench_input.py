@@ -1,15 +1,25 @@
-"""Input pipeline throughput: decode + augment images per CPU-second, against plain PIL.
+"""Input pipeline throughput: decode + augment images per CPU-second, side by side.
 
-    python -m tools.bench_input --data_dir=/data/imagenet_ar/train \
-        --source_dir=/data/imagenet/train --num_workers=0,8,16
-    python -m tools.bench_input --seconds=10    # synthetic JPEGs: runs anywhere, no download
+    # photo-like JPEGs with ImageNet's shape; the originals, a store bounded to a 288 px
+    # shorter side, and torchvision's loader on the same files, 2 worker processes each:
+    python -m tools.bench_input --photo_like=2000 --shorter_side=288 --full_decode \\
+        --peer=torchvision --num_workers=2 --seconds=20 --rounds=2
+    # CIFAR-sized images: raw records against PNG records
+    python -m tools.bench_input --cifar_like=10000 --image_size=32 --num_workers=1
+    # a converted dataset (and, for the peer, its JPEG folder):
+    python -m tools.bench_input --data_dir=/data/imagenet_ar/train \\
+        --source_dir=/data/imagenet/train --peer=torchvision --num_workers=8,16
 
-For each --num_workers it times the real train pipeline (pipeline.dataset.train_dataset:
-ArrayRecord read, JPEG decode, random-resized-crop, flip, batching) and, as a baseline, a plain
-single-process PIL loop doing the same work per image. Wall-clock images/s depends on how many
-cores the run got; images per CPU-second (user + system time of this process and its live
-worker processes over the timed window) does not, so that is the per-core figure compared.
-The last line printed is a JSON object with every figure.
+Every configuration is timed in this one process, on the same images: our train pipeline
+(pipeline.dataset.train_dataset: ArrayRecord read, decode, random-resized-crop, flip,
+batching) on each store, and with --peer=torchvision, torchvision's loader (`ImageFolder` +
+`RandomResizedCrop` + `RandomHorizontalFlip` + `PILToTensor`, `DataLoader` with the same batch
+size and the same number of worker processes) on the JPEG files. Wall-clock images/s depends
+on how many cores the run got; images per CPU-second (user + system time of this process and
+every live child process, Grain's and DataLoader's workers included, over the timed window)
+does not, so that is the per-core figure compared. --rounds splits each timed window into
+rounds run in alternating order, so that a change in the machine's load affects every
+configuration alike. The last line printed is a JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -24,27 +34,39 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 from PIL import Image
 import psutil  # a dependency of orbax-checkpoint and portpicker
 
+from pipeline import conversion
 from pipeline import dataset
 from pipeline import records
 from pipeline import transforms
-from pipeline import conversion
+from tools import photo_like
 
 # Commonly cited per-core decode + augment rates for ImageNet JPEGs at 224 px.
 REFERENCES = {"tf.data": 250, "FFCV": 330}
-SYNTHETIC_SIZE = (500, 375)  # about the average ImageNet image
-SYNTHETIC_CLASSES = 10
+PEERS = ("none", "torchvision")
+# Ratios printed when both sides were timed: (numerator, denominator).
+RATIOS = (
+    ("bounded", "torchvision"),
+    ("original", "torchvision"),
+    ("original_full_decode", "torchvision"),
+    ("original", "original_full_decode"),
+    ("bounded", "original"),
+    ("raw", "png"),
+    ("raw_handover", "png"),
+    ("dataset", "torchvision"),
+)
 
 
 def _cpu_seconds() -> dict[int, float]:
     """user + system CPU seconds of this process and every live descendant, by pid.
 
     resource.getrusage(RUSAGE_CHILDREN) only counts children that have exited and been waited
-    for, so it misses Grain's workers, which live through the timed window.
+    for, so it misses Grain's and DataLoader's workers, which live through the timed window.
     """
     me = psutil.Process()
     times = {}
@@ -66,67 +88,118 @@ def _figures(images: int, wall: float, cpu: float) -> dict:
         "images": images,
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),
-        "images_per_s": round(images / wall, 1),
+        "images_per_s": round(images / max(wall, 1e-9), 1),
         "images_per_cpu_s": round(images / max(cpu, 1e-9), 1),
-        "busy_cores": round(cpu / wall, 2),
+        "busy_cores": round(cpu / max(wall, 1e-9), 2),
     }
 
 
-def make_synthetic_imagefolder(root: str, count: int, seed: int) -> str:
-    """`count` JPEGs of smooth gradients and waves plus noise: decodes like a photo, not a blank."""
-    rng = np.random.default_rng(seed)
-    width, height = SYNTHETIC_SIZE
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
-    for i in range(count):
-        label = i % SYNTHETIC_CLASSES
-        folder = os.path.join(root, f"class_{label:02d}")
-        os.makedirs(folder, exist_ok=True)
-        pixels = np.empty((height, width, 3), np.float32)
-        for c in range(3):
-            gx, gy, base = rng.uniform(-120, 120), rng.uniform(-120, 120), rng.uniform(60, 200)
-            fx, fy, phase = rng.uniform(2, 30), rng.uniform(2, 30), rng.uniform(0, 2 * math.pi)
-            pixels[..., c] = base + gx * x + gy * y + 40 * np.sin(fx * x + fy * y + phase)
-        # Noise is what makes the entropy-coded size (and decode cost) photo-like.
-        pixels += rng.normal(0, 20, pixels.shape).astype(np.float32)
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-        image.save(os.path.join(folder, f"img_{i:05d}.jpg"), format="JPEG", quality=90)
-    return root
+def _timed(batches, warmup: int, seconds: float) -> tuple[int, float, float]:
+    """Takes `warmup` batches untimed, then counts images for `seconds`: (images, wall, cpu)."""
+    for _ in range(warmup):
+        next(batches)
+    cpu0, t0, images = _cpu_seconds(), time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        images += len(next(batches)["image"])
+    return images, time.perf_counter() - t0, _cpu_delta(cpu0, _cpu_seconds())
 
 
-def bench_pipeline(
-    info: dataset.DatasetInfo,
-    image_size: int,
-    batch_size: int,
-    num_workers: int,
-    num_threads: int,
-    seconds: float,
-    seed: int,
-) -> dict:
-    aug = transforms.Augmentation(image_size=image_size, channels=info.channels)
-    ds = dataset.train_dataset(
-        info,
-        rows=np.arange(batch_size),
-        global_batch_size=batch_size,
-        num_steps=10**9 // batch_size,
-        seed=seed,
-        augmentation=aug,
-        num_workers=num_workers,
-        num_threads=num_threads,
-    )
-    it = iter(ds)
-    try:
-        # Warm-up: worker start-up and the first batch of each worker are not steady state.
-        for _ in range(2 * max(1, num_workers) + 1):
-            batch = next(it)
-        assert batch["image"].shape == (batch_size, image_size, image_size, info.channels)
-        cpu0, t0, images = _cpu_seconds(), time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            images += len(next(it)["image"])
-        wall, cpu = time.perf_counter() - t0, _cpu_delta(cpu0, _cpu_seconds())
-    finally:
-        if hasattr(it, "close"):
-            it.close()  # stops the worker processes before the next configuration runs
-    return {"num_workers": num_workers, "num_threads": num_threads, **_figures(images, wall, cpu)}
+class Pipeline:
+    """Our train pipeline on one store."""
+
+    def __init__(self, name: str, data_dir: str, *, scaled_decode=True, augment=True):
+        self.name, self.info = name, dataset.load_info(data_dir)
+        self.scaled_decode, self.augment = scaled_decode, augment
+        self.epoch = 0
+
+    def run(self, args, num_workers: int, seconds: float) -> tuple[int, float, float]:
+        aug = transforms.Augmentation(
+            image_size=args["image_size"],
+            channels=self.info.channels,
+            scaled_decode=self.scaled_decode,
+        )
+        self.epoch += 1  # each round draws another order and other crops
+        ds = dataset.train_dataset(
+            self.info,
+            rows=np.arange(args["batch_size"]),
+            global_batch_size=args["batch_size"],
+            num_steps=10**9 // args["batch_size"],
+            seed=args["seed"] * 1000 + self.epoch,
+            augmentation=aug,
+            num_workers=num_workers,
+            num_threads=args["num_threads"],
+            augment=self.augment,
+        )
+        it = iter(ds)
+        try:
+            # Warm-up: worker start-up and the first batch of each worker are not steady state.
+            return _timed(it, 2 * max(1, num_workers) + 1, seconds)
+        finally:
+            if hasattr(it, "close"):
+                it.close()  # stops the worker processes before the next configuration runs
+
+
+class Torchvision:
+    """torchvision's ImageFolder + RandomResizedCrop + flip + PILToTensor in a DataLoader."""
+
+    name = "torchvision"
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.epoch = 0
+
+    def run(self, args, num_workers: int, seconds: float) -> tuple[int, float, float]:
+        import torch  # pylint: disable=g-import-not-at-top
+        from torchvision import datasets  # pylint: disable=g-import-not-at-top
+        from torchvision import transforms as tv  # pylint: disable=g-import-not-at-top
+
+        size = args["image_size"]
+        images = datasets.ImageFolder(
+            self.folder,
+            transform=tv.Compose(
+                [tv.RandomResizedCrop(size), tv.RandomHorizontalFlip(), tv.PILToTensor()]
+            ),
+        )
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(args["seed"] * 1000 + self.epoch)
+        sampler = torch.utils.data.RandomSampler(
+            images, num_samples=10**8, generator=generator
+        )
+        loader = torch.utils.data.DataLoader(
+            images,
+            batch_size=args["batch_size"],
+            sampler=sampler,
+            num_workers=num_workers,
+            drop_last=True,
+        )
+        batches = ({"image": x} for x, _ in loader)
+        try:
+            return _timed(batches, 2 * max(1, num_workers) + 1, seconds)
+        finally:
+            batches.close()  # ends the DataLoader iterator, which stops its workers
+
+
+class PilLoop:
+    """A plain single-process PIL loop on the JPEG files: open, convert, crop, flip."""
+
+    name = "pil_loop"
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def run(self, args, num_workers: int, seconds: float) -> tuple[int, float, float]:
+        del num_workers  # always this one process
+        rng = random.Random(args["seed"])
+        size = args["image_size"]
+
+        def batches():
+            while True:
+                for _ in range(args["batch_size"]):
+                    with Image.open(self.paths[rng.randrange(len(self.paths))]) as image:
+                        _pil_random_resized_crop(image.convert("RGB"), size, rng)
+                yield {"image": range(args["batch_size"])}
+
+        return _timed(batches(), 1, seconds)
 
 
 def _pil_random_resized_crop(image: Image.Image, size: int, rng: random.Random) -> np.ndarray:
@@ -147,29 +220,6 @@ def _pil_random_resized_crop(image: Image.Image, size: int, rng: random.Random) 
     return np.asarray(image)
 
 
-def bench_pil(load, count: int, image_size: int, seconds: float, seed: int) -> dict:
-    """`load(i)` gives a file path or encoded bytes; the loop is what a plain loader does."""
-    rng = random.Random(seed)
-    order = list(range(count))
-    rng.shuffle(order)
-
-    def one(i: int) -> None:
-        source = load(order[i % count])
-        if isinstance(source, bytes):
-            source = io.BytesIO(source)
-        with Image.open(source) as image:
-            _pil_random_resized_crop(image.convert("RGB"), image_size, rng)
-
-    for i in range(min(count, 8)):  # warm-up: file cache, PIL plug-in imports
-        one(i)
-    cpu0, t0, images = _cpu_seconds(), time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        one(images)
-        images += 1
-    wall, cpu = time.perf_counter() - t0, _cpu_delta(cpu0, _cpu_seconds())
-    return _figures(images, wall, cpu)
-
-
 def _list_images(root: str) -> list[str]:
     paths = []
     for dirpath, _, files in os.walk(root, followlinks=True):
@@ -179,96 +229,113 @@ def _list_images(root: str) -> list[str]:
             if os.path.splitext(f)[1].lower() in (".jpg", ".jpeg", ".png")
         ]
     if not paths:
-        raise app.UsageError(f"no .jpg/.jpeg/.png files under --source_dir={root!r}")
+        raise app.UsageError(f"no .jpg/.jpeg/.png files under {root!r}")
     return sorted(paths)
 
 
-def run(
-    data_dir: str,
-    source_dir: str | None,
-    image_size: int,
-    batch_size: int,
-    worker_counts: list[int],
-    num_threads: int,
-    seconds: float,
-    seed: int,
-) -> dict:
+def describe_store(data_dir: str, sample: int = 256) -> dict:
+    """Mean stored bytes and size of (up to) `sample` records, from their headers."""
     info = dataset.load_info(data_dir)
     source = grain.sources.ArrayRecordDataSource(list(info.shard_paths))
-    sample = [records.decode_example(source[i]).image for i in range(min(len(source), 64))]
-    sizes = [Image.open(io.BytesIO(b)).size for b in sample]  # header only, no decode
-    result = {
+    step = max(1, len(source) // sample)
+    blobs = [records.decode_example(source[i]).image for i in range(0, len(source), step)]
+    sizes = [transforms.open_image(b).size for b in blobs]  # headers only
+    return {
         "data_dir": data_dir,
         "num_examples": info.num_examples,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "mean_encoded_kb": round(float(np.mean([len(b) for b in sample])) / 1e3, 1),
-        "mean_source_wh": [round(float(np.mean([s[k] for s in sizes]))) for k in (0, 1)],
-        "pipeline": [],
-        "references_images_per_s_per_core": REFERENCES,
+        "encoding": info.encoding,
+        "mean_stored_kb": round(float(np.mean([len(b) for b in blobs])) / 1e3, 1),
+        "mean_stored_wh": [round(float(np.mean([s[k] for s in sizes]))) for k in (0, 1)],
+        "mean_stored_megapixels": round(float(np.mean([w * h for w, h in sizes])) / 1e6, 3),
     }
-    print(
-        f"data: {info.num_examples} examples in {data_dir}, mean "
-        f"{result['mean_encoded_kb']} kB, mean size {result['mean_source_wh']} px"
-    )
 
+
+def run_configs(configs: list, args: dict, worker_counts: list[int], rounds: int) -> list[dict]:
+    """Times every configuration at every worker count, in `rounds` alternating-order rounds."""
+    results = []
     for workers in worker_counts:
-        r = bench_pipeline(info, image_size, batch_size, workers, num_threads, seconds, seed)
-        result["pipeline"].append(r)
-        print(
-            f"pipeline  workers={workers} threads={num_threads}: {r['images_per_s']:8.1f} img/s "
-            f"wall, {r['images_per_cpu_s']:7.1f} img/CPU-s ({r['busy_cores']} cores busy)"
-        )
+        totals = {c.name: [0, 0.0, 0.0] for c in configs}
+        for r in range(rounds):
+            for config in configs if r % 2 == 0 else configs[::-1]:
+                images, wall, cpu = config.run(args, workers, args["seconds"] / rounds)
+                total = totals[config.name]
+                total[0] += images
+                total[1] += wall
+                total[2] += cpu
+        for config in configs:
+            figures = _figures(*totals[config.name])
+            results.append({"name": config.name, "num_workers": workers, **figures})
+            print(
+                f"{config.name:>22}  workers={workers}: {figures['images_per_s']:8.1f} img/s "
+                f"wall, {figures['images_per_cpu_s']:7.1f} img/CPU-s "
+                f"({figures['busy_cores']} cores busy)",
+                flush=True,
+            )
+    return results
 
-    if source_dir:
-        paths = _list_images(source_dir)
-        load, count, what = paths.__getitem__, len(paths), f"files in {source_dir}"
-    else:
-        # Record bytes read once up front: the baseline decodes exactly the pipeline's inputs.
-        blobs = [records.decode_example(source[i]).image for i in range(len(source))]
-        load, count, what = blobs.__getitem__, len(blobs), "record bytes in memory"
-    pil = bench_pil(load, count, image_size, seconds, seed)
-    result["pil"] = {"source": what, **pil}
-    print(
-        f"PIL loop  1 process ({what}): {pil['images_per_s']:8.1f} img/s wall, "
-        f"{pil['images_per_cpu_s']:7.1f} img/CPU-s ({pil['busy_cores']} cores busy)"
-    )
 
-    result["ratio_per_cpu_s"] = {
-        str(r["num_workers"]): round(r["images_per_cpu_s"] / pil["images_per_cpu_s"], 2)
-        for r in result["pipeline"]
-    }
-    for workers, ratio in result["ratio_per_cpu_s"].items():
-        print(f"ratio pipeline/PIL per CPU-second, workers={workers}: {ratio:.2f}")
-    print(
-        "published per-core references at 224 px on ImageNet JPEGs (images/s/core): "
-        + ", ".join(f"{k} ~{v}" for k, v in REFERENCES.items())
-    )
-    return result
+def ratios(results: list[dict]) -> dict:
+    """images/CPU-s ratios between configurations timed at the same worker count."""
+    by = {(r["name"], r["num_workers"]): r for r in results}
+    out = {}
+    for num, den in RATIOS:
+        for (name, workers), r in by.items():
+            if name == num and (den, workers) in by:
+                d = by[(den, workers)]
+                out[f"{num}/{den} workers={workers}"] = {
+                    "per_cpu_s": round(r["images_per_cpu_s"] / d["images_per_cpu_s"], 2),
+                    "wall": round(r["images_per_s"] / d["images_per_s"], 2),
+                }
+    return out
 
 
 def _define_flags() -> None:
     flags.DEFINE_string(
-        "data_dir",
-        None,
-        "ArrayRecord dataset (tools.make_arrayrecord output). "
-        "Without it, a synthetic JPEG set is generated and converted.",
+        "data_dir", None, "A converted dataset to time (tools.make_arrayrecord output)."
     )
     flags.DEFINE_string(
         "source_dir",
         None,
-        "Imagefolder of JPEGs the PIL baseline reads from "
-        "disk (default: it decodes the record bytes of --data_dir).",
+        "An imagefolder of JPEGs: the peer and the PIL loop read it; without --data_dir it is "
+        "also converted (as it is, and bounded with --shorter_side/--max_side) and timed.",
     )
     flags.DEFINE_integer(
-        "synthetic_jpeg", 512, "Synthetic JPEGs to make without --data_dir.", lower_bound=1
+        "photo_like",
+        512,
+        "Without --data_dir and --source_dir: photo-like JPEGs with ImageNet's shape "
+        "(tools/photo_like.py) to make and time.",
+        lower_bound=1,
     )
+    flags.DEFINE_float(
+        "photo_scale", 1.0, "Scale the photo-like sizes by this (tests use small images).",
+        lower_bound=0.01,
+    )
+    flags.DEFINE_integer(
+        "cifar_like",
+        0,
+        "Instead: this many 32x32 images in CIFAR-10's format, converted to PNG records and "
+        "to raw records, timed side by side (and the raw hand-over without augmentation).",
+        lower_bound=0,
+    )
+    flags.DEFINE_integer(
+        "shorter_side", None, "Also time a store bounded to this shorter side.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "max_side", None, "Also time a store bounded to this longer side.", lower_bound=1
+    )
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the bounded store.")
+    flags.DEFINE_bool(
+        "full_decode", False, "Also time the original store with scaled JPEG decoding off."
+    )
+    flags.DEFINE_enum("peer", "none", PEERS, "Time this peer's loader on the same JPEG files.")
+    flags.DEFINE_bool("pil_loop", False, "Also time a plain one-process PIL loop on the JPEGs.")
     flags.DEFINE_integer("image_size", 224, "Output crop size.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 64, "Examples per batch.", lower_bound=1)
     flags.DEFINE_list(
         "num_workers",
-        ["0", "1", "2"],
-        "Grain worker counts to time (0: decode in threads of this process).",
+        ["1"],
+        "Worker process counts to time, for every side (0: ours decode in threads of this "
+        "process, the peer in this process).",
     )
     flags.DEFINE_integer(
         "num_threads",
@@ -276,37 +343,106 @@ def _define_flags() -> None:
         "Grain reading threads per process (the configs/default.py value).",
         lower_bound=1,
     )
-    flags.DEFINE_float("seconds", 10.0, "Timed window per configuration, after warm-up.")
-    flags.DEFINE_integer("seed", 0, "Seed for synthetic images, shuffling and augmentation.")
+    flags.DEFINE_float("seconds", 10.0, "Timed seconds per configuration, after warm-up.")
+    flags.DEFINE_integer("rounds", 1, "Rounds per configuration, alternating order.", lower_bound=1)
+    flags.DEFINE_integer("convert_workers", 1, "Processes converting the stores.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Seed for the images, shuffling and augmentation.")
+
+
+def _convert(fmt: str, source: str, out: str, **options) -> tuple[str, float]:
+    started = time.perf_counter()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)  # not a line per downscaled image
+    try:
+        conversion.convert(fmt, source, out, progress=False, **options)
+    finally:
+        logging.set_verbosity(verbosity)
+    return out, time.perf_counter() - started
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    args = {
+        "image_size": f.image_size,
+        "batch_size": f.batch_size,
+        "num_threads": f.num_threads,
+        "seconds": f.seconds,
+        "seed": f.seed,
+    }
     worker_counts = [int(w) for w in f.num_workers]
+    result = {**args, "num_workers": worker_counts, "rounds": f.rounds, "stores": {}}
+    configs, folder = [], None
     with tempfile.TemporaryDirectory(prefix="bench_input-") as tmp:
-        data_dir = f.data_dir
-        if data_dir is None:
-            started = time.perf_counter()
-            folder = make_synthetic_imagefolder(os.path.join(tmp, "jpeg"), f.synthetic_jpeg, f.seed)
-            data_dir = os.path.join(tmp, "arrayrecord")
-            conversion.convert("imagefolder", folder, data_dir, progress=False)
-            print(
-                f"synthetic: {f.synthetic_jpeg} JPEGs {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} "
-                f"made and converted in {time.perf_counter() - started:.1f} s"
-            )
-        result = run(
-            data_dir,
-            f.source_dir,
-            f.image_size,
-            f.batch_size,
-            worker_counts,
-            f.num_threads,
-            f.seconds,
-            f.seed,
-        )
-        result["synthetic_jpeg"] = f.synthetic_jpeg if f.data_dir is None else 0
+        if f.cifar_like:
+            source = photo_like.make_cifar_like(os.path.join(tmp, "cifar"), f.cifar_like, f.seed)
+            for name, encoding in (("png", "encoded"), ("raw", "raw")):
+                out, secs = _convert("cifar10", source, os.path.join(tmp, name), encoding=encoding)
+                result["stores"][name] = {**describe_store(out), "convert_s": round(secs, 2)}
+                configs.append(Pipeline(name, out))
+            configs.append(Pipeline("raw_handover", os.path.join(tmp, "raw"), augment=False))
+        elif f.data_dir:
+            result["stores"]["dataset"] = describe_store(f.data_dir)
+            configs.append(Pipeline("dataset", f.data_dir))
+            folder = f.source_dir
+        else:
+            folder = f.source_dir
+            if folder is None:
+                folder = os.path.join(tmp, "jpeg")
+                started = time.perf_counter()
+                manifest = photo_like.make_photo_like(
+                    folder, f.photo_like, f.seed, size_scale=f.photo_scale
+                )
+                manifest["made_s"] = round(time.perf_counter() - started, 1)
+                result["photo_like"] = manifest
+                print(f"photo-like JPEGs: {json.dumps(manifest, sort_keys=True)}")
+            stores = [("original", {})]
+            if f.shorter_side or f.max_side:
+                bound = {"shorter_side": f.shorter_side, "max_side": f.max_side}
+                stores.append(("bounded", {**bound, "jpeg_quality": f.jpeg_quality}))
+            for name, options in stores:
+                out, secs = _convert(
+                    "imagefolder",
+                    folder,
+                    os.path.join(tmp, name),
+                    num_workers=f.convert_workers,
+                    **options,
+                )
+                result["stores"][name] = {
+                    **describe_store(out),
+                    **options,
+                    "convert_s": round(secs, 2),
+                }
+                configs.append(Pipeline(name, out))
+            if f.full_decode:
+                configs.append(
+                    Pipeline("original_full_decode", os.path.join(tmp, "original"),
+                             scaled_decode=False)
+                )
+        for name, store in result["stores"].items():
+            print(f"store {name}: {json.dumps(store, sort_keys=True)}")
+        if f.peer == "torchvision":
+            if folder is None:
+                raise app.UsageError("--peer needs JPEG files: give --source_dir")
+            configs.append(Torchvision(folder))
+        if f.pil_loop:
+            if folder is None:
+                raise app.UsageError("--pil_loop needs JPEG files: give --source_dir")
+            configs.append(PilLoop(_list_images(folder)))
+        result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+        result["results"] = run_configs(configs, args, worker_counts, f.rounds)
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["ratios"] = ratios(result["results"])
+    for key, value in result["ratios"].items():
+        print(f"ratio {key}: {value['per_cpu_s']:.2f} per CPU-second, {value['wall']:.2f} wall")
+    print(
+        "load average before/after: "
+        f"{result['load_average_before']} / {result['load_average_after']}; published per-core "
+        "references at 224 px on ImageNet JPEGs (images/s/core): "
+        + ", ".join(f"{k} ~{v}" for k, v in REFERENCES.items())
+    )
+    result["references_images_per_s_per_core"] = REFERENCES
     print(json.dumps(result, sort_keys=True))
 
 

@@ -3,10 +3,10 @@ r"""Times the project's real train step on synthetic data: images/s, step time, 
   python -m tools.bench_step --model=resnet50 --batch_size=256 --image_size=224 \
       --dtype=bfloat16 [--steps=50 --warmup=5 --repeats=3 --peer=torch]
 
-The step is the launcher's own (`launch.train.build_model`, `make_optimizer`,
-`resnet.steps.make_train_step`, jitted with the same shardings and donation), fed one
-uint8 batch that is put on the devices once. Compilation is excluded; each repeat runs
---steps steps with a single block_until_ready at the end, and the median repeat is reported.
+The step is the launcher's own (`launch.program.build_program`: the same model, optimizer,
+shardings and donation), fed one uint8 batch that is put on the devices once. Compilation is
+excluded; each repeat runs --steps steps with a single block_until_ready at the end, and the
+median repeat is reported.
 The last line printed is JSON, for scripts.
 
 XLA_FLAGS is read when JAX first initialises a backend, so flags are parsed first, then
@@ -135,14 +135,11 @@ def time_repeats(run_steps, repeats: int) -> float:
 def bench_jax() -> dict:
     import flax
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from configs import default
     from launch import distributed
-    from launch import train
-    from resnet import steps as steps_lib
+    from launch import program as program_lib
 
     config = default.get_config()
     config.model.name, config.model.num_classes = FLAGS.model, FLAGS.num_classes
@@ -155,29 +152,18 @@ def bench_jax() -> dict:
     except ValueError as e:
         sys.exit(f"error: {e}")
 
-    # As launch.train.train_and_evaluate, step 3 (a long schedule: the LR value costs nothing).
-    mesh = distributed.make_mesh()
-    replicated, batch_sharding = distributed.replicated(mesh), distributed.batch_sharding(mesh)
-    tx, schedule = train.make_optimizer(config, steps_per_epoch=1000, num_steps=100_000)
-    make_model = lambda: train.build_model(config, FLAGS.channels)
-    graphdef = nnx.graphdef(nnx.eval_shape(make_model))
-    init = lambda: steps_lib.init_state(make_model(), tx)[1]
-    step_fn = steps_lib.make_train_step(
-        graphdef,
-        tx,
-        schedule,
-        label_smoothing=config.train.label_smoothing,
-        mean=tuple(config.data.mean),
-        std=tuple(config.data.std),
-        compute_dtype=jnp.dtype(config.model.dtype),
+    # The launcher's own program (a long schedule: the LR value costs nothing).
+    program = program_lib.build_program(
+        config,
+        distributed.make_mesh(),
+        channels=FLAGS.channels,
+        steps_per_epoch=1000,
+        num_steps=100_000,
+        donate=FLAGS.donate,
     )
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0 if FLAGS.donate else (),
-    )
-    state = jax.jit(init, out_shardings=replicated)()
+    train_step = program.train_step
+    state = program.init()
+    votes = program.stop_votes(False)
 
     rng = np.random.default_rng(0)
     shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
@@ -186,11 +172,11 @@ def bench_jax() -> dict:
             "image": rng.integers(0, 256, shape, dtype=np.uint8),
             "label": rng.integers(0, FLAGS.num_classes, FLAGS.batch_size, dtype=np.int32),
         },
-        batch_sharding,
+        program.batch_sharding,
     )
 
     start = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()  # jit's cache reuses it below
+    compiled = train_step.lower(state, batch, votes).compile()
     compile_s = time.perf_counter() - start
     flops = xla_cost(compiled, "flops")
     # The compiled module is the per-device SPMD program: scale to the global batch.
@@ -203,7 +189,7 @@ def bench_jax() -> dict:
         nonlocal state
         metrics = None
         for _ in range(n):
-            state, metrics = train_step(state, batch)
+            state, metrics = compiled(state, batch, votes)
         jax.block_until_ready((state, metrics))  # the only host sync of the timed loop
 
     run(max(FLAGS.warmup, 1))  # at least one: a jax that did not cache the compile does it here

@@ -4,6 +4,11 @@
         --output=/data/mnist_ar/test
     python -m tools.make_arrayrecord --format=imagefolder --input=/data/imagenet/train \
         --output=/data/imagenet_ar/train --num_workers=16
+    # stored at training resolution: shorter side at most 320 px, JPEG quality 90
+    python -m tools.make_arrayrecord --format=imagefolder --input=/data/imagenet/train \
+        --output=/data/imagenet_ar320/train --num_workers=16 --shorter_side=320 --jpeg_quality=90
+
+docs/data.md describes every option and the metadata.json written.
 
 Expected failures print one line on stderr, with no traceback, and exit 1: a missing or empty
 input, an unknown format, an unreadable file with --strict, an output that is in use (without
@@ -21,12 +26,15 @@ from absl import flags
 
 from pipeline.conversion import (
     DEFAULT_MAX_PIXELS,
+    ENCODINGS,
     FORMATS,
+    JPEG_QUALITY,
     MAX_PIXELS_LIMIT,
     SPLITS,
     ConversionError,
     convert,
 )
+from pipeline.records import RAW_MAX_SIDE
 
 # ------------------------------------------------------------------------------ CLI
 
@@ -57,11 +65,42 @@ def _define_flags() -> None:
     flags.DEFINE_integer(
         "max_pixels",
         DEFAULT_MAX_PIXELS,
-        "imagefolder: images with more pixels are downscaled to fit (JPEG stays JPEG, quality "
-        f"95; others become PNG) and listed in metadata. At most {MAX_PIXELS_LIMIT}, PIL's "
-        "decompression-bomb threshold.",
+        "imagefolder: images with more pixels are downscaled to fit (JPEG stays JPEG at "
+        "--jpeg_quality; others become PNG) and listed in metadata. At most "
+        f"{MAX_PIXELS_LIMIT}, PIL's decompression-bomb threshold.",
         lower_bound=1,
         upper_bound=MAX_PIXELS_LIMIT,
+    )
+    flags.DEFINE_integer(
+        "shorter_side",
+        None,
+        "imagefolder: store images at training resolution: an image whose shorter side is "
+        "longer than this is downscaled once (Lanczos, aspect kept) to this shorter side; "
+        "smaller images are stored untouched. E.g. 256-320 for 224 px training.",
+        lower_bound=1,
+        upper_bound=RAW_MAX_SIDE,
+    )
+    flags.DEFINE_integer(
+        "max_side",
+        None,
+        "imagefolder: likewise, a bound on the longer side (FFCV's max_resolution).",
+        lower_bound=1,
+        upper_bound=RAW_MAX_SIDE,
+    )
+    flags.DEFINE_integer(
+        "jpeg_quality",
+        JPEG_QUALITY,
+        "JPEG quality of the images that are downscaled (untouched JPEGs keep their bytes).",
+        lower_bound=1,
+        upper_bound=100,
+    )
+    flags.DEFINE_enum(
+        "encoding",
+        None,
+        ENCODINGS,
+        "How records store images: raw (uint8 pixels: decoding is a copy; the default for "
+        "mnist and cifar; for imagefolder every image must have one size) or encoded "
+        "(PNG/JPEG; the default for imagefolder).",
     )
     flags.mark_flags_as_required(["format", "input", "output"])
 
@@ -81,6 +120,10 @@ def main(argv: list[str]) -> int:
             strict=f.strict,
             overwrite=f.overwrite,
             max_pixels=f.max_pixels,
+            shorter_side=f.shorter_side,
+            max_side=f.max_side,
+            jpeg_quality=f.jpeg_quality,
+            encoding=f.encoding,
         )
     except ConversionError as e:
         print(f"make_arrayrecord: error: {e}", file=sys.stderr)

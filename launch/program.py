@@ -1,0 +1,199 @@
+"""The training program: model, optimizer, state and the two jitted steps, built in one place.
+
+`build_program` is what the launcher trains with and what `tools.bench_step`,
+`tools.bench_checkpoint` and the tests measure, so a benchmark times exactly the step that
+training runs. The state is replicated over the mesh and batches are split along 'batch';
+the train step donates the state, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+import resnet
+from launch import distributed
+from launch.plan import ConfigError
+from resnet import steps as steps_lib
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_options(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
+    """The keyword arguments of `resnet.create_model` that the config decides."""
+    if config.model.dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"config.model.dtype={config.model.dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}"
+        )
+    return dict(
+        num_classes=config.model.num_classes,
+        dtype=jnp.dtype(config.model.dtype),
+        in_channels=channels,
+        zero_init_residual=config.model.zero_init_residual,
+        bn_momentum=config.model.bn_momentum,
+        bn_epsilon=config.model.bn_epsilon,
+        batch_norm=config.model.batch_norm,
+        max_pool=config.model.max_pool,
+    )
+
+
+def build_model(config: ml_collections.ConfigDict, channels: int) -> nnx.Module:
+    return resnet.create_model(
+        config.model.name, rngs=nnx.Rngs(config.train.seed + 1), **model_options(config, channels)
+    )
+
+
+def make_optimizer(config, steps_per_epoch: int, num_steps: int):
+    """SGD with the warmup + cosine schedule; peak LR scales with the global batch (Goyal)."""
+    peak = config.train.base_learning_rate * config.train.global_batch_size / 256
+    warmup = int(round(config.train.warmup_epochs * steps_per_epoch))
+    schedule = steps_lib.learning_rate_schedule(peak, warmup, num_steps)
+    tx = steps_lib.sgd_optimizer(
+        schedule,
+        momentum=config.train.momentum,
+        nesterov=config.train.nesterov,
+        weight_decay=config.train.weight_decay,
+    )
+    return tx, schedule
+
+
+def shapes_digest(tree: Any) -> str:
+    """A short digest of every leaf's path, shape and dtype: what a checkpoint must match."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    text = "\n".join(f"{jax.tree_util.keystr(p)} {x.shape} {x.dtype}" for p, x in leaves)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a run trains and evaluates with; every array lives on `mesh`."""
+
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    abstract_state: steps_lib.TrainState  # ShapeDtypeStructs, replicated
+    schedule: optax.Schedule
+    init: Callable[[], steps_lib.TrainState]
+    train_step: Callable  # (state, batch, stop_votes) -> (state, metrics); donates state
+    eval_step: Callable  # (state, batch, totals, stop_votes) -> (totals, stop)
+    channels: int
+    _votes: dict[bool, jax.Array] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return distributed.replicated(self.mesh)
+
+    @property
+    def batch_sharding(self) -> jax.sharding.NamedSharding:
+        return distributed.batch_sharding(self.mesh)
+
+    def stop_votes(self, stop: bool) -> jax.Array:
+        """This host's vote on every one of its devices (see resnet.steps.make_train_step).
+
+        Two arrays made once and passed again every step: no per-step transfer.
+        """
+        if stop not in self._votes:
+            local = np.full((len(self.mesh.local_devices),), int(stop), np.int32)
+            self._votes[stop] = jax.make_array_from_process_local_data(
+                self.batch_sharding, local, (self.mesh.devices.size,)
+            )
+        return self._votes[stop]
+
+    def abstract_batch(self, global_batch: int, image_size: int, *, eval_: bool = False):
+        spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+        batch = {
+            "image": spec((global_batch, image_size, image_size, self.channels), jnp.uint8),
+            "label": spec((global_batch,), jnp.int32),
+        }
+        if eval_:
+            batch["mask"] = spec((global_batch,), jnp.float32)
+        return batch
+
+    def zero_eval_totals(self) -> dict[str, jax.Array]:
+        return jax.jit(steps_lib.zero_eval_totals, out_shardings=self.replicated)()
+
+    def compile_train_step(self, global_batch: int, image_size: int):
+        """The train step compiled ahead of time for this batch shape (a jax Compiled)."""
+        votes = jax.ShapeDtypeStruct(
+            (self.mesh.devices.size,), jnp.int32, sharding=self.batch_sharding
+        )
+        batch = self.abstract_batch(global_batch, image_size)
+        return self.train_step.lower(self.abstract_state, batch, votes).compile()
+
+    def compile_eval_step(self, global_batch: int, image_size: int):
+        votes = jax.ShapeDtypeStruct(
+            (self.mesh.devices.size,), jnp.int32, sharding=self.batch_sharding
+        )
+        batch = self.abstract_batch(global_batch, image_size, eval_=True)
+        totals = jax.eval_shape(steps_lib.zero_eval_totals)
+        totals = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), totals
+        )
+        return self.eval_step.lower(self.abstract_state, batch, totals, votes).compile()
+
+    def shapes_digest(self) -> str:
+        return shapes_digest(self.abstract_state.params)
+
+
+def build_program(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    channels: int,
+    steps_per_epoch: int,
+    num_steps: int,
+    donate: bool = True,
+) -> Program:
+    """Builds the model, optimizer and jitted steps; raises ConfigError for bad model options.
+
+    `donate=False` only exists to measure what donating the state buys (tools.bench_step).
+    """
+    tx, schedule = make_optimizer(config, steps_per_epoch, num_steps)
+    make_model = lambda: build_model(config, channels)
+    try:
+        graphdef = nnx.graphdef(nnx.eval_shape(make_model))
+    except ValueError as e:  # resnet validates its options and names where it builds
+        raise ConfigError(f"config.model: {e}") from None
+    replicated = distributed.replicated(mesh)
+    batch_sharding = distributed.batch_sharding(mesh)
+    init = lambda: steps_lib.init_state(make_model(), tx)[1]
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init)
+    )
+    compute = dict(
+        mean=tuple(config.data.mean),
+        std=tuple(config.data.std),
+        compute_dtype=jnp.dtype(config.model.dtype),
+    )
+    train_step = jax.jit(
+        steps_lib.make_train_step(
+            graphdef, tx, schedule, label_smoothing=config.train.label_smoothing, **compute
+        ),
+        in_shardings=(replicated, batch_sharding, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0 if donate else (),
+    )
+    eval_step = jax.jit(
+        steps_lib.make_eval_step(graphdef, **compute),
+        in_shardings=(replicated, batch_sharding, replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=2,  # the running totals
+    )
+    return Program(
+        mesh=mesh,
+        graphdef=graphdef,
+        abstract_state=abstract_state,
+        schedule=schedule,
+        init=jax.jit(init, out_shardings=replicated),
+        train_step=train_step,
+        eval_step=eval_step,
+        channels=channels,
+    )

@@ -1,0 +1,166 @@
+"""The run directory: checked before anything is set up, and held by one run at a time.
+
+Two launchers on one workdir would interleave their checkpoints (one deleted the other's
+in-progress save in a probe), so process 0 holds `WORKDIR/LOCK` for the whole run. The lock
+records who holds it and is refreshed every `REFRESH_SECONDS`, because a preempted run never
+gets to release it: a lock whose holder is a dead process on this host, or whose refresh is
+older than `STALE_SECONDS`, is taken over with a warning. A live holder is waited for up to
+`STALE_SECONDS` (a requeued job may start before the old one has fully gone); after that the
+new launcher gives up naming the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from absl import logging
+from etils import epath
+
+LOCK_FILE = "LOCK"
+REFRESH_SECONDS = 15.0
+STALE_SECONDS = 90.0
+
+
+class WorkdirError(Exception):
+    """The workdir cannot be used: not writable, not a directory, or held by another run."""
+
+
+def check_writable(workdir: str) -> None:
+    """Creates the workdir if needed and proves it can be written (local paths only).
+
+    gs:// paths are not probed here: a write there is checked by the first save.
+    """
+    if workdir.startswith("gs://"):
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (tells a live holder from a reused pid); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class WorkdirLock:
+    """Exclusive hold of a workdir by one run (call on process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self._path = epath.Path(workdir) / LOCK_FILE
+        self._token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start_time(os.getpid()),
+            "token": self._token,
+            "refreshed": time.time(),
+        }
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {}  # unreadable: treated as stale below
+
+    def _stale(self, holder: dict) -> str | None:
+        """Why the recorded holder no longer holds the lock, or None if it may still."""
+        if not holder or "refreshed" not in holder:
+            return "the lock file is unreadable"
+        if holder.get("host") == socket.gethostname():
+            start = _process_start_time(int(holder.get("pid", -1)))
+            if start is None or start != holder.get("pid_start"):
+                return f"its process {holder.get('pid')} on this host is gone"
+            return None
+        age = time.time() - float(holder["refreshed"])
+        if age > STALE_SECONDS:
+            return f"it was last refreshed {age:.0f}s ago"
+        return None
+
+    def _try_create(self) -> bool:
+        data = json.dumps(self._record())
+        if str(self._path).startswith("gs://"):
+            # No exclusive create through epath: write, then read back who won.
+            if self._read() is not None:
+                return False
+            self._path.write_text(data)
+            return (self._read() or {}).get("token") == self._token
+        try:
+            fd = os.open(str(self._path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+        return True
+
+    def acquire(self, wait_seconds: float = STALE_SECONDS) -> None:
+        deadline = time.monotonic() + wait_seconds
+        while not self._try_create():
+            holder = self._read()
+            if holder is None:
+                continue  # released between our two looks
+            reason = self._stale(holder)
+            if reason:
+                logging.warning(
+                    "Taking over %s from %s (pid %s): %s.",
+                    self._path,
+                    holder.get("host"),
+                    holder.get("pid"),
+                    reason,
+                )
+                self._path.unlink(missing_ok=True)
+                continue
+            same_host = holder.get("host") == socket.gethostname()
+            if same_host or time.monotonic() > deadline:
+                raise WorkdirError(
+                    f"{self._path.parent} is in use by another run: process {holder.get('pid')} "
+                    f"on {holder.get('host')} holds {self._path} (refreshed "
+                    f"{time.time() - float(holder['refreshed']):.0f}s ago). Stop that run or "
+                    "use another --workdir; delete the LOCK file only if that run is gone."
+                )
+            logging.info("Waiting for %s, held by %s...", self._path, holder.get("host"))
+            time.sleep(5)
+        self._thread = threading.Thread(target=self._refresh, name="workdir-lock", daemon=True)
+        self._thread.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(REFRESH_SECONDS):
+            try:
+                holder = self._read() or {}
+                if holder.get("token") != self._token:
+                    logging.error("%s was taken over by %s", self._path, holder.get("host"))
+                    return
+                self._path.write_text(json.dumps(self._record()))
+            except OSError as e:  # a storage hiccup must not kill the run; the next try may work
+                logging.warning("Could not refresh %s: %s", self._path, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            try:
+                if (self._read() or {}).get("token") == self._token:
+                    self._path.unlink(missing_ok=True)
+            except OSError as e:
+                logging.warning("Could not remove %s: %s", self._path, e)

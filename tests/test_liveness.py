@@ -1,0 +1,170 @@
+"""Never hang: the stall watchdog, signals from process start, the deadline after SIGTERM, and
+`launch.local_cluster`'s own deadline. The multi-host cases run the real launcher in two
+processes and freeze one of them with SIGSTOP: alive, so no heartbeat can notice."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from launch.status import ExitStatus
+from tests import helpers
+
+pytestmark = pytest.mark.slow
+
+
+def _run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=helpers.REPO,
+        env=helpers.child_env(1),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_watchdog_dumps_every_stack_and_exits_5():
+    start = time.monotonic()
+    run = _run_python(
+        """
+        import threading, time
+        from launch import liveness
+        watchdog = liveness.Watchdog(floor_seconds=2)
+        watchdog.start()
+        watchdog.beat()
+        threading.Thread(target=time.sleep, args=(60,), name="a-worker").start()
+        time.sleep(60)  # no beat: a stall
+        """
+    )
+    assert run.returncode == ExitStatus.STALLED, run.stderr[-3000:]
+    assert time.monotonic() - start < 30
+    assert "stalled: no training step or eval batch completed" in run.stderr
+    assert run.stderr.count("Thread 0x") >= 2  # every thread's stack, not just one
+
+
+def test_watchdog_timeout_follows_the_median_step_time():
+    run = _run_python(
+        """
+        from launch import liveness
+        watchdog = liveness.Watchdog(floor_seconds=1)
+        watchdog._intervals.extend([0.1] * 10 + [4.0])  # 50 x median 0.1 s = 5 s
+        print(watchdog.timeout())
+        """
+    )
+    assert float(run.stdout.strip()) == pytest.approx(5.0)
+
+
+def test_a_signal_during_start_up_exits_75_without_a_traceback(data, tmp_path):
+    proc = helpers.start(helpers.tiny_run_args(*data, str(tmp_path / "w")))
+    seen = []
+    assert helpers.wait_for_line(proc, "Train data:", seen), "".join(seen)[-3000:]
+    proc.send_signal(signal.SIGTERM)  # while the run restores and compiles
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    log = "".join(seen)
+    assert proc.returncode == ExitStatus.PREEMPTED, log[-3000:]
+    assert "Traceback" not in log and "step 1/" not in log
+
+
+def _freeze_one_host_mid_run(args, seen):
+    hosts = helpers.start_hosts(args, processes=2, devices=2)
+    assert helpers.wait_for_line(hosts[0], "step 6/", seen), "".join(seen)[-3000:]
+    hosts[1].send_signal(signal.SIGSTOP)
+    return hosts
+
+
+def _drain(proc, seen, timeout=120):
+    start = time.monotonic()
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=timeout)
+    return time.monotonic() - start
+
+
+def test_a_stalled_peer_ends_the_run_with_stacks_and_the_rerun_resumes(data, tmp_path):
+    workdir = str(tmp_path / "w")
+    overrides = {
+        "train.num_steps": 60,
+        "train.stall_timeout_seconds": 10,
+        "distributed.heartbeat_timeout_seconds": 120,  # alive but frozen: no heartbeat fires
+    }
+    args = helpers.tiny_run_args(*data, workdir, **overrides)
+    seen = []
+    hosts = _freeze_one_host_mid_run(args, seen)
+    try:
+        took = _drain(hosts[0], seen)
+    finally:
+        hosts[1].kill()
+        hosts[1].wait()
+    log = "".join(seen)
+    assert hosts[0].returncode == ExitStatus.STALLED, log[-3000:]
+    assert took < 60, took
+    assert "stalled: no training step or eval batch completed" in log
+    assert "Thread 0x" in log and "launch/train.py" in log  # the stacks, down to the loop
+    rerun = helpers.launch(args, processes=2, devices=2)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert re.search(r"Resumed from the checkpoint of step (4|8)\b", rerun.stdout), rerun.stdout[
+        -3000:
+    ]
+
+
+def test_the_agreed_save_has_a_deadline_after_sigterm(data, tmp_path):
+    overrides = {
+        "train.num_steps": 400,
+        "train.stall_timeout_seconds": 0,  # off: only the SIGTERM deadline is left
+        "distributed.preemption_grace_seconds": 8,
+        "distributed.heartbeat_timeout_seconds": 120,
+    }
+    seen = []
+    hosts = _freeze_one_host_mid_run(
+        helpers.tiny_run_args(*data, str(tmp_path / "w"), **overrides), seen
+    )
+    try:
+        hosts[0].send_signal(signal.SIGTERM)  # its peer can never agree on a step now
+        took = _drain(hosts[0], seen)
+    finally:
+        hosts[1].kill()
+        hosts[1].wait()
+    log = "".join(seen)
+    assert hosts[0].returncode == ExitStatus.STALLED, log[-3000:]
+    assert took < 45, took
+    assert "SIGTERM caught 8s ago and the agreed checkpoint has not committed" in log
+    assert "Thread 0x" in log
+
+
+def test_local_cluster_kills_what_outlives_its_grace_after_a_signal(data, tmp_path):
+    overrides = {"train.num_steps": 400, "train.stall_timeout_seconds": 0}
+    args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **overrides)
+    proc = helpers.start(args, processes=2, devices=2)
+    seen = []
+    assert helpers.wait_for_line(proc, "step 4/400", seen), "".join(seen)[-3000:]
+    frozen = int(
+        subprocess.check_output(["pgrep", "-f", "launch.main .*process_id=1$"], text=True).split()[
+            0
+        ]
+    )
+    os.kill(frozen, signal.SIGSTOP)
+    proc.send_signal(signal.SIGTERM)
+    took = _drain(proc, seen)
+    log = "".join(seen)
+    assert took < 40 + 30, took  # local_cluster's default grace is 30 s
+    assert f"(pid {frozen}) still running" in log, log[-3000:]
+    assert proc.returncode != 0
+
+
+def test_local_cluster_refuses_zero_processes():
+    run = subprocess.run(
+        [sys.executable, "-m", "launch.local_cluster", "--num_processes=0", "--", "--workdir=x"],
+        cwd=helpers.REPO,
+        env=helpers.child_env(1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == ExitStatus.BAD_INPUT
+    assert "--num_processes" in run.stderr and "Traceback" not in run.stderr
