@@ -55,6 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
     # No training step or eval batch completing for this long (or 50x the median step time,
     # if longer) means a stall: every process logs its stacks and exits 5. 0 turns it off.
     train.stall_timeout_seconds = 600.0
+    # JAX's persistent compilation cache: a restarted run loads its compiled steps instead of
+    # compiling them again. Relative paths are under the workdir; on a pod use a path every
+    # host shares (the workdir, or gs://bucket/xla-cache shared by runs). '': off.
+    train.compilation_cache_dir = "compilation_cache"
+    # (first, last): trace these steps with jax.profiler on process 0 into
+    # WORKDIR/tensorboard (TensorBoard's profile plugin opens it). (): no trace.
+    train.profile_steps = ()
 
     # Intervals: every_steps when > 0, else every_epochs when > 0, else only at the end.
     config.eval = eval_ = ml_collections.ConfigDict()

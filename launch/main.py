@@ -11,6 +11,8 @@ resumes), anything else a failure. This is the one place that maps outcomes to s
 """
 
 import logging as std_logging
+import os
+import posixpath
 import sys
 import time
 
@@ -81,6 +83,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(int(ExitStatus.BAD_INPUT))
 
 
+def _use_compilation_cache(jax, directory: str, workdir: str) -> None:
+    """Points JAX's persistent compilation cache at `directory` (relative: under the workdir).
+
+    An explicit JAX_COMPILATION_CACHE_DIR in the environment wins.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not directory:
+        return
+    if not (directory.startswith("/") or "://" in directory):
+        directory = posixpath.join(workdir, directory)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Every program, not only those that took over a second: on a restart the small ones
+    # (init, digest, eval) add up too.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {argv[1:]}")
@@ -94,6 +111,7 @@ def main(argv):
     # Our own SIGTERM handling agrees on a stop step through the train step (launch/train.py);
     # JAX's preemption service would replace the handler above with its own.
     jax.config.update("jax_enable_preemption_service", False)
+    _use_compilation_cache(jax, config.train.compilation_cache_dir, FLAGS.workdir)
     start = time.perf_counter()
     try:
         distributed.initialize(

@@ -115,6 +115,11 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
     for name in ("stall_timeout_seconds",):
         if config.train[name] < 0:
             raise ConfigError(f"config.train.{name} must not be negative")
+    profile = tuple(config.train.profile_steps)
+    if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
+        raise ConfigError(
+            f"config.train.profile_steps={profile}: give (first, last) steps, 1 <= first <= last"
+        )
     return Plan(
         global_batch=global_batch,
         eval_batch=eval_batch_size(config),

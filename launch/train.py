@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import threading
 import time
 from typing import Any
 
@@ -131,7 +132,7 @@ def train_and_evaluate(
     """
     stop = stop or liveness.StopRequest(config.distributed.preemption_grace_seconds, install=False)
     timings = {} if timings is None else timings
-    clock = time.perf_counter()
+    clock = started = time.perf_counter()
 
     def phase(name: str) -> None:
         nonlocal clock
@@ -167,7 +168,8 @@ def train_and_evaluate(
         logging.info("Plan: %s", plan.describe())
         phase("data")
 
-        # 2. Resume from the newest trustworthy checkpoint, on whatever topology this is.
+        # 2. Compile the steps in the background (they need only shapes) while the newest
+        #    trustworthy checkpoint is restored, on whatever topology this is.
         ckpt = checkpointing.Checkpointer(
             str(epath.Path(workdir) / "checkpoints"),
             max_to_keep=config.checkpoint.max_to_keep,
@@ -175,6 +177,9 @@ def train_and_evaluate(
             barrier_timeout_seconds=config.checkpoint.barrier_timeout_seconds,
         )
         cleanup.callback(ckpt.close)
+        compiled = _Background(
+            lambda: _compile(program, plan, config.data.image_size, ckpt, eval_info is not None)
+        )
         signature = checkpointing.run_signature(
             config, train_info.num_examples, train_info.channels, program.shapes_digest()
         )
@@ -192,7 +197,7 @@ def train_and_evaluate(
         meta = dict(signature, topology_history=history)
         phase("restore")
 
-        # 3. Input from the restored step, and the steps compiled ahead of time.
+        # 3. Input from the restored step; its first batches load while compilation finishes.
         train_iter = pipeline.train_batches(
             train_info,
             config.data,
@@ -203,15 +208,14 @@ def train_and_evaluate(
             seed=config.train.seed,
         )
         cleanup.callback(train_iter.close)
-        eval_batches = eval_step = None
+        train_iter.start()
+        eval_batches = None
         if eval_info:
             eval_batches = pipeline.eval_batches(
                 eval_info, config.data, program.batch_sharding, global_batch_size=plan.eval_batch
             )
-            eval_step = program.compile_eval_step(plan.eval_batch, config.data.image_size)
-        train_step = program.compile_train_step(plan.global_batch, config.data.image_size)
-        ckpt.prepare(state)
-        phase("compile")
+        (train_step, eval_step), timings["startup/compile_s"] = compiled.result()
+        phase("compile_wait")
 
         # 4. The loop.
         writer = metrics_lib.Writer(workdir)
@@ -234,6 +238,7 @@ def train_and_evaluate(
             stop=stop,
             watchdog=watchdog,
             timings=timings,
+            started=started,
             data=data,
         )
         try:
@@ -247,6 +252,36 @@ def train_and_evaluate(
             raise
         ckpt.wait()  # every exit path leaves no half-written step behind
         return result
+
+
+class _Background:
+    """Runs `fn` in a daemon thread (it must not keep a stopping process alive)."""
+
+    def __init__(self, fn):
+        self._result = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._result = fn()
+        except BaseException as e:  # pylint: disable=broad-except  # re-raised in result()
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _compile(program, plan, image_size: int, ckpt, with_eval: bool):
+    """The train and eval steps and the pre-save checks, compiled ahead of time."""
+    start = time.perf_counter()
+    train_step = program.compile_train_step(plan.global_batch, image_size)
+    eval_step = program.compile_eval_step(plan.eval_batch, image_size) if with_eval else None
+    ckpt.prepare(program.abstract_state)
+    return (train_step, eval_step), time.perf_counter() - start
 
 
 def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock | None:
@@ -296,6 +331,7 @@ class _Run:
     stop: liveness.StopRequest
     watchdog: liveness.Watchdog
     timings: dict[str, float]
+    started: float  # time.perf_counter() when train_and_evaluate began
     data: dict[str, Any]
 
 
@@ -342,6 +378,7 @@ def _loop(run: _Run, state, start_step: int) -> RunResult:
         run.ckpt.wait()
         return RunResult("preempted", step, {})
 
+    profile = _Profile(run.config.train.profile_steps, run.workdir)
     step = start_step
     stop.training_started()
     watchdog.start()
@@ -352,8 +389,12 @@ def _loop(run: _Run, state, start_step: int) -> RunResult:
         meter.add_data_wait(time.perf_counter() - wait_start)
         if step == start_step and run.config.train.num_image_summaries:
             _image_summary(run, step, batch)
+        if step == profile.first:
+            profile.start()
         state, step_metrics = run.train_step(state, batch, run.program.stop_votes(stop.requested))
         step += 1
+        if step == profile.last:
+            profile.stop(state)
         pending.append(step_metrics)
         in_flight.append(step_metrics["stop"])
         agreed_stop = False
@@ -361,7 +402,11 @@ def _loop(run: _Run, state, start_step: int) -> RunResult:
             agreed_stop = bool(jax.device_get(in_flight.popleft()))  # waits for that step
             watchdog.beat()
             if step - start_step == LAG + 1:
-                run.timings["startup/first_step_s"] = time.perf_counter() - startup_end
+                now = time.perf_counter()
+                run.timings["startup/first_step_s"] = now - startup_end
+                run.timings["startup/total_s"] = (
+                    now - run.started + run.timings.get("startup/distributed_s", 0.0)
+                )
                 _log_startup(run, step)
 
         if step % plan.log_every == 0 or step == plan.num_steps:
@@ -399,6 +444,32 @@ def _finish(run: _Run, state, run_eval, save) -> RunResult:
         (epath.Path(run.workdir) / FINISHED_MARKER).write_text(json.dumps(record, indent=2))
     logging.info("Finished %d steps.", step)
     return RunResult("finished", step, results)
+
+
+class _Profile:
+    """A jax.profiler trace of steps [first, last] on process 0, into WORKDIR/tensorboard."""
+
+    def __init__(self, steps, workdir: str):
+        self.first, self.last = (int(steps[0]) - 1, int(steps[1])) if steps else (-1, -1)
+        self._directory = str(epath.Path(workdir) / "tensorboard")
+        self._on = False
+
+    def start(self) -> None:
+        if jax.process_index() == 0:
+            jax.profiler.start_trace(self._directory)
+            self._on = True
+
+    def stop(self, state) -> None:
+        if self._on:
+            jax.block_until_ready(state)  # the traced steps must have run
+            jax.profiler.stop_trace()
+            self._on = False
+            logging.info(
+                "Profile of steps %d-%d written under %s",
+                self.first + 1,
+                self.last,
+                self._directory,
+            )
 
 
 def _image_summary(run: _Run, step: int, batch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Any, Iterator
 
 import jax
@@ -68,8 +69,34 @@ class DeviceIterator:
         self._fields = fields
         self._source = iter(dataset)
         self._queue: collections.deque = collections.deque()
+        self._loader: threading.Thread | None = None
+        self._first: list[Any] = []  # what the loader got: a host batch, or the error
+
+    def start(self) -> None:
+        """Loads the first host batch in the background (while, say, the step compiles)."""
+
+        def load():
+            try:
+                self._first.append(next(self._source))
+            except BaseException as e:  # pylint: disable=broad-except  # raised in __next__
+                self._first.append(e)
+
+        self._loader = threading.Thread(target=load, name="first-batch", daemon=True)
+        self._loader.start()
 
     def _fill(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
+            for local in self._first:
+                if isinstance(local, StopIteration):
+                    return
+                if isinstance(local, BaseException):
+                    raise local
+                self._queue.append(
+                    to_global(local, self._sharding, self._global_batch, self._fields)
+                )
+            self._first = []
         while len(self._queue) < self._prefetch:
             try:
                 local = next(self._source)
@@ -89,6 +116,8 @@ class DeviceIterator:
         return batch
 
     def close(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
         self._queue.clear()
         close = getattr(self._source, "close", None)
         if close is not None:

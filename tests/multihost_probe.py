@@ -13,6 +13,7 @@ flags.DEFINE_string("eval_dir", None, "Eval dataset.")
 flags.DEFINE_string("out", None, "Folder for process_<i>.json.")
 flags.DEFINE_integer("global_batch_size", 8, "")
 flags.DEFINE_integer("num_steps", 6, "")
+flags.DEFINE_integer("start_step", 0, "First global step read (a resumed run's position).")
 flags.DEFINE_string("coordinator_address", None, "")
 flags.DEFINE_integer("num_processes", None, "")
 flags.DEFINE_integer("process_id", None, "")
@@ -48,6 +49,7 @@ def main(_):
         num_steps=FLAGS.num_steps,
         seed=3,
         augmentation=aug,
+        start_step=FLAGS.start_step,
     )
     loaded = [b["example_id"].tolist() for b in train]  # what this host read, per step
     global_ids, shapes, specs = [], [], []

@@ -1,0 +1,92 @@
+r"""Restart time after a preemption, cold against warm compilation cache, in one invocation.
+
+    python -m tools.bench_restart [--processes=2 --devices=2 --preempt_at=14 --repeats=1] \
+        [-- EXTRA_LAUNCHER_FLAGS...]
+
+Runs the real launcher on the demo config through `launch.local_cluster`: a first run (no
+cache) is preempted with SIGTERM at `--preempt_at`; then, `--repeats` times, a restart with an
+empty compilation cache (cold) and a restart with the cache that the cold one filled (warm),
+each stopped with SIGTERM once its first step has completed. The figure is the wall time from
+starting the processes to the first completed step after the restore, with the launcher's own
+start-up breakdown (metrics.jsonl). The last line printed is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_integer("processes", 2, "Launcher processes.")
+flags.DEFINE_integer("devices", 2, "CPU devices per process.")
+flags.DEFINE_integer("preempt_at", 14, "Step at which the first run is preempted.")
+flags.DEFINE_integer("repeats", 1, "Cold/warm restart pairs.")
+flags.DEFINE_string("config", "configs/demo.py", "Launcher config.")
+FLAGS = flags.FLAGS
+
+
+def _start(workdir: str, cache: str, extra: list[str]) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "launch.local_cluster", f"--num_processes={FLAGS.processes}",
+        f"--devices_per_process={FLAGS.devices}", "--", f"--config={FLAGS.config}",
+        f"--workdir={workdir}", f"--config.train.compilation_cache_dir={cache}",
+        "--config.train.log_every_steps=1", *extra,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _run_until(workdir: str, cache: str, extra: list[str], needle: str) -> tuple[float, str]:
+    """Starts a run, SIGTERMs it when `needle` appears; (seconds to needle, its log)."""
+    start = time.perf_counter()
+    proc = _start(workdir, cache, extra)
+    seen, took = [], None
+    for line in proc.stdout:
+        seen.append(line)
+        if took is None and needle in line:
+            took = time.perf_counter() - start
+            proc.send_signal(signal.SIGTERM)  # local_cluster forwards it: save, exit 75
+    proc.wait()
+    log = "".join(seen)
+    if took is None or proc.returncode != 75:
+        sys.exit(f"run ended with status {proc.returncode} before '{needle}':\n{log[-3000:]}")
+    return took, log
+
+
+def _startup(workdir: str) -> dict[str, float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    last = [r for r in records if r["kind"] == "startup"][-1]
+    return {k.split("/")[1]: round(v, 2) for k, v in last.items() if k.startswith("startup/")}
+
+
+def main(argv):
+    extra = argv[1:]
+    results = {"cold": [], "warm": []}
+    with tempfile.TemporaryDirectory() as root:
+        workdir = os.path.join(root, "run")
+        _run_until(workdir, "", extra, f"step {FLAGS.preempt_at}/")
+        for repeat in range(FLAGS.repeats):
+            cache = os.path.join(root, f"cache-{repeat}")
+            for kind in ("cold", "warm"):
+                seconds, _ = _run_until(workdir, cache, extra, "Start-up:")
+                results[kind].append({"seconds": round(seconds, 2), "startup": _startup(workdir)})
+                print(f"{kind} restart: first step after {seconds:.1f}s  {results[kind][-1]}")
+    cold = sorted(r["seconds"] for r in results["cold"])[len(results["cold"]) // 2]
+    warm = sorted(r["seconds"] for r in results["warm"])[len(results["warm"]) // 2]
+    print(f"warm / cold = {warm / cold:.2f} (median of {FLAGS.repeats})")
+    print(json.dumps({"cold_s": cold, "warm_s": warm, "ratio": warm / cold, **results}))
+
+
+if __name__ == "__main__":
+    app.run(main)
