@@ -164,7 +164,6 @@ class _Records:
             f"{self.where(position, example.example_id)}: cannot decode the image ({message})"
         )
 
-
     def raw_batch(self, positions: np.ndarray, shape: tuple[int, int, int]):
         """Records at `positions` as (images N x H x W x C uint8, labels, example ids), read
         in one call and copied once into the batch; every record checked as example() does."""
@@ -198,7 +197,9 @@ class _Records:
             if not 0 <= labels[i] < self._info.num_classes:
                 self.example(int(position))  # raises the label error
             images[i] = np.frombuffer(
-                record, np.uint8, count=size - records.RAW_HEADER_SIZE,
+                record,
+                np.uint8,
+                count=size - records.RAW_HEADER_SIZE,
                 offset=header + records.RAW_HEADER_SIZE,
             ).reshape(shape)
         return images, labels, ids
@@ -289,9 +290,7 @@ class _RawTrainBatch:
 
     The same batches as _TrainExample(augment=False) through Grain's batching."""
 
-    def __init__(
-        self, info: DatasetInfo, rows: np.ndarray, global_batch_size: int, seed: int
-    ):
+    def __init__(self, info: DatasetInfo, rows: np.ndarray, global_batch_size: int, seed: int):
         self._records = _Records(info)
         self._rows = np.asarray(rows, np.int64)
         self._global_batch = global_batch_size
@@ -369,9 +368,7 @@ def _batched(
     return _prefetched(examples.batch(local_batch, drop_remainder=True), num_workers, num_threads)
 
 
-def _prefetched(
-    batches: grain.MapDataset, num_workers: int, num_threads: int
-) -> grain.IterDataset:
+def _prefetched(batches: grain.MapDataset, num_workers: int, num_threads: int) -> grain.IterDataset:
     # The elements here are whole batches: keep every thread busy and no more. (4 x the
     # batch size, as before, buffered that many *batches*: memory grew by a batch per step
     # read ahead, 2.5 GB for batches of 64 at 224 px.)
@@ -443,9 +440,7 @@ def eval_dataset(
     (transforms.center_crop).
     """
     rows = _check_rows(rows, global_batch_size)
-    example = _EvalExample(
-        info, rows, global_batch_size, image_size, crop_fraction, scaled_decode
-    )
+    example = _EvalExample(info, rows, global_batch_size, image_size, crop_fraction, scaled_decode)
     num_batches = num_eval_batches(info.num_examples, global_batch_size)
     flat = grain.MapDataset.range(num_batches * len(rows)).map(example)
     return _batched(flat, len(rows), num_workers, num_threads)

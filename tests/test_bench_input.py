@@ -96,13 +96,20 @@ def test_photo_like_is_deterministic_and_photo_shaped(tmp_path):
         for f in names
     }
     assert files(tmp_path / "a") == files(tmp_path / "b") and a == b
-    assert files(tmp_path / "a") != files(tmp_path / "c")
-    assert sorted(os.listdir(tmp_path / "a")) == ["class_00", "class_01", "class_02", "manifest.json"]
+    assert files(tmp_path / "a") != files(tmp_path / "c") and c["count"] == 12
+    assert sorted(os.listdir(tmp_path / "a")) == [
+        "class_00",
+        "class_01",
+        "class_02",
+        "manifest.json",
+    ]
     assert a["sources"]  # real photos when scikit-image/scikit-learn are installed, else 1/f
     with Image.open(tmp_path / "a" / "class_00" / "img_00000.jpg") as img:
-        assert img.format == "JPEG"
-        pixels = np.asarray(img.convert("L"), np.float64)
+        assert img.format == "JPEG" and img.size == (50, 38)  # 500x375 scaled by 0.1
     # Photo-like, not noise: neighbouring pixels are strongly correlated.
+    seeds, _ = photo_like.load_seeds(0)
+    image = photo_like.make_image(np.random.default_rng(0), seeds, (500, 375))
+    pixels = np.asarray(image.convert("L"), np.float64)
     assert np.corrcoef(pixels[:, :-1].ravel(), pixels[:, 1:].ravel())[0, 1] > 0.8
     # ImageNet's shape, from many draws: median 500x375, a few percent multi-megapixel,
     # a few grayscale and CMYK images.

@@ -307,6 +307,13 @@ def _relabel(label):
 _RECORD = f"shard {SHARD1} record 3"
 
 
+def _png_of(record):
+    """The record's digit as PNG bytes (the demo data is stored raw)."""
+    out = io.BytesIO()
+    transforms.decode_image(records.decode_example(record).image, 1).save(out, format="PNG")
+    return out.getvalue()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -318,8 +325,12 @@ _RECORD = f"shard {SHARD1} record 3"
             f"{_RECORD} (example id 13): cannot decode the image (UnidentifiedImageError",
         ),
         (
-            lambda r: r[:-30],  # a PNG cut short: PIL fails only when it decodes the pixels
-            f"{_RECORD} (example id 13): cannot decode the image (",
+            lambda r: r[:-30],  # raw pixels cut short
+            f"{_RECORD} (example id 13): cannot decode the image (ValueError: raw image header",
+        ),
+        (
+            lambda r: records.encode_example(13, 3, _png_of(r)[:-30]),  # PIL fails only when
+            f"{_RECORD} (example id 13): cannot decode the image (",  # it decodes the pixels
         ),
     ],
 )

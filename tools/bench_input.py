@@ -24,7 +24,6 @@ configuration alike. The last line printed is a JSON object with every figure.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -162,9 +161,7 @@ class Torchvision:
         )
         self.epoch += 1
         generator = torch.Generator().manual_seed(args["seed"] * 1000 + self.epoch)
-        sampler = torch.utils.data.RandomSampler(
-            images, num_samples=10**8, generator=generator
-        )
+        sampler = torch.utils.data.RandomSampler(images, num_samples=10**8, generator=generator)
         loader = torch.utils.data.DataLoader(
             images,
             batch_size=args["batch_size"],
@@ -307,7 +304,9 @@ def _define_flags() -> None:
         lower_bound=1,
     )
     flags.DEFINE_float(
-        "photo_scale", 1.0, "Scale the photo-like sizes by this (tests use small images).",
+        "photo_scale",
+        1.0,
+        "Scale the photo-like sizes by this (tests use small images).",
         lower_bound=0.01,
     )
     flags.DEFINE_integer(
@@ -417,8 +416,9 @@ def main(argv: list[str]) -> None:
                 configs.append(Pipeline(name, out))
             if f.full_decode:
                 configs.append(
-                    Pipeline("original_full_decode", os.path.join(tmp, "original"),
-                             scaled_decode=False)
+                    Pipeline(
+                        "original_full_decode", os.path.join(tmp, "original"), scaled_decode=False
+                    )
                 )
         for name, store in result["stores"].items():
             print(f"store {name}: {json.dumps(store, sort_keys=True)}")
