@@ -22,6 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Backward pass of the ImageNet stem's max pool: "dense" (resnet.pooling: fused, the same
     # on every run) or "xla" (select-and-scatter: atomic adds on GPU). Same values.
     model.max_pool = "dense"
+    # Start from trained weights instead of a random initialisation (fine-tuning): a weights
+    # directory (tools.import_torchvision, tools.export) or a run's workdir. Only parameters
+    # and BatchNorm statistics are taken; a classifier head of another size is re-initialised.
+    # Ignored once this workdir has a checkpoint (a restart resumes it).
+    model.init_from = ""
+    model.init_from_step = -1  # with a run's workdir: that step; -1: its newest trustworthy
 
     config.data = data = ml_collections.ConfigDict()
     data.train_dir = ""  # ArrayRecord dataset made by tools.make_arrayrecord
@@ -32,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio range
     data.random_flip = True  # horizontal flips (turn off for digits and text)
     data.eval_crop_fraction = 0.875  # eval: centre crop of this fraction of the short side
+    # JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the crop still has 1.25x the output's
+    # pixels (PSNR >= 35 dB against a full decode; docs/benchmarks.md). False: always full.
+    data.scaled_decode = True
     data.mean = (123.675, 116.28, 103.53)  # per-channel pixel mean, 0..255 scale
     data.std = (58.395, 57.12, 57.375)  # per-channel pixel standard deviation
     data.num_workers = 0  # Grain decoding processes per host (0: decode in threads)
@@ -68,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
     eval_.every_steps = 0
     eval_.every_epochs = 5.0  # also evaluates at the end
     eval_.global_batch_size = -1  # -1: the training global batch size
+    eval_.at_start = False  # also evaluate before the first step (a fine-tuning's baseline)
 
     config.checkpoint = checkpoint = ml_collections.ConfigDict()
     checkpoint.every_steps = 0

@@ -81,6 +81,18 @@ def digest(tree: Any) -> jax.Array:
     return jnp.stack(rows)
 
 
+def leaf_paths(tree: Any) -> list[str]:
+    """Each leaf's path as "params/head/kernel/value": the same for a TrainState and for the
+    nested dicts Orbax restores it as, so digests can be matched by path."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return ["/".join(map(name, path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def digest_by_path(tree: Any) -> dict[str, list[int]]:
+    rows = np.asarray(jax.device_get(digest(tree))).tolist()
+    return dict(zip(leaf_paths(tree), rows))
+
+
 @jax.jit
 def _pre_save_checks(state: Any) -> tuple[jax.Array, jax.Array]:
     return steps.all_finite(state), digest(state)
@@ -99,9 +111,18 @@ class Checkpointer:
     """Owns WORKDIR/checkpoints: save asynchronously, restore the newest trustworthy step."""
 
     def __init__(
-        self, directory: str, *, max_to_keep: int, async_save: bool, barrier_timeout_seconds: int
+        self,
+        directory: str,
+        *,
+        max_to_keep: int,
+        async_save: bool,
+        barrier_timeout_seconds: int,
+        read_only: bool = False,
     ):
+        """`read_only` (evaluation beside a training run): nothing in the folder is created,
+        cleaned up or moved aside; untrustworthy steps are only skipped."""
         self.directory = epath.Path(directory)
+        self._read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -111,16 +132,19 @@ class Checkpointer:
             async_options=ocp.AsyncOptions(
                 timeout_secs=barrier_timeout_seconds, create_directories_asynchronously=False
             ),
-            cleanup_tmp_directories=True,  # leftovers of saves that never finished
-            create=True,
+            cleanup_tmp_directories=not read_only,  # leftovers of saves that never finished
+            create=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._pre_save_checks = _pre_save_checks
+        self._paths: list[str] | None = None
         self._pending_step: int | None = None  # saved, commit not yet confirmed
 
     def prepare(self, state: Any) -> None:
-        """Compiles the pre-save checks now, so that the first save does not stall on it."""
+        """Compiles the pre-save checks now (`state` may be abstract), so that the first save
+        does not stall on it."""
         self._pre_save_checks = _pre_save_checks.lower(state).compile()
+        self._paths = leaf_paths(state)
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -137,7 +161,10 @@ class Checkpointer:
             raise CheckpointSaveError(
                 f"refusing to checkpoint step {step}: the state holds non-finite values"
             )
-        meta = dict(meta, format=FORMAT, step=step, digest=np.asarray(hashes).tolist())
+        paths = self._paths or leaf_paths(state)
+        meta = dict(
+            meta, format=FORMAT, step=step, digest=dict(zip(paths, np.asarray(hashes).tolist()))
+        )
         try:
             self._manager.save(
                 step,
@@ -220,12 +247,18 @@ class Checkpointer:
         )
 
     def restore_latest(
-        self, abstract_state: Any, expected_meta: dict[str, Any]
+        self,
+        abstract_state: Any,
+        expected_meta: dict[str, Any],
+        *,
+        step: int | None = None,
     ) -> tuple[Any, int, dict] | None:
         """Restores the newest trustworthy step: (state, step, its meta); None if there are none.
 
-        Raises IncompatibleCheckpoint (another configuration, or folders we did not write) or
-        NoUsableCheckpoint (all damaged) before any training step, leaving every folder as it is.
+        `step` restores that step only. A read-only checkpointer skips untrustworthy steps
+        instead of moving them aside. Raises IncompatibleCheckpoint (another configuration,
+        or folders we did not write) or NoUsableCheckpoint (all damaged) before any training
+        step, leaving every folder as it is.
         """
         steps_found = sorted(self._manager.all_steps(), reverse=True)
         foreign = [s for s in steps_found if self._foreign(s)]
@@ -235,35 +268,47 @@ class Checkpointer:
                 "write (no resnet-multihost meta); move them out of the way or use another "
                 "--workdir. Nothing was changed."
             )
+        if step is not None:
+            if step not in steps_found:
+                raise NoUsableCheckpoint(
+                    f"{self.directory} has no checkpoint of step {step} (it has {steps_found})"
+                )
+            steps_found = [step]
+        reject = self._reject
+        if self._read_only:
+            reject = lambda s, why: logging.warning(
+                "Checkpoint step %d is not usable (%s).", s, why
+            )
         rejected = []
-        for step in steps_found:
-            step_dir = self.directory / str(step)
+        for candidate in steps_found:
+            step_dir = self.directory / str(candidate)
             if not (step_dir / COMMIT_MARKER).exists():
-                self._reject(step, "uncommitted")
-                rejected.append(step)
+                reject(candidate, "uncommitted")
+                rejected.append(candidate)
                 continue
             meta = _read_meta(step_dir)
             if meta is None:
-                self._reject(step, "unreadable meta")
-                rejected.append(step)
+                reject(candidate, "unreadable meta")
+                rejected.append(candidate)
                 continue
             _check_compatible(meta, expected_meta, str(step_dir))
-            restored, problem = self._restore_step(step, abstract_state, meta)
+            restored, problem = self._restore_step(candidate, abstract_state, meta)
             if distributed.any_host(problem is not None):
-                self._reject(step, problem or "damaged on another host")
-                rejected.append(step)
+                reject(candidate, problem or "damaged on another host")
+                rejected.append(candidate)
                 continue
             if rejected:
                 logging.warning(
-                    "Resuming from step %d, older than the rejected steps %s.", step, rejected
+                    "Resuming from step %d, older than the rejected steps %s.", candidate, rejected
                 )
-            return restored, step, meta
+            return restored, candidate, meta
         rejected += [p.name for p in self.directory.glob("*.rejected-*")]
         if rejected:
             # Starting from scratch here would quietly throw away a run: make the user decide.
             raise NoUsableCheckpoint(
                 f"no usable checkpoint in {self.directory}: {rejected} are damaged or incomplete "
-                "(moved aside as *.rejected-*); inspect them, or start in a new workdir"
+                "(moved aside as *.rejected-* unless read-only); inspect them, or start in a new "
+                "workdir"
             )
         return None
 
@@ -275,11 +320,52 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except  # any damage: reject the step
             logging.warning("Restoring step %d failed: %s", step, e)
             return None, "unreadable"
-        saved = np.asarray(meta.get("digest", []), np.uint32)
-        actual = np.asarray(digest(restored))
-        if saved.shape != actual.shape or not np.array_equal(saved, actual):
+        if meta.get("digest") != digest_by_path(restored):
             return None, "digest mismatch"
         return restored, None
+
+
+def _read_numpy(item_dir: epath.Path) -> dict:
+    """An Orbax PyTree item as nested dicts of numpy arrays (any saved device layout)."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(item_dir).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(
+            item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+        )
+
+
+def read_trusted(directory: str, step: int | None = None) -> tuple[dict, dict, int]:
+    """(state as numpy nested dicts, meta, step) of the newest, or the given, trustworthy step.
+
+    `directory` is a run's workdir or its checkpoints folder. Read-only and for one process:
+    an untrustworthy step (uncommitted, foreign, unreadable, digest mismatch) is skipped with a
+    warning, never moved. Raises NoUsableCheckpoint when nothing qualifies.
+    """
+    root = epath.Path(directory)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if not root.is_dir():
+        raise NoUsableCheckpoint(f"{directory} is neither a workdir nor a checkpoints folder")
+    found = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+    candidates = found if step is None else [s for s in found if s == step]
+    for candidate in candidates:
+        step_dir = root / str(candidate)
+        meta = _read_meta(step_dir)
+        if not (step_dir / COMMIT_MARKER).exists() or meta is None or meta.get("format") != FORMAT:
+            logging.warning("Skipping %s: not a committed checkpoint of this project.", step_dir)
+            continue
+        try:
+            tree = _read_numpy(step_dir / "state")
+        except Exception as e:  # pylint: disable=broad-except  # any damage: try an older step
+            logging.warning("Skipping %s: %s", step_dir, e)
+            continue
+        if digest_by_path(tree) != meta.get("digest"):
+            logging.warning("Skipping %s: its arrays do not match their digest.", step_dir)
+            continue
+        return tree, meta, candidate
+    wanted = "a trustworthy checkpoint" if step is None else f"a trustworthy step {step}"
+    raise NoUsableCheckpoint(f"{root} holds no {wanted} (steps found: {found})")
 
 
 def _check_compatible(saved: dict, expected: dict, where: str) -> None:

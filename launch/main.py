@@ -15,6 +15,7 @@ import os
 import posixpath
 import sys
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -57,7 +58,7 @@ def _quiet_libraries(record) -> bool:
     return not chatty or record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
 
 
-def _fail(status: ExitStatus, message: str) -> None:
+def fail(status: ExitStatus, message: str) -> None:
     logging.error("%s", message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(int(status))
@@ -98,11 +99,12 @@ def _use_compilation_cache(jax, directory: str, workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def main(argv):
-    if len(argv) > 1:
-        _fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {argv[1:]}")
+def start_process(config) -> tuple[liveness.StopRequest, dict[str, float]]:
+    """Signals, compilation cache and jax.distributed: what every launcher process does first.
+
+    Returns the stop request (SIGTERM/SIGINT handling from here on) and start-up timings.
+    """
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    config = FLAGS.config
     # First: from here on a SIGTERM is a clean stop, whatever the process is doing.
     stop = liveness.StopRequest(config.distributed.preemption_grace_seconds)
 
@@ -122,9 +124,15 @@ def main(argv):
             initialization_timeout_seconds=config.distributed.initialization_timeout_seconds,
         )
     except (ValueError, distributed.ClusterError) as e:
-        _fail(ExitStatus.BAD_INPUT, str(e))
-    timings = {"startup/distributed_s": time.perf_counter() - start}
+        fail(ExitStatus.BAD_INPUT, str(e))
+    return stop, {"startup/distributed_s": time.perf_counter() - start}
 
+
+def exit_with_status(run: Callable[[], ExitStatus]) -> None:
+    """Runs `run` and exits with its status, or with the status its exception stands for.
+
+    The one place where outcomes and errors become exit statuses (launch/status.py).
+    """
     # Imported after jax.distributed is up: nothing may touch a device before that.
     # pylint: disable=g-import-not-at-top
     import pipeline
@@ -133,12 +141,10 @@ def main(argv):
     from launch.workdir import WorkdirError
 
     try:
-        stop.check()
-        with config.unlocked():
-            result = train.train_and_evaluate(config, FLAGS.workdir, stop, timings)
+        status = run()
     except liveness.StopBeforeStart as e:
         logging.warning("Stopped before training (%s): nothing new to save.", e)
-        sys.exit(int(ExitStatus.PREEMPTED))
+        status = ExitStatus.PREEMPTED
     except (
         ConfigError,
         pipeline.DatasetError,
@@ -146,13 +152,28 @@ def main(argv):
         checkpointing.IncompatibleCheckpoint,
         checkpointing.NoUsableCheckpoint,
     ) as e:
-        _fail(ExitStatus.BAD_INPUT, str(e))
+        fail(ExitStatus.BAD_INPUT, str(e))
     except train.Diverged as e:
-        _fail(ExitStatus.DIVERGED, f"training diverged: {e}")
+        fail(ExitStatus.DIVERGED, f"training diverged: {e}")
     except checkpointing.CheckpointSaveError as e:
-        _fail(ExitStatus.SAVE_FAILED, str(e))
-    status = ExitStatus.FINISHED if result.outcome == "finished" else ExitStatus.PREEMPTED
+        fail(ExitStatus.SAVE_FAILED, str(e))
     sys.exit(int(status))
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    stop, timings = start_process(config)
+    from launch import train  # pylint: disable=g-import-not-at-top
+
+    def run() -> ExitStatus:
+        stop.check()
+        with config.unlocked():
+            result = train.train_and_evaluate(config, FLAGS.workdir, stop, timings)
+        return ExitStatus.FINISHED if result.outcome == "finished" else ExitStatus.PREEMPTED
+
+    exit_with_status(run)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,15 @@ class Writer:
             self._writer.add_scalar(tag, float(value), step)
         record = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}
         line = json.dumps(record) + "\n"
-        if str(self._jsonl).startswith("gs://"):
-            self._lines.append(line)
-            self._jsonl.write_text("".join(self._lines))
-        else:
-            with open(self._jsonl, "a") as f:
-                f.write(line)
+        try:
+            if str(self._jsonl).startswith("gs://"):
+                self._lines.append(line)
+                self._jsonl.write_text("".join(self._lines))
+            else:
+                with open(self._jsonl, "a") as f:
+                    f.write(line)
+        except OSError as e:  # metrics are not worth a run; a full disk stops the next save
+            logging.error("Could not write %s: %s", self._jsonl, e)
 
     def text(self, tag: str, text: str) -> None:
         if self._writer:
@@ -59,7 +62,10 @@ class Writer:
 
     def close(self) -> None:
         if self._writer:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as e:  # must not replace the error that is stopping the run
+                logging.error("Could not flush the TensorBoard events: %s", e)
 
 
 def image_grid_input(local_images: np.ndarray, count: int) -> np.ndarray:

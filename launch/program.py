@@ -81,6 +81,7 @@ class Program:
     graphdef: nnx.GraphDef
     abstract_state: steps_lib.TrainState  # ShapeDtypeStructs, replicated
     schedule: optax.Schedule
+    tx: optax.GradientTransformation
     init: Callable[[], steps_lib.TrainState]
     train_step: Callable  # (state, batch, stop_votes) -> (state, metrics); donates state
     eval_step: Callable  # (state, batch, totals, stop_votes) -> (totals, stop)
@@ -192,6 +193,7 @@ def build_program(
         graphdef=graphdef,
         abstract_state=abstract_state,
         schedule=schedule,
+        tx=tx,
         init=jax.jit(init, out_shardings=replicated),
         train_step=train_step,
         eval_step=eval_step,

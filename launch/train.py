@@ -28,7 +28,9 @@ from absl import logging
 from etils import epath
 
 import pipeline
+import resnet.weights
 from launch import checkpointing
+from launch import inference
 from launch import distributed
 from launch import liveness
 from launch import metrics as metrics_lib
@@ -36,6 +38,7 @@ from launch import plan as plan_lib
 from launch import program as program_lib
 from launch import workdir as workdir_lib
 from launch.plan import ConfigError
+from resnet import steps as steps_lib
 
 FINISHED_MARKER = "FINISHED"
 LAG = 2  # steps in flight beyond the one the host waits for
@@ -188,13 +191,30 @@ def train_and_evaluate(
             state, start_step, saved_meta = restored
             _log_resume(start_step, saved_meta)
         else:
-            state, start_step, saved_meta = program.init(), 0, None
+            state, start_step, saved_meta = _initial_state(config, program), 0, None
         marker = epath.Path(workdir) / FINISHED_MARKER
         if start_step >= plan.num_steps and marker.exists():
             logging.info("The run had already finished (step %d).", start_step)
             return RunResult("finished", start_step, json.loads(marker.read_text()).get("eval", {}))
         history = checkpointing.topology_history(saved_meta, start_step)
-        meta = dict(signature, topology_history=history)
+        meta = dict(
+            signature,
+            topology_history=history,
+            # What tools.export, tools.predict and init_from need to use a step on their own.
+            model=resnet.weights.model_spec(
+                config.model.name,
+                config.model.num_classes,
+                in_channels=train_info.channels,
+                bn_epsilon=config.model.bn_epsilon,
+            ),
+            preprocessing={
+                "mean": list(config.data.mean),
+                "std": list(config.data.std),
+                "image_size": config.data.image_size,
+                "eval_crop_fraction": config.data.eval_crop_fraction,
+            },
+            class_names=list(train_info.class_names),
+        )
         phase("restore")
 
         # 3. Input from the restored step; its first batches load while compilation finishes.
@@ -282,6 +302,41 @@ def _compile(program, plan, image_size: int, ckpt, with_eval: bool):
     eval_step = program.compile_eval_step(plan.eval_batch, image_size) if with_eval else None
     ckpt.prepare(program.abstract_state)
     return (train_step, eval_step), time.perf_counter() - start
+
+
+def _initial_state(config, program: program_lib.Program):
+    """Random initialisation, or the parameters and statistics of `model.init_from`."""
+    source = config.model.init_from
+    if not source:
+        return program.init()
+    step = config.model.init_from_step if config.model.init_from_step >= 0 else None
+    try:
+        weights = inference.load_weights(source, step)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config.model.init_from={source}: {e}") from None
+    for key, ours in (("name", config.model.name), ("in_channels", program.channels)):
+        if weights.model[key] != ours:
+            raise ConfigError(
+                f"config.model.init_from={source} holds a model with {key} "
+                f"{weights.model[key]!r}; this run's is {ours!r}"
+            )
+    model = program_lib.build_model(config, program.channels)
+    skip = ()
+    if weights.model["num_classes"] != config.model.num_classes:
+        skip = ("head",)
+        logging.warning(
+            "The classifier head of %s has %d classes, this run %d: it is initialised afresh.",
+            source,
+            weights.model["num_classes"],
+            config.model.num_classes,
+        )
+    try:
+        resnet.weights.assign(model, weights, skip=skip)
+    except ValueError as e:
+        raise ConfigError(f"config.model.init_from={source}: {e}") from None
+    logging.info("Parameters and BatchNorm statistics initialised from %s.", source)
+    _, state = steps_lib.init_state(model, program.tx)  # fresh optimizer state, step 0
+    return jax.device_put(state, program.replicated)
 
 
 def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock | None:
@@ -382,6 +437,8 @@ def _loop(run: _Run, state, start_step: int) -> RunResult:
     step = start_step
     stop.training_started()
     watchdog.start()
+    if run.config.eval.at_start and start_step == 0 and run_eval(0) is None:
+        return preempted(0)
     startup_end = time.perf_counter()
     while step < plan.num_steps:
         wait_start = time.perf_counter()

@@ -44,6 +44,7 @@ def train_batches(
         crop_scale=tuple(data_config.crop_scale),
         crop_ratio=tuple(data_config.crop_ratio),
         random_flip=data_config.random_flip,
+        scaled_decode=data_config.scaled_decode,
     )
     host_data = dataset.train_dataset(
         info,
@@ -77,6 +78,7 @@ class EvalBatches:
             global_batch_size=global_batch_size,
             image_size=data_config.image_size,
             crop_fraction=data_config.eval_crop_fraction,
+            scaled_decode=data_config.scaled_decode,
             num_workers=data_config.num_workers,
             num_threads=data_config.num_threads,
         )

@@ -231,6 +231,14 @@ def _complete_model_spec(spec: dict[str, Any], abstract: nnx.Module) -> dict[str
     return {k: spec[k] for k in MODEL_KEYS}
 
 
+def model_spec(name: str, num_classes: int, **options) -> dict[str, Any]:
+    """model.json's `model` for `resnet.create_model(name, num_classes=..., **options)`:
+    the stored options (those that change the function), defaults written out."""
+    stored = {k: options[k] for k in MODEL_OPTIONS if k in options}
+    spec = _check_model_spec({"name": name, "num_classes": num_classes, **stored}, "model_spec")
+    return _complete_model_spec(spec, _abstract_model(spec))
+
+
 def _check_preprocessing(pre: Any, in_channels: int, where: str) -> dict[str, Any]:
     if not isinstance(pre, Mapping):
         raise ValueError(f"{where}: 'preprocessing' must be an object, got {type(pre).__name__}")
@@ -547,6 +555,7 @@ def load_for_inference(path: str | os.PathLike, dtype: Any = jnp.float32, **opti
 
 __all__ = [
     "FORMAT",
+    "model_spec",
     "VERSION",
     "Predictor",
     "Weights",

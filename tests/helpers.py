@@ -32,6 +32,23 @@ def make_mnist_subset(directory: str, first: int, count: int) -> str:
     return directory
 
 
+def rgb_copy(data_dir: str, root) -> str:
+    """The same digits as 3-channel PNGs in an imagefolder under `root`, converted."""
+    from pipeline import dataset, records, transforms  # pylint: disable=g-import-not-at-top
+
+    info = dataset.load_info(data_dir)
+    source = dataset.grain.sources.ArrayRecordDataSource(list(info.shard_paths))
+    folder = os.path.join(root, "rgb-images")
+    for i in range(len(source)):
+        example = records.decode_example(source[i])
+        image = transforms.decode_image(example.image, 3)
+        os.makedirs(os.path.join(folder, str(example.label)), exist_ok=True)
+        image.save(os.path.join(folder, str(example.label), f"{example.example_id:05d}.png"))
+    out = os.path.join(root, "rgb")
+    conversion.convert("imagefolder", folder, out, progress=False)
+    return out
+
+
 def child_env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -76,22 +93,29 @@ def tiny_config(train_dir: str, eval_dir: str, **overrides):
     return config
 
 
-def launcher_command(args: list[str], processes: int, devices: int) -> list[str]:
+def launcher_command(
+    args: list[str], processes: int, devices: int, module: str = "launch.main"
+) -> list[str]:
     """The real launcher: directly for one process, through local_cluster for more."""
     if processes == 1:
-        return [sys.executable, "-m", "launch.main", *args]
+        return [sys.executable, "-m", module, *args]
     return [
         sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
-        f"--devices_per_process={devices}", "--", *args,
+        f"--devices_per_process={devices}", f"--module={module}", "--", *args,
     ]  # fmt: skip
 
 
 def launch(
-    args: list[str], *, processes: int = 1, devices: int = 4, timeout: float = 300
+    args: list[str],
+    *,
+    processes: int = 1,
+    devices: int = 4,
+    timeout: float = 300,
+    module: str = "launch.main",
 ) -> subprocess.CompletedProcess:
-    """Runs the launcher to completion, capturing stdout and stderr."""
+    """Runs the launcher (or `module`, e.g. launch.evaluate) to completion, capturing output."""
     return subprocess.run(
-        launcher_command(args, processes, devices), cwd=REPO, env=child_env(devices),
+        launcher_command(args, processes, devices, module), cwd=REPO, env=child_env(devices),
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 

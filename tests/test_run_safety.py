@@ -14,7 +14,6 @@ import pytest
 
 from launch import train
 from launch.status import ExitStatus
-from pipeline import conversion
 from tests import helpers
 
 pytestmark = pytest.mark.slow
@@ -111,27 +110,10 @@ def test_unusable_workdirs_are_one_line_errors(data, tmp_path):
     assert "is not writable" in run.stderr and "Traceback" not in run.stderr
 
 
-def _rgb_copy_of(data_dir: str, root) -> str:
-    """The same digits as 3-channel PNGs in an imagefolder, converted."""
-    folder = root / "rgb-images"
-    from pipeline import dataset, records, transforms  # pylint: disable=g-import-not-at-top
-
-    info = dataset.load_info(data_dir)
-    source = dataset.grain.sources.ArrayRecordDataSource(list(info.shard_paths))
-    for i in range(len(source)):
-        example = records.decode_example(source[i])
-        image = transforms.decode_image(example.image, 3)
-        os.makedirs(folder / str(example.label), exist_ok=True)
-        image.save(folder / str(example.label) / f"{example.example_id:05d}.png")
-    out = str(root / "rgb")
-    conversion.convert("imagefolder", str(folder), out, progress=False)
-    return out
-
-
 def test_a_config_change_of_parameter_shapes_is_refused_untouched(data, finished, tmp_path):
     workdir = _copy(finished, tmp_path)
     before = _listing(workdir)
-    rgb_train = _rgb_copy_of(data[0], tmp_path)
+    rgb_train = helpers.rgb_copy(data[0], tmp_path)
     args = helpers.tiny_run_args(rgb_train, "", workdir)
     args += ["--config.data.mean=(33.3,33.3,33.3)", "--config.data.std=(78.6,78.6,78.6)"]
     run = helpers.launch(args, timeout=120)

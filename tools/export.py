@@ -1,0 +1,66 @@
+r"""Exports a run's parameters for inference: no optimizer state, float32 or bfloat16.
+
+    python -m tools.export --workdir=/runs/r50 --output=/models/r50 [--step=N] [--dtype=bfloat16]
+
+Reads the newest trustworthy checkpoint of the run (or `--step`), checked against its digest
+as a resume would, and writes a `resnet.weights` directory: model.json (the model, its input
+preprocessing and class names) and the arrays. Use it from Python:
+
+    import resnet.weights
+    predict = resnet.weights.load_for_inference("/models/r50")
+    logits = predict(images)  # uint8 (N, H, W, C), prepared like the eval transform
+
+or with `python -m tools.predict --weights=/models/r50 IMAGE...`. Expected failures (no
+trustworthy checkpoint, an existing output) print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints folder).")
+flags.DEFINE_string("output", None, "New weights directory (must not exist).")
+flags.DEFINE_integer("step", None, "Export this step (default: the newest trustworthy one).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype of the arrays.")
+flags.mark_flags_as_required(["workdir", "output"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # pylint: disable=g-import-not-at-top
+    import resnet.weights
+    from launch import checkpointing, inference
+
+    try:
+        weights = inference.weights_from_checkpoint(FLAGS.workdir, FLAGS.step)
+        resnet.weights.save(
+            FLAGS.output,
+            model=weights.model,
+            params=weights.params,
+            batch_stats=weights.batch_stats,
+            preprocessing=weights.preprocessing,
+            class_names=weights.class_names,
+            dtype=FLAGS.dtype,
+            metadata=weights.metadata,
+        )
+    except (
+        checkpointing.NoUsableCheckpoint,
+        checkpointing.IncompatibleCheckpoint,
+        FileExistsError,
+        ValueError,
+    ) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 1
+    step = weights.metadata["step"]
+    model = weights.model["name"]
+    print(f"exported step {step} of {FLAGS.workdir} ({model}, {FLAGS.dtype}) to {FLAGS.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
