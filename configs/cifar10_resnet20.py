@@ -15,9 +15,10 @@ def get_config():
     config.data.train_dir = "data/cifar10/train"
     config.data.eval_dir = "data/cifar10/test"
     config.data.image_size = 32
-    # The paper's augmentation: 4-pixel padding and a 32x32 crop, approximated by a mild
-    # random-resized-crop, plus flips.
-    config.data.crop_scale = (0.64, 1.0)
+    # The paper's augmentation exactly: 4-pixel zero padding, a random 32x32 crop and flips,
+    # on the device from the raw pixels (CIFAR converts to raw records by default).
+    config.data.augment_on_device = True
+    config.data.device_crop_padding = 4
     config.data.eval_crop_fraction = 1.0
     config.data.mean = (125.3, 123.0, 113.9)
     config.data.std = (63.0, 62.1, 66.7)

@@ -41,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
     # JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the crop still has 1.25x the output's
     # pixels (PSNR >= 35 dB against a full decode; docs/benchmarks.md). False: always full.
     data.scaled_decode = True
+    # Raw datasets of one image size (MNIST, CIFAR): the host sends the stored pixels and the
+    # train step pads by device_crop_padding, crops back and flips (random_flip) on the
+    # device, from (seed, step, example id). crop_scale/crop_ratio are then unused, and
+    # image_size must be the stored size.
+    data.augment_on_device = False
+    data.device_crop_padding = 4
     data.mean = (123.675, 116.28, 103.53)  # per-channel pixel mean, 0..255 scale
     data.std = (58.395, 57.12, 57.375)  # per-channel pixel standard deviation
     data.num_workers = 0  # Grain decoding processes per host (0: decode in threads)

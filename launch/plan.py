@@ -15,6 +15,7 @@ import ml_collections
 
 from launch import distributed
 from pipeline import dataset as dataset_lib
+from pipeline import records
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,21 @@ def check_data(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Datase
             )
     if config.data.image_size <= 0:
         raise ConfigError(f"config.data.image_size={config.data.image_size} must be positive")
+    if config.data.augment_on_device:
+        shape = train.image_shape
+        if train.encoding != records.RAW or shape is None:
+            raise ConfigError(
+                f"config.data.augment_on_device needs raw records of one image size; "
+                f"{train.data_dir} is {train.encoding!r} (convert it with --encoding=raw)"
+            )
+        if tuple(shape[:2]) != (config.data.image_size,) * 2:
+            raise ConfigError(
+                f"config.data.augment_on_device crops back to the stored size, "
+                f"{shape[0]}x{shape[1]} in {train.data_dir}: set config.data.image_size="
+                f"{shape[0]} (square images only)"
+            )
+        if config.data.device_crop_padding < 0:
+            raise ConfigError("config.data.device_crop_padding must not be negative")
 
 
 def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.DatasetInfo | None):

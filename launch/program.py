@@ -9,6 +9,7 @@ the train step donates the state, so XLA updates it in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from jax.sharding import Mesh
 import resnet
 from launch import distributed
 from launch.plan import ConfigError
+from pipeline import device_augment
 from resnet import steps as steps_lib
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -82,6 +84,7 @@ class Program:
     abstract_state: steps_lib.TrainState  # ShapeDtypeStructs, replicated
     schedule: optax.Schedule
     tx: optax.GradientTransformation
+    ids_on_device: bool  # train batches carry example ids (augmentation on the device)
     init: Callable[[], steps_lib.TrainState]
     train_step: Callable  # (state, batch, stop_votes) -> (state, metrics); donates state
     eval_step: Callable  # (state, batch, totals, stop_votes) -> (totals, stop)
@@ -116,6 +119,8 @@ class Program:
         }
         if eval_:
             batch["mask"] = spec((global_batch,), jnp.float32)
+        elif self.ids_on_device:
+            batch["example_id"] = spec((global_batch,), jnp.int32)
         return batch
 
     def zero_eval_totals(self) -> dict[str, jax.Array]:
@@ -174,9 +179,22 @@ def build_program(
         std=tuple(config.data.std),
         compute_dtype=jnp.dtype(config.model.dtype),
     )
+    augment = None
+    if config.data.augment_on_device:
+        augment = functools.partial(
+            device_augment.pad_crop_flip,
+            seed=config.train.seed,
+            pad=config.data.device_crop_padding,
+            flip=config.data.random_flip,
+        )
     train_step = jax.jit(
         steps_lib.make_train_step(
-            graphdef, tx, schedule, label_smoothing=config.train.label_smoothing, **compute
+            graphdef,
+            tx,
+            schedule,
+            label_smoothing=config.train.label_smoothing,
+            augment=augment,
+            **compute,
         ),
         in_shardings=(replicated, batch_sharding, batch_sharding),
         out_shardings=(replicated, replicated),
@@ -194,6 +212,7 @@ def build_program(
         abstract_state=abstract_state,
         schedule=schedule,
         tx=tx,
+        ids_on_device=augment is not None,
         init=jax.jit(init, out_shardings=replicated),
         train_step=train_step,
         eval_step=eval_step,

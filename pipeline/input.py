@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 
 from pipeline import dataset
@@ -56,10 +57,19 @@ def train_batches(
         augmentation=augmentation,
         num_workers=data_config.num_workers,
         num_threads=data_config.num_threads,
+        augment=not data_config.augment_on_device,
     )
+    fields = TRAIN_FIELDS
+    if data_config.augment_on_device:  # the step needs the ids: its randomness is per example
+        host_data = host_data.map(_int32_ids)
+        fields += ("example_id",)
     return global_batches.DeviceIterator(
-        host_data, sharding, global_batch_size, data_config.prefetch, TRAIN_FIELDS
+        host_data, sharding, global_batch_size, data_config.prefetch, fields
     )
+
+
+def _int32_ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(batch, example_id=batch["example_id"].astype(np.int32))  # jax has no int64
 
 
 class EvalBatches:

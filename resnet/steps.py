@@ -116,11 +116,13 @@ def make_train_step(
     std,
     compute_dtype,
     label_smoothing: float,
+    augment: Callable | None = None,
 ) -> Callable:
     """Returns `train_step(state, batch, stop_votes) -> (state, metrics)`; jit it with donation.
 
     `stop_votes` holds one int32 per device (1 where that device's host was asked to stop);
-    `metrics["stop"]` is their maximum, the same on every host.
+    `metrics["stop"]` is their maximum, the same on every host. `augment(images,
+    example_ids, step)`, when given, runs on the device first (batch["example_id"] needed).
 
     A step whose loss, gradients or updated parameters are not finite leaves parameters,
     statistics and optimizer state untouched and only counts itself, so a checkpoint never
@@ -128,7 +130,10 @@ def make_train_step(
     """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], stop_votes: jax.Array):
-        images = normalize(batch["image"], mean, std, compute_dtype)
+        images = batch["image"]
+        if augment is not None:
+            images = augment(images, batch["example_id"], state.step)
+        images = normalize(images, mean, std, compute_dtype)
         labels = batch["label"]
 
         def loss_fn(params, batch_stats):
