@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from etils import epath
 
 from launch import main as launcher  # the launcher's flags: --config, --workdir, cluster flags
@@ -47,7 +45,11 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     program = program_lib.build_program(
-        config, distributed.make_mesh(), channels=eval_info.channels, steps_per_epoch=1000, num_steps=100_000
+        config,
+        distributed.make_mesh(),
+        channels=eval_info.channels,
+        steps_per_epoch=1000,
+        num_steps=100_000,
     )
     ckpt = checkpointing.Checkpointer(
         str(epath.Path(workdir) / "checkpoints"),

@@ -21,8 +21,7 @@ import threading
 import time
 
 import portpicker
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from launch.status import ExitStatus
 

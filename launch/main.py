@@ -15,15 +15,12 @@ import os
 import posixpath
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch import distributed
-from launch import liveness
+from launch import distributed, liveness
 from launch.status import ExitStatus
 
 FLAGS = flags.FLAGS

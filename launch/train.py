@@ -29,10 +29,7 @@ from etils import epath
 
 import pipeline
 import resnet.weights
-from launch import checkpointing
-from launch import inference
-from launch import distributed
-from launch import liveness
+from launch import checkpointing, distributed, inference, liveness
 from launch import metrics as metrics_lib
 from launch import plan as plan_lib
 from launch import program as program_lib

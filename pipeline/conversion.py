@@ -47,12 +47,13 @@ import shutil
 import struct
 import sys
 import time
-from typing import Any, Callable
 import warnings
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 from absl import logging
 from array_record.python import array_record_module
-import numpy as np
 from PIL import Image
 
 from pipeline import records

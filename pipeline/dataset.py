@@ -24,13 +24,12 @@ import dataclasses
 import functools
 import os
 
-from array_record.python import array_record_module
 import grain
 import numpy as np
 from absl import flags
+from array_record.python import array_record_module
 
-from pipeline import records
-from pipeline import transforms
+from pipeline import records, transforms
 
 _SHUFFLE_STREAM = 1
 _AUGMENT_STREAM = 2
@@ -222,6 +221,12 @@ def _check_rows(rows: np.ndarray, global_batch_size: int) -> np.ndarray:
     return rows
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_records: int) -> np.ndarray:
+    """The epoch's global order of records: a permutation drawn from (seed, epoch)."""
+    return np.random.default_rng((seed, _SHUFFLE_STREAM, epoch)).permutation(num_records)
+
+
 class _TrainExample:
     """Maps a flat (step, row) index to an augmented example. Picklable for workers."""
 
@@ -250,10 +255,8 @@ class _TrainExample:
         self._seed = seed
         self._aug = augmentation
 
-    @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng((self._seed, _SHUFFLE_STREAM, epoch))
-        return rng.permutation(self._num_records)
+        return _epoch_order(self._seed, epoch, self._num_records)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         step, row = divmod(int(index), len(self._rows))
@@ -299,10 +302,8 @@ class _RawTrainBatch:
         self._seed = seed
         self._shape = tuple(info.image_shape)
 
-    @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng((self._seed, _SHUFFLE_STREAM, epoch))
-        return rng.permutation(self._num_records)
+        return _epoch_order(self._seed, epoch, self._num_records)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         epoch, step_in_epoch = divmod(int(step), self._steps_per_epoch)

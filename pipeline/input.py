@@ -13,15 +13,13 @@ depend on how many hosts or devices there are, nor on where a run was resumed.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from pipeline import dataset
-from pipeline import global_batches
-from pipeline import transforms
+from pipeline import dataset, global_batches, transforms
 
 # What the devices need; example ids stay on the host (int64, and no use to the step).
 TRAIN_FIELDS = ("image", "label")

@@ -15,8 +15,8 @@ random draws, same geometry); then the image is decoded at the smallest scale th
 leaves the crop at least `image_size` pixels in both dimensions (with a margin,
 DCT_SCALE_MARGIN), the box is mapped onto the reduced image and the crop is resized as
 before. With `image_size`=224 that happens when the crop is at least 560 px on its shorter
-side: large photos and the multi-megapixel tail, where decoding costs most. docs/benchmarks.md gives the speed and the fidelity (PSNR against the
-full decode).
+side: large photos and the multi-megapixel tail, where decoding costs most.
+docs/benchmarks.md gives the speed and the fidelity (PSNR against the full decode).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
-from PIL import JpegImagePlugin
+from PIL import Image, JpegImagePlugin
 
 from pipeline import records
 

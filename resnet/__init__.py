@@ -12,7 +12,8 @@ Options accepted by every constructor (keyword-only): `shortcut` ("projection" o
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx

@@ -10,7 +10,8 @@ any number of devices (unlike per-device "ghost" batches).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

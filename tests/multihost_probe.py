@@ -5,8 +5,7 @@ import json
 import os
 
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 
 flags.DEFINE_string("train_dir", None, "Train dataset.")
 flags.DEFINE_string("eval_dir", None, "Eval dataset.")
@@ -32,6 +31,7 @@ def main(_):
     )
     import jax  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     from pipeline import dataset, global_batches, transforms  # pylint: disable=g-import-not-at-top
 
     mesh = distributed.make_mesh()

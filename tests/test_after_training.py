@@ -12,12 +12,10 @@ import pytest
 import torch
 
 import resnet.weights
-from launch import inference
-from launch import train
+from launch import inference, train
 from launch.status import ExitStatus
 from pipeline import dataset, records, transforms
-from tests import helpers
-from tests import torch_reference
+from tests import helpers, torch_reference
 from tools import import_torchvision
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,7 @@ import sys
 
 import pytest
 
-from tools import bench_suite
-from tools import profile_summary
+from tools import bench_suite, profile_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

@@ -17,8 +17,7 @@ from launch import program as program_lib
 from launch import train
 from launch.status import ExitStatus
 from pipeline import dataset as dataset_lib
-from pipeline import records
-from pipeline import transforms
+from pipeline import records, transforms
 from resnet import steps as steps_lib
 from tests import helpers
 

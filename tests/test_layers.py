@@ -103,7 +103,7 @@ def test_bfloat16_keeps_per_channel_maths_in_float32():
         module.scale[...] = jnp.linspace(0.5, 2.0, 6)
         graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
 
-        def loss(params, x):
+        def loss(params, x, graphdef=graphdef, stats=stats):
             m = nnx.merge(graphdef, params, stats, copy=True)
             y = m(x, use_running_average=False)
             return jnp.sum(y.astype(jnp.float32) * weights), (y, nnx.state(m, nnx.BatchStat))
@@ -165,7 +165,9 @@ def test_model_state_is_the_same_for_either_implementation(name):
     shapes = {}
     for kind in resnet.BATCH_NORMS:
         model = nnx.eval_shape(
-            lambda: resnet.create_model(name, num_classes=10, rngs=nnx.Rngs(0), batch_norm=kind)
+            lambda kind=kind: resnet.create_model(
+                name, num_classes=10, rngs=nnx.Rngs(0), batch_norm=kind
+            )
         )
         shapes[kind] = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(model))
     assert shapes["fused"] == shapes["flax"]
@@ -209,7 +211,7 @@ def test_max_pool_choice_gives_the_same_model():
         model = resnet.resnet18(num_classes=4, rngs=nnx.Rngs(0), max_pool=kind)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-        def loss(params):
+        def loss(params, graphdef=graphdef, rest=rest):
             return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, True) ** 2)
 
         outputs[kind] = jax.jit(jax.value_and_grad(loss))(params)

@@ -13,14 +13,13 @@ import subprocess
 import sys
 import zlib
 
-from array_record.python.array_record_data_source import ArrayRecordDataSource
 import numpy as np
-from PIL import Image
 import pytest
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from PIL import Image
 
-from pipeline import records
 from pipeline import conversion as mar
-from pipeline import transforms
+from pipeline import records, transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -533,7 +532,7 @@ def test_symlinks_never_duplicate_a_file_or_give_it_two_labels(tmp_path):
         ext / "d": ["d0", "d1"],
     }.items():
         os.makedirs(folder)
-        for i, name in enumerate(names):
+        for name in names:
             Image.fromarray(_pixels(len(content), (4, 4))).save(folder / f"{name}.png")
             content[name] = (folder / f"{name}.png").read_bytes()
     links = {

@@ -8,15 +8,12 @@ import shutil
 import subprocess
 import sys
 
-from array_record.python import array_record_module
 import numpy as np
-from PIL import Image
 import pytest
+from array_record.python import array_record_module
+from PIL import Image
 
-from pipeline import conversion
-from pipeline import dataset
-from pipeline import records
-from pipeline import transforms
+from pipeline import conversion, dataset, records, transforms
 from tests import helpers
 
 AUG = transforms.Augmentation(image_size=12, channels=1, crop_scale=(0.5, 1.0), random_flip=False)

@@ -42,8 +42,7 @@ import time
 import pytest
 
 from launch import distributed
-from tests import helpers
-from tests import slurm_cluster
+from tests import helpers, slurm_cluster
 
 REPO = helpers.REPO
 SBATCH = os.path.join(REPO, "tools", "slurm_train.sbatch")

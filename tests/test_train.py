@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from configs import resnet50_imagenet
-from launch import distributed
+from launch import distributed, train
 from launch import plan as plan_lib
 from launch import program as program_lib
-from launch import train
 from launch.plan import ConfigError
 from pipeline import dataset as dataset_lib
 from tests import helpers

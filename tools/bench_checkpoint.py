@@ -16,8 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 flags.DEFINE_integer("steps", 60, "Training steps per run.")
 flags.DEFINE_integer("every", 10, "Save every this many steps.")

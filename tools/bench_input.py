@@ -31,18 +31,13 @@ import random
 import tempfile
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
 import grain
 import numpy as np
-from PIL import Image
 import psutil  # a dependency of orbax-checkpoint and portpicker
+from absl import app, flags, logging
+from PIL import Image
 
-from pipeline import conversion
-from pipeline import dataset
-from pipeline import records
-from pipeline import transforms
+from pipeline import conversion, dataset, records, transforms
 from tools import photo_like
 
 # Commonly cited per-core decode + augment rates for ImageNet JPEGs at 224 px.

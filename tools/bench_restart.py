@@ -21,8 +21,7 @@ import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 flags.DEFINE_integer("processes", 2, "Launcher processes.")
 flags.DEFINE_integer("devices", 2, "CPU devices per process.")

@@ -24,11 +24,9 @@ import statistics
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from tools import profile_summary
-from tools import xla_env
+from tools import profile_summary, xla_env
 
 # Dense bf16 TFLOP/s by device kind (first substring match wins: most specific first).
 PEAK_TFLOPS = (

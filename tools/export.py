@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints folder).")
 flags.DEFINE_string("output", None, "New weights directory (must not exist).")

@@ -35,11 +35,11 @@ import hashlib
 import os
 import pickle
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 from flax import nnx
 
 import resnet

@@ -18,8 +18,7 @@ import os
 import subprocess
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 flags.DEFINE_integer("programs", 300, "Programs dispatched per try.")
 flags.DEFINE_list("in_flight", ["0", "2"], "0: unbounded; N: wait for the program N back.")

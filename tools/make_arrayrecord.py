@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from pipeline.conversion import (
     DEFAULT_MAX_PIXELS,

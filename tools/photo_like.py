@@ -5,11 +5,11 @@
 Content: crops and rescales of real photographs that ship inside installable packages
 (scikit-image's `skimage/data` and scikit-learn's `load_sample_images` files, read as files,
 without importing either package), sharpened after the rescale, with a colour and exposure
-jitter and a little sensor-like noise, so that the JPEGs have the statistics (smooth regions, edges, texture) and so the
-entropy-coded size and decode cost of photos, unlike noise or gradients. Without either
-package, seeds are procedural 1/f ("pink") noise fields with a few hard-edged shapes: natural
-images have a roughly 1/f amplitude spectrum, which white noise does not. `sources` in the
-manifest says which were used.
+jitter and a little sensor-like noise, so that the JPEGs have the statistics (smooth
+regions, edges, texture) and so the entropy-coded size and decode cost of photos, unlike
+noise or gradients. Without either package, seeds are procedural 1/f ("pink") noise fields
+with a few hard-edged shapes: natural images have a roughly 1/f amplitude spectrum, which
+white noise does not. `sources` in the manifest says which were used.
 
 Shape (a stand-in for ImageNet train, not measured from it; see docs/benchmarks.md): most
 images have a longer side of 500 px (500x375, 500x333 and portraits), some are smaller,
@@ -31,11 +31,9 @@ import math
 import os
 import pickle
 
-from absl import app
-from absl import flags
 import numpy as np
-from PIL import Image
-from PIL import ImageFilter
+from absl import app, flags
+from PIL import Image, ImageFilter
 
 # Real photographs shipped inside packages: (package, path inside it).
 SEED_PHOTOS = (

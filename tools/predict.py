@@ -16,8 +16,7 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "A run's workdir: its newest trustworthy checkpoint.")
 flags.DEFINE_string(
@@ -74,6 +73,7 @@ def prepare(path: str, preprocessing: dict, channels: int):
 def predict(weights, files: list[str], top: int, batch_size: int) -> list[dict]:
     # pylint: disable=g-import-not-at-top
     import numpy as np
+
     import resnet.weights
 
     predictor = resnet.weights.Predictor(weights)

@@ -19,8 +19,7 @@ import os
 import re
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 # Event stats that name an op's kind, in order of preference (XLA GPU profiler names).
 _KIND_STATS = ("hlo_category", "category")
