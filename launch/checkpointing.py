@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -136,7 +137,8 @@ class Checkpointer:
             create=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
-        self._pre_save_checks = _pre_save_checks
+        # Jitted; prepare() replaces it with the version compiled ahead of time.
+        self._pre_save_checks: Callable[[Any], Any] = _pre_save_checks
         self._paths: list[str] | None = None
         self._pending_step: int | None = None  # saved, commit not yet confirmed
 
@@ -274,7 +276,7 @@ class Checkpointer:
                     f"{self.directory} has no checkpoint of step {step} (it has {steps_found})"
                 )
             steps_found = [step]
-        reject = self._reject
+        reject: Callable[[int, str], None] = self._reject
         if self._read_only:
             reject = lambda s, why: logging.warning(
                 "Checkpoint step %d is not usable (%s).", s, why

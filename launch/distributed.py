@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from absl import logging
@@ -126,20 +128,21 @@ def initialize(
     """
     import os  # pylint: disable=g-import-not-at-top
 
-    timeouts = dict(
+    init = functools.partial(
+        jax.distributed.initialize,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
         initialization_timeout=initialization_timeout_seconds,
     )
     if coordinator_address or num_processes or process_id is not None:
         if not (coordinator_address and num_processes and process_id is not None):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
+        init(coordinator_address, num_processes, process_id)
         _check_and_log_devices(0, "")
         return
     # JAX_LOCAL_DEVICE_IDS: the user's own choice, which JAX reads itself.
     slurm = None if "JAX_LOCAL_DEVICE_IDS" in os.environ else slurm_devices(dict(os.environ))
     try:
-        jax.distributed.initialize(local_device_ids=slurm and slurm.local_device_ids, **timeouts)
+        init(local_device_ids=None if slurm is None else slurm.local_device_ids)
     except ValueError as e:
         if "coordinator_address" not in str(e):
             raise

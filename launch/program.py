@@ -87,8 +87,8 @@ class Program:
     tx: optax.GradientTransformation
     ids_on_device: bool  # train batches carry example ids (augmentation on the device)
     init: Callable[[], steps_lib.TrainState]
-    train_step: Callable  # (state, batch, stop_votes) -> (state, metrics); donates state
-    eval_step: Callable  # (state, batch, totals, stop_votes) -> (totals, stop)
+    train_step: jax.stages.Wrapped  # (state, batch, stop_votes) -> (state, metrics); donates state
+    eval_step: jax.stages.Wrapped  # (state, batch, totals, stop_votes) -> (totals, stop)
     channels: int
     _votes: dict[bool, jax.Array] = dataclasses.field(default_factory=dict, repr=False)
 

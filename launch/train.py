@@ -318,7 +318,7 @@ def _initial_state(config, program: program_lib.Program):
                 f"{weights.model[key]!r}; this run's is {ours!r}"
             )
     model = program_lib.build_model(config, program.channels)
-    skip = ()
+    skip: tuple[str, ...] = ()
     if weights.model["num_classes"] != config.model.num_classes:
         skip = ("head",)
         logging.warning(

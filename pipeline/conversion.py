@@ -48,8 +48,8 @@ import struct
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 from absl import logging
@@ -96,7 +96,8 @@ MAX_LISTED_SKIPS = 1000  # metadata lists at most this many skipped files (all a
 DEFAULT_MAX_PIXELS = 40_000_000
 # The reader opens records with PIL's default limits: above this PIL warns of a decompression
 # bomb, and refuses twice it, so no record may hold a larger image.
-MAX_PIXELS_LIMIT = Image.MAX_IMAGE_PIXELS
+# PIL types it int | None (None switches the check off); its default, read here, is an int.
+MAX_PIXELS_LIMIT = cast(int, Image.MAX_IMAGE_PIXELS)
 PROGRESS_INTERVAL_S = 5.0  # log lines when stderr is not a terminal
 TTY_PROGRESS_INTERVAL_S = 0.2  # redraws of the progress line on a terminal
 IMAGE_EXTENSIONS = frozenset(
@@ -391,12 +392,15 @@ def _walk_class(
             child_rel = f"{rel}/{entry.name}"
             if not entry.is_dir():  # is_dir follows symlinks
                 files.append((child_rel, child if linked or is_link else None))
-            elif (linked or is_link) and _class_of(child, label_of_real) not in (None, label):
-                other = classes[_class_of(child, label_of_real)]
+            elif (
+                (linked or is_link)
+                and (other := _class_of(child, label_of_real)) is not None
+                and other != label
+            ):
                 logging.warning(
                     "%s: leads into class folder %r (through a symlink); not followed",
                     child_rel,
-                    other,
+                    classes[other],
                 )
             else:
                 subdirs.append((entry.path, child_rel, child, linked or is_link))
@@ -497,7 +501,7 @@ def _list_imagefolder(path: str) -> tuple[list[str], list[tuple[int, int, str | 
         per_class.append(files)
     skip = _resolve_links(per_class, classes, reals, label_of_real)
 
-    items = []
+    items: list[tuple[int, int, str | _Skip]] = []
     for label, files in enumerate(per_class):
         # Ids follow the sorted list of ALL candidates, so a skipped file shifts no other id.
         for rel, _ in files:
@@ -557,9 +561,11 @@ def _find_mnist(path: str, prefix: str) -> tuple[str, str] | None:
         return None
 
     images, labels = first("images", "idx3"), first("labels", "idx1")
-    if images and not labels:
+    if not images:
+        return None
+    if not labels:
         raise ConversionError(f"found {images} but no {prefix}-labels-idx1-ubyte[.gz] next to it")
-    return (images, labels) if images else None
+    return images, labels
 
 
 def _read_mnist(path: str, split: str | None) -> _Source:
@@ -710,7 +716,8 @@ def _read_cifar(path: str, split: str | None, fmt: str) -> _Source:
     )
 
 
-_READERS = {  # imagefolder, the one with options, is called by name
+# imagefolder, the one with options, is called by name.
+_READERS: dict[str, Callable[[str, str | None], _Source]] = {
     "mnist": _read_mnist,
     "cifar10": functools.partial(_read_cifar, fmt="cifar10"),
     "cifar100": functools.partial(_read_cifar, fmt="cifar100"),
@@ -819,7 +826,7 @@ def _write_shards(
     bounds = [len(items) * s // num_shards for s in range(num_shards + 1)]
     shards = [records.SHARD_PATTERN.format(index=s, count=num_shards) for s in range(num_shards)]
     sizes, image_formats, skipped, downscaled = [0] * num_shards, set(), [], []
-    class_counts = collections.Counter()
+    class_counts: collections.Counter[int] = collections.Counter()
     stored = []  # (width, height, bytes) of every image written
     first_shape = None  # raw: (name, shape) of the first image, which every other must match
     writer, shard = None, -1
@@ -857,6 +864,7 @@ def _write_shards(
                                 "(--shorter_side/--max_side) only if that makes them equal, "
                                 "resize them beforehand, or use --encoding=encoded"
                             )
+                    assert writer is not None  # opened for shard 0 at pos 0, then kept open
                     _array_record(writer.write, records.encode_example(example_id, label, image))
                     sizes[shard] += 1
                     image_formats.add(info)
@@ -888,10 +896,10 @@ def _shape_text(shape: tuple) -> str:
     return f"{width}x{height}" + (" RGB" if channels == 3 else " grayscale")
 
 
-def _distribution(values: list[int]) -> dict:
+def _distribution(values: Sequence[int]) -> dict:
     """Percentiles (actual values, so integers) and the mean of a list of sizes."""
     array = np.asarray(values, dtype=np.int64)
-    out = {
+    out: dict[str, float] = {
         f"p{q}": int(v)
         for q, v in zip(SIZE_PERCENTILES, np.percentile(array, SIZE_PERCENTILES, method="nearest"))
     }
@@ -1047,6 +1055,7 @@ def _publish(tmp: str, output_dir: str, overwrite: bool) -> None:
             os.remove(old)  # the link only: whatever it pointed at is left alone
         else:
             # Only the files this module wrote; rmdir fails if anything else appeared.
+            assert own is not None  # kind is "a dataset": _own_files found one
             for name in own:
                 os.remove(os.path.join(old, name))
             os.rmdir(old)

@@ -239,15 +239,17 @@ class _TrainExample:
         augmentation: transforms.Augmentation,
         augment: bool = True,
     ):
-        if not augment and info.image_shape is None:
-            raise ValueError(
-                f"{info.data_dir!r} has no fixed image_shape: its images cannot be handed over "
-                "unaugmented as one array; convert it with --encoding=raw"
-            )
+        # What an unaugmented hand-over gives: the fixed stored size, the requested channels.
+        self._shape: tuple[int, int, int] | None = None
+        if not augment:
+            if info.image_shape is None:
+                raise ValueError(
+                    f"{info.data_dir!r} has no fixed image_shape: its images cannot be handed "
+                    "over unaugmented as one array; convert it with --encoding=raw"
+                )
+            self._shape = (*info.image_shape[:2], augmentation.channels)
         self._records = _Records(info)
         self._augment = augment
-        # What an unaugmented hand-over gives: the fixed stored size, the requested channels.
-        self._shape = (*info.image_shape[:2], augmentation.channels) if not augment else None
         self._rows = rows
         self._global_batch = global_batch_size
         self._steps_per_epoch = steps_per_epoch(info.num_examples, global_batch_size)
@@ -258,7 +260,7 @@ class _TrainExample:
     def _order(self, epoch: int) -> np.ndarray:
         return _epoch_order(self._seed, epoch, self._num_records)
 
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
+    def __call__(self, index: int) -> dict[str, np.ndarray | np.generic]:
         step, row = divmod(int(index), len(self._rows))
         epoch, step_in_epoch = divmod(step, self._steps_per_epoch)
         position = step_in_epoch * self._global_batch + int(self._rows[row])
@@ -269,9 +271,10 @@ class _TrainExample:
                 rng = np.random.default_rng(
                     (self._seed, _AUGMENT_STREAM, epoch, example.example_id)
                 )
-                image = transforms.open_image(example.image)
-                image = transforms.random_resized_crop(image, self._aug, rng)
+                pil_image = transforms.open_image(example.image)
+                image = transforms.random_resized_crop(pil_image, self._aug, rng)
             else:
+                assert self._shape is not None  # set whenever augment is off
                 image = transforms.stored_pixels(example.image, self._aug.channels)
                 if image.shape != self._shape:
                     raise ValueError(
@@ -300,7 +303,8 @@ class _RawTrainBatch:
         self._steps_per_epoch = steps_per_epoch(info.num_examples, global_batch_size)
         self._num_records = info.num_examples
         self._seed = seed
-        self._shape = tuple(info.image_shape)
+        assert info.image_shape is not None  # raw datasets have one (records.read_metadata)
+        self._shape = info.image_shape
 
     def _order(self, epoch: int) -> np.ndarray:
         return _epoch_order(self._seed, epoch, self._num_records)
@@ -333,7 +337,7 @@ class _EvalExample:
         self._image_size = image_size
         self._crop_fraction = crop_fraction
 
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
+    def __call__(self, index: int) -> dict[str, np.ndarray | np.generic]:
         batch, row = divmod(int(index), len(self._rows))
         position = batch * self._global_batch + int(self._rows[row])
         if position >= self._num_records:  # padding: counted by nobody

@@ -22,6 +22,7 @@ def host_rows(sharding: NamedSharding, global_batch_size: int) -> np.ndarray:
     starts = set()
     rows = []
     for index in indices.values():
+        assert index is not None  # typed Optional, but every device of a NamedSharding has one
         sl = index[0]
         start, stop, _ = sl.indices(global_batch_size)
         if start not in starts:  # replicated devices hold the same rows

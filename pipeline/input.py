@@ -57,7 +57,7 @@ def train_batches(
         num_threads=data_config.num_threads,
         augment=not data_config.augment_on_device,
     )
-    fields = TRAIN_FIELDS
+    fields: tuple[str, ...] = TRAIN_FIELDS
     if data_config.augment_on_device:  # the step needs the ids: its randomness is per example
         host_data = host_data.map(_int32_ids)
         fields += ("example_id",)

@@ -122,7 +122,7 @@ def _crop_resize(
     A JPEG not yet decoded is decoded at a reduced DCT scale when the box allows (see the
     module docstring); anything else is decoded whole, as before.
     """
-    scale = 1
+    scale: float = 1
     if (
         scaled_decode
         and isinstance(image, JpegImagePlugin.JpegImageFile)
@@ -134,11 +134,12 @@ def _crop_resize(
             drafted = image.draft(_mode(channels), (width // scale, height // scale))
             # draft picks the scale; read it back (the reduced image is ceil(size / scale)).
             scale = width / drafted[1][2] if drafted else 1
-            box = tuple(v / scale for v in box)
+            left, top, right, bottom = (v / scale for v in box)
+            box = (left, top, right, bottom)
     if image.mode != _mode(channels):
         image = image.convert(_mode(channels))
     # `box` makes PIL crop and resize in one resampling pass.
-    return image.resize((image_size, image_size), Image.BILINEAR, box=box)
+    return image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
 
 
 def random_box(
@@ -178,7 +179,7 @@ def random_resized_crop(
     return _to_array(out, aug.channels)
 
 
-def center_box(width: int, height: int, crop_fraction: float) -> tuple[float, ...]:
+def center_box(width: int, height: int, crop_fraction: float) -> tuple[float, float, float, float]:
     side = min(width, height) * crop_fraction
     left, top = (width - side) / 2, (height - side) / 2
     return (left, top, left + side, top + side)

@@ -66,7 +66,8 @@ def sgd_optimizer(
 def init_state(
     model: nnx.Module, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # Flax types split() with filters as variadic; it returns one State per filter.
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)  # type: ignore[misc]
     zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the step donates them
     return graphdef, TrainState(
         step=zero(),
@@ -82,9 +83,9 @@ def normalize(
     images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...], dtype: Any
 ) -> jax.Array:
     """uint8 NHWC pixels to normalised `dtype` (done on device: see pipeline.transforms)."""
-    mean = jnp.asarray(mean, jnp.float32)
+    mean_f32 = jnp.asarray(mean, jnp.float32)
     inv_std = 1.0 / jnp.asarray(std, jnp.float32)
-    return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
+    return ((images.astype(jnp.float32) - mean_f32) * inv_std).astype(dtype)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:

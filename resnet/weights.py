@@ -343,7 +343,8 @@ def save(
     except (TypeError, ValueError) as e:
         raise ValueError(f"save: metadata is not JSON-serialisable: {e}") from None
 
-    _, param_state, stat_state = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+    # Flax types split() with filters as variadic; it returns one State per filter.
+    _, param_state, stat_state = nnx.split(abstract, nnx.Param, nnx.BatchStat)  # type: ignore[misc]
     tree = {}
     for name, given, state in (
         ("params", params, param_state),
@@ -483,7 +484,8 @@ def build(weights: Weights, dtype: Any = jnp.float32, **options) -> nnx.Module:
     """
     _check_options(weights, options)
     abstract = _abstract_model(weights.model, dtype, **options)
-    graphdef, params, batch_stats, rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    # Flax types split() with filters as variadic; it returns one State per filter.
+    graphdef, params, batch_stats, rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)  # type: ignore[misc]
     if jax.tree.leaves(rest):
         raise ValueError(f"the model has variables the weights format does not hold: {rest}")
     _fill(params, weights.params, "params")

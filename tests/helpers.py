@@ -180,3 +180,12 @@ def wait_for_line(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
         if needle in line:
             return True
     return False
+
+
+def host_pid(workdir: str, process_id: int) -> int:
+    """The pid of the launcher with this --process_id working on `workdir` (other runs on the
+    machine, even other test sessions, must never be signalled by mistake)."""
+    import re  # pylint: disable=g-import-not-at-top
+
+    pattern = f"launch.main .*--workdir={re.escape(workdir)} .*--process_id={process_id}$"
+    return int(subprocess.check_output(["pgrep", "-f", pattern], text=True).split()[0])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tools import photo_like
@@ -35,6 +36,7 @@ def _check(figures: dict) -> None:
     assert figures["images_per_s"] > 0 and figures["images_per_cpu_s"] > 0
 
 
+@pytest.mark.slow
 def test_peer_mode_times_both_sides_on_the_same_jpegs_with_the_same_workers():
     result = _bench(
         "--photo_like=16",

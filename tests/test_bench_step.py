@@ -49,6 +49,7 @@ def final_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_suite_reports_throughput_flops_hlo_and_profile(tmp_path):
     # The smoke preset runs bench_step twice (fused and flax BatchNorm) through the same
     # driver that a GPU lease runs, so this covers bench_step's own report as well.
@@ -126,6 +127,7 @@ def test_torch_peer_is_skipped_without_torch():
     assert result["images_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_suite_keeps_our_figures_when_the_peer_fails(tmp_path):
     # A torch that breaks on import (as a CUDA mismatch or an inductor crash would mid-run):
     # bench_step exits non-zero, but its figures were printed first and the suite keeps them.

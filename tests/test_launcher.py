@@ -21,6 +21,7 @@ from pipeline import records, transforms
 from resnet import steps as steps_lib
 from tests import helpers
 
+pytestmark = pytest.mark.slow
 STEPS = 8
 
 

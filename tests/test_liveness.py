@@ -143,11 +143,7 @@ def test_local_cluster_kills_what_outlives_its_grace_after_a_signal(data, tmp_pa
     proc = helpers.start(args, processes=2, devices=2)
     seen = []
     assert helpers.wait_for_line(proc, "step 4/400", seen), "".join(seen)[-3000:]
-    frozen = int(
-        subprocess.check_output(["pgrep", "-f", "launch.main .*process_id=1$"], text=True).split()[
-            0
-        ]
-    )
+    frozen = helpers.host_pid(str(tmp_path / "w"), 1)
     os.kill(frozen, signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
     took = _drain(proc, seen)

@@ -156,6 +156,7 @@ def _probe(data, out, processes, devices):
     return [json.load(open(os.path.join(out, f"process_{i}.json"))) for i in range(processes)]
 
 
+@pytest.mark.slow
 def test_two_hosts_feed_disjoint_shards_into_one_global_array(data, tmp_path):
     hosts = _probe(data, str(tmp_path / "two"), processes=2, devices=2)
     assert [h["process_count"] for h in hosts] == [2, 2]

@@ -7,15 +7,19 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import resnet
 from configs import resnet50_imagenet
 from launch import distributed, train
 from launch import plan as plan_lib
 from launch import program as program_lib
 from launch.plan import ConfigError
 from pipeline import dataset as dataset_lib
+from resnet import steps as steps_lib
 from tests import helpers
 
 
@@ -106,3 +110,26 @@ def test_the_hot_loop_makes_no_hidden_transfers(data):
             state, metrics = train_step(state, batch, votes)
         totals, stop = eval_step(state, eval_batch, totals, votes)
     assert int(metrics["stop"]) == 0 and float(totals["count"]) == 16
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    model = resnet.create_model("resnet20", num_classes=10, rngs=nnx.Rngs(0), in_channels=1)
+    schedule = steps_lib.learning_rate_schedule(0.1, 1, 10)
+    tx = steps_lib.sgd_optimizer(schedule, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    graphdef, state = steps_lib.init_state(model, tx)
+    step = steps_lib.make_train_step(
+        graphdef,
+        tx,
+        schedule,
+        mean=(0.0,),
+        std=(0.0,),
+        compute_dtype=jnp.float32,
+        label_smoothing=0.0,
+    )
+    batch = {"image": jnp.ones((4, 8, 8, 1), jnp.uint8), "label": jnp.arange(4)}
+    new, metrics = step(state, batch, jnp.zeros(1, jnp.int32))  # std 0: inf inputs, inf loss
+    assert not np.isfinite(metrics["loss"])
+    assert int(new.nonfinite_in_a_row) == 1 and int(new.nonfinite_total) == 1
+    assert int(new.step) == 1
+    for old_leaf, new_leaf in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(old_leaf, new_leaf)
