@@ -382,9 +382,12 @@ def _prefetched(batches: grain.MapDataset, num_workers: int, num_threads: int) -
     )
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():
-            # Grain reads its absl flags when starting workers; programs that are not absl apps
-            # (notebooks, tests) never parsed them, and the defaults are what they need.
-            flags.FLAGS.mark_as_parsed()
+            # Grain reads its absl flags when starting workers. Parsing them is the program's
+            # business, not a library's: absl apps have, others must say so.
+            raise RuntimeError(
+                "num_workers > 0 needs absl flags parsed (Grain reads its flags when starting "
+                "workers): run under absl.app.run, or call absl.flags.FLAGS.mark_as_parsed()"
+            )
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return dataset
 

@@ -1,8 +1,13 @@
 """Fixtures shared by the test modules that run the real launcher."""
 
 import pytest
+from absl import flags
 
 from tests import helpers
+
+# The test session is the program here: Grain's worker processes read absl flags, and their
+# defaults are what the tests need (absl apps such as the launcher parse them themselves).
+flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session")

@@ -1552,7 +1552,7 @@ def test_describe_formats_with_the_real_gcloud_formatter(gcloud, tmp_path):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 @pytest.mark.parametrize(
-    "script", [TPU_POD, SBATCH, os.path.join(REPO, "tools", "device_wheels.sh")]
+    "script", [TPU_POD, SBATCH, os.path.join(REPO, "tools", "offline_wheels.sh")]
 )
 def test_shellcheck(script):
     proc = subprocess.run(["shellcheck", script], capture_output=True, text=True, timeout=60)

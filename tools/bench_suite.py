@@ -4,8 +4,8 @@ r"""Runs `tools.bench_step` over a preset list of variants and prints one compar
   python -m tools.bench_suite --preset=cpu --out=/tmp/cpu     # the layer A/Bs on CPU
   python -m tools.bench_suite --preset=smoke --out=/tmp/smoke # what the tests run
 
-Made for a short, metered lease on a GPU machine, where one prepared command has to say
-everything:
+Made for accelerator time that is short or metered (a reservation, a shared node), where one
+prepared command has to say everything:
 * each variant is its own process (XLA_FLAGS must be set before JAX starts), in order of
   importance: the target configuration first, with the torchvision peer, the optimized HLO
   and a profile (taken after the timing, so it does not disturb the figures);
@@ -15,7 +15,8 @@ everything:
   skipped once the budget left is less than the quickest variant so far;
 * on GPU, all variants share one XLA autotuning cache (where this XLA knows the flag), so
   only the first pays for the cuDNN algorithm search (compile times are not comparable);
-* --wheels installs carried wheels (the device machine has no registry) for the children.
+* --wheels installs wheels brought along (tools/offline_wheels.sh) for the children, on
+  machines that cannot reach a package registry.
 
 DIR ends up with at most four files, flat: results.jsonl, suite.log, the HLO and the trace
 (read it anywhere with `python -m tools.profile_summary DIR`).
@@ -112,7 +113,7 @@ flags.DEFINE_string("wheels", None, "Folder of wheels to install (no index) for 
 flags.mark_flag_as_required("out")
 
 _AUTOTUNE_CACHE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
-_MAX_FILE_BYTES = 15 * 2**20  # files brought back from a lease: 16 MiB each at most
+_MAX_FILE_BYTES = 15 * 2**20  # keep every result file small enough to copy back anywhere
 
 
 def _log(out: str, text: str) -> None:
@@ -190,14 +191,14 @@ def run_variant(variant: Variant, out: str, env: dict, timeout: float) -> dict:
     if rc != 0:
         last = (stderr.strip() or stdout.strip()).splitlines()[-1:] or [""]
         result["error"] = f"{'timed out' if rc is None else f'exit {rc}'}: {last[0][:300]}"
-    if result.get("profile"):  # flattened and zipped: a lease returns two folder levels at most
+    if result.get("profile"):  # flattened and zipped: one flat folder of small files
         flat = os.path.join(out, f"{variant.name}.xplane.pb.gz")
         with open(result["profile"], "rb") as src, gzip.open(flat, "wb") as dst:
             shutil.copyfileobj(src, dst)
         result["profile"] = flat
         if os.path.getsize(flat) > _MAX_FILE_BYTES:
             os.remove(flat)
-            result["profile"] = "dropped: larger than a lease brings back"
+            result["profile"] = "dropped: larger than the result-file limit"
     shutil.rmtree(profile_tmp, ignore_errors=True)
     return _record(out, result)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Downloads, into .whl/ at the repository root, the Python 3.12 x86-64 wheels that a GPU
-# machine without a package registry lacks (its image has jax, flax, optax and orbax).
-# Carry .whl to it and pass --wheels=.whl to tools.bench_suite. Everything else these
-# packages need (absl-py, etils, cloudpickle, numpy, protobuf, PyYAML, psutil) is there.
+# Downloads, into .whl/ at the repository root, the Python 3.12 x86-64 wheels of this
+# project's dependencies that a prebuilt JAX image usually lacks (such images ship jax, flax,
+# optax and orbax), for a benchmark machine that cannot reach a package registry. Copy .whl
+# there and pass --wheels=.whl to tools.bench_suite. What these packages need besides
+# (absl-py, etils, cloudpickle, numpy, protobuf, PyYAML, psutil) comes with such images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
