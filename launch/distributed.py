@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import re
 
 import jax
 import numpy as np
@@ -17,19 +20,12 @@ class ClusterError(Exception):
     """This process cannot use the devices the cluster allocated to it: retrying cannot help."""
 
 
+@dataclasses.dataclass(frozen=True)
 class SlurmDevices:
-    """The GPUs one process of a Slurm job step should use, read from its environment.
+    """The GPUs one process of a Slurm job step should use, read from its environment."""
 
-    `local_device_ids`: CUDA device ordinals for `jax.distributed.initialize` (None: let JAX
-    choose). `expected`: how many GPUs Slurm allocated to this process (0: none, no check).
-    """
-
-    def __init__(self, local_device_ids: list[int] | None, expected: int):
-        self.local_device_ids = local_device_ids
-        self.expected = expected
-
-    def __repr__(self) -> str:
-        return f"SlurmDevices(local_device_ids={self.local_device_ids}, expected={self.expected})"
+    local_device_ids: list[int] | None  # CUDA ordinals for jax.distributed (None: JAX chooses)
+    expected: int  # GPUs Slurm allocated to this process (0: none, nothing to check)
 
 
 # What JAX's own Slurm detection (jax/_src/clusters/slurm_cluster.py) requires: a job step.
@@ -40,8 +36,6 @@ _SLURM_STEP_VARIABLES = (
 
 def _slurm_tasks_on_this_node(env: dict[str, str]) -> int:
     """This node's task count in the step: SLURM_STEP_TASKS_PER_NODE is e.g. "8", "2(x3),1"."""
-    import re  # pylint: disable=g-import-not-at-top
-
     counts: list[int] = []
     for group in env.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", group.strip())
@@ -126,8 +120,6 @@ def initialize(
     Slurm each process gets the GPUs Slurm allocated to it (`slurm_devices`), and raises
     ClusterError when it sees fewer.
     """
-    import os  # pylint: disable=g-import-not-at-top
-
     init = functools.partial(
         jax.distributed.initialize,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
