@@ -1,4 +1,4 @@
-"""Tests for pipeline/conversion.py and its command line tools/make_arrayrecord.py, on tiny
+"""Tests for pipeline/conversion/ and its command line tools/make_arrayrecord.py, on tiny
 datasets written by the tests themselves."""
 
 import gzip
@@ -15,11 +15,14 @@ import zlib
 
 import numpy as np
 import pytest
+from absl import logging
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from PIL import Image
 
 from pipeline import conversion as mar
 from pipeline import records, transforms
+from pipeline.conversion import progress
+from pipeline.conversion.images import ImageOptions, stored_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,7 +236,7 @@ def test_bad_files_are_skipped_with_warning(tmp_path, monkeypatch):
     make_imagefolder(tmp_path / "in")
     bad = _add_bad_files(tmp_path / "in")
     warnings = []
-    monkeypatch.setattr(mar.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
     meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
     assert meta["skipped"] == {"count": 4, "files": bad}
     assert meta["num_examples"] == 7 and meta["num_source_examples"] == 11
@@ -627,7 +630,7 @@ def test_16_bit_images_are_scaled_by_their_full_range(tmp_path):
     Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "in" / "x" / "z_int32.tif")
     warnings = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mar.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+        patch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
         meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
     examples = read_all(tmp_path / "out")[1]
     assert meta["skipped"]["files"] == ["x/z_float.tif", "x/z_int32.tif"]
@@ -680,7 +683,7 @@ def test_decompression_bombs_are_skipped_with_a_clear_reason(tmp_path, monkeypat
     bomb = png_file(20000, 10000, 1, 0, [bytes(2500)] * 10000)
     (tmp_path / "in" / "x" / "bomb.png").write_bytes(bomb)
     warnings = []
-    monkeypatch.setattr(mar.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
     meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
     assert meta["skipped"]["files"] == ["x/bomb.png"]
     assert any("bomb.png: too many pixels to decode safely" in w for w in warnings), warnings
@@ -697,7 +700,7 @@ def test_empty_classes_keep_their_label_and_are_listed(tmp_path, monkeypatch):
     os.mkdir(tmp_path / "in" / "bee")
     (tmp_path / "in" / "bee" / "broken.png").write_bytes(b"\x89PNG broken")  # nothing readable
     warnings = []
-    monkeypatch.setattr(mar.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
     meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
     assert meta["class_names"] == ["ant", "bee", "bird", "cat", "dog"]
     assert meta["empty_classes"] == ["ant", "bee"] and meta["class_counts"] == [0, 0, 3, 2, 2]
@@ -840,20 +843,20 @@ def _photo(seed, width, height):
 
 
 def test_stored_size_meets_every_bound_and_keeps_smaller_images():
-    opts = mar._ImageOptions
-    assert mar.stored_size(500, 375, opts()) is None  # the default: lossless pass-through
-    assert mar.stored_size(500, 375, opts(shorter_side=256)) == (341, 256)
-    assert mar.stored_size(375, 500, opts(shorter_side=256)) == (256, 341)
-    assert mar.stored_size(500, 375, opts(shorter_side=400)) is None  # smaller: untouched
-    assert mar.stored_size(500, 375, opts(max_side=320)) == (320, 240)
-    assert mar.stored_size(300, 500, opts(max_side=320)) == (192, 320)
+    opts = ImageOptions
+    assert stored_size(500, 375, opts()) is None  # the default: lossless pass-through
+    assert stored_size(500, 375, opts(shorter_side=256)) == (341, 256)
+    assert stored_size(375, 500, opts(shorter_side=256)) == (256, 341)
+    assert stored_size(500, 375, opts(shorter_side=400)) is None  # smaller: untouched
+    assert stored_size(500, 375, opts(max_side=320)) == (320, 240)
+    assert stored_size(300, 500, opts(max_side=320)) == (192, 320)
     # Several bounds: the tightest wins, and every bound holds.
-    assert mar.stored_size(4000, 1000, opts(shorter_side=256, max_side=512)) == (512, 128)
-    assert mar.stored_size(4000, 3000, opts(shorter_side=256, max_side=512)) == (341, 256)
-    assert mar.stored_size(4000, 3000, opts(max_pixels=20_000, shorter_side=256)) == (163, 122)
+    assert stored_size(4000, 1000, opts(shorter_side=256, max_side=512)) == (512, 128)
+    assert stored_size(4000, 3000, opts(shorter_side=256, max_side=512)) == (341, 256)
+    assert stored_size(4000, 3000, opts(max_pixels=20_000, shorter_side=256)) == (163, 122)
     for w, h in [(4001, 2999), (333, 500), (17, 9000), (9000, 17)]:
         for o in (opts(shorter_side=100), opts(max_side=100), opts(max_pixels=5000, max_side=90)):
-            size = mar.stored_size(w, h, o) or (w, h)  # None: kept as it is
+            size = stored_size(w, h, o) or (w, h)  # None: kept as it is
             assert min(size) <= (o.shorter_side or 10**9) and max(size) <= (o.max_side or 10**9)
             assert size[0] * size[1] <= o.max_pixels and min(size) >= 1
 
@@ -977,7 +980,7 @@ def test_progress_is_one_redrawn_line_on_a_terminal_and_log_lines_otherwise(tmp_
     make_mnist(tmp_path / "in", n=300)
     terminal = _Terminal()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mar, "TTY_PROGRESS_INTERVAL_S", 0.0)
+        patch.setattr(progress, "TTY_PROGRESS_INTERVAL_S", 0.0)
         mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "o1"), progress_stream=terminal)
     text = terminal.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")  # one line, redrawn with \r
@@ -988,8 +991,8 @@ def test_progress_is_one_redrawn_line_on_a_terminal_and_log_lines_otherwise(tmp_
     # Not a terminal: log lines, never a carriage return.
     logged, pipe = [], io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mar, "PROGRESS_INTERVAL_S", 0.0)
-        patch.setattr(mar.logging, "info", lambda msg, *a: logged.append(msg % a))
+        patch.setattr(progress, "PROGRESS_INTERVAL_S", 0.0)
+        patch.setattr(logging, "info", lambda msg, *a: logged.append(msg % a))
         mar.convert("mnist", str(tmp_path / "in"), str(tmp_path / "o2"), progress_stream=pipe)
     assert pipe.getvalue() == ""
     lines = [line for line in logged if line.startswith("mnist o2: ")]

@@ -1,4 +1,4 @@
-"""Command line for converting image datasets to ArrayRecord (see pipeline/conversion.py).
+"""Command line for converting image datasets to ArrayRecord (see pipeline/conversion/).
 
     python -m tools.make_arrayrecord --format=mnist --input=/data/mnist --split=test \
         --output=/data/mnist_ar/test
