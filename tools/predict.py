@@ -28,19 +28,6 @@ flags.DEFINE_integer("batch_size", 64, "Images classified at once.", lower_bound
 flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
 FLAGS = flags.FLAGS
 
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-)
-
 
 def image_files(paths: list[str]) -> list[str]:
     files = []
@@ -50,7 +37,7 @@ def image_files(paths: list[str]) -> list[str]:
                 files += [
                     os.path.join(root, n)
                     for n in sorted(names)
-                    if n.lower().endswith(IMAGE_EXTENSIONS)
+                    if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
                 ]
         elif os.path.isfile(path):
             files.append(path)
