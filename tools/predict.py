@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from pipeline.conversion.images import IMAGE_EXTENSIONS  # what the converter reads
+
 flags.DEFINE_string("workdir", None, "A run's workdir: its newest trustworthy checkpoint.")
 flags.DEFINE_string(
     "weights", None, "A weights directory (tools.export, tools.import_torchvision)."
