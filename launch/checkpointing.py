@@ -197,6 +197,14 @@ class Checkpointer:
         if self._pending_step is not None and not self._manager.is_saving_in_progress():
             step, self._pending_step = self._pending_step, None
             if not (self.directory / str(step) / COMMIT_MARKER).exists():
+                # The background error may reach wait_until_finished() before it reaches
+                # check_for_errors(): report it rather than only its consequence.
+                try:
+                    self._manager.wait_until_finished()
+                except Exception as e:  # pylint: disable=broad-except
+                    raise CheckpointSaveError(
+                        f"saving the checkpoint of step {step} under {self.directory} failed: {e!r}"
+                    ) from e
                 raise CheckpointSaveError(
                     f"the checkpoint of step {step} was not committed under {self.directory} (see "
                     "the errors logged above); stopping instead of training on without checkpoints"

@@ -180,6 +180,7 @@ def train_and_evaluate(
         compiled = _Background(
             lambda: _compile(program, plan, config.data.image_size, ckpt, eval_info is not None)
         )
+        cleanup.callback(compiled.finish)
         signature = checkpointing.run_signature(
             config, train_info.num_examples, train_info.channels, program.shapes_digest()
         )
@@ -272,7 +273,7 @@ def train_and_evaluate(
 
 
 class _Background:
-    """Runs `fn` in a daemon thread (it must not keep a stopping process alive)."""
+    """Runs `fn` in a daemon thread, for work that overlaps the rest of start-up."""
 
     def __init__(self, fn):
         self._result = self._error = None
@@ -284,6 +285,17 @@ class _Background:
             self._result = fn()
         except BaseException as e:  # pylint: disable=broad-except  # re-raised in result()
             self._error = e
+
+    def finish(self) -> None:
+        """Waits for `fn` without raising, on every way out of the run.
+
+        A process that exits while the thread is inside XLA's compiler aborts ("FATAL:
+        exception not rethrown") instead of exiting with its status. A stop during start-up
+        still ends in time: its deadline exits 75 if this takes too long.
+        """
+        if self._thread.is_alive():
+            logging.info("Waiting for the background compilation to finish before exiting.")
+            self._thread.join()
 
     def result(self):
         self._thread.join()

@@ -171,6 +171,8 @@ def test_a_full_disk_exits_4_with_the_original_error(data, tmp_path):
         args = helpers.tiny_run_args(*data, small + "/w", **{"train.num_steps": 40})
         run = helpers.launch(args)
     assert run.returncode == ExitStatus.SAVE_FAILED, run.stderr[-3000:]
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "No space left on device" in last, last
-    assert "Traceback" not in run.stderr.split("error: ")[-1]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], errors
+    # Orbax's cancelled writes may print "Event loop is closed" tracebacks from their own
+    # threads; none may run through the launcher's code.
+    assert 'File "' + helpers.REPO + "/launch/" not in run.stderr
