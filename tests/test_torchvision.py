@@ -87,16 +87,20 @@ def _explain(records, model, training) -> str:
     return where or "every module agrees on torchvision's inputs: the wiring between them differs"
 
 
-def check_eval(case: Imported, images: np.ndarray = IMAGES) -> float:
+def check_eval(case: Imported, images: np.ndarray = IMAGES, per_module: bool = True) -> float:
     """Eval-mode logits of load_for_inference (uint8 in) against torchvision's on the same
-    images with torchvision's normalisation; returns the relative difference."""
+    images with torchvision's normalisation; returns the relative difference.
+
+    `per_module`: also every module on torchvision's inputs (always done to explain a failure).
+    """
     predict = resnet.weights.load_for_inference(case.directory)
     ours = np.asarray(predict(images))
     logits, records, _ = ref.run(case.torch_model, ref.torch_input(images), training=False)
     rel = ref.relative_difference(ours, logits)
     assert rel <= RTOL, f"eval logits differ by {rel:.3g}; {_explain(records, case.model, False)}"
-    where = ref.first_difference(ref.module_differences(records, case.model, False), RTOL)
-    assert where is None, where
+    if per_module:
+        where = ref.first_difference(ref.module_differences(records, case.model, False), RTOL)
+        assert where is None, where
     return rel
 
 
@@ -107,7 +111,7 @@ def float32_error(torch_model, x, training: bool) -> float:
     return ref.relative_difference(logits32, logits64)
 
 
-def check_train(case: Imported) -> float:
+def check_train(case: Imported, per_module: bool = True) -> float:
     """Training-mode logits and the running statistics one forward leaves, against
     torchvision's; returns the relative logit difference."""
     x = ref.torch_input(IMAGES)
@@ -122,13 +126,13 @@ def check_train(case: Imported) -> float:
         f"{_explain(records, case.model, True)}"
     )
 
-    # Each module on torchvision's inputs, BatchNorm statistics included: tight.
-    diffs = ref.module_differences(records, case.model, True, case.torch_model, after)
-    assert sum(name.endswith(".running_var") for name, _ in diffs) == sum(
-        isinstance(m, torch.nn.BatchNorm2d) for m in case.torch_model.modules()
-    )
-    where = ref.first_difference(diffs, RTOL)
-    assert where is None, where
+    if per_module:  # each module on torchvision's inputs, BatchNorm statistics included
+        diffs = ref.module_differences(records, case.model, True, case.torch_model, after)
+        assert sum(name.endswith(".running_var") for name, _ in diffs) == sum(
+            isinstance(m, torch.nn.BatchNorm2d) for m in case.torch_model.modules()
+        )
+        where = ref.first_difference(diffs, RTOL)
+        assert where is None, where
 
     # The statistics the whole forward left behind.
     counts = {name: inp.numel() // inp.shape[1] for name, inp, _ in records}
@@ -172,10 +176,13 @@ def test_odd_image_size_matches_torchvision(imported):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_every_resnet_matches_torchvision(name, imported):
+@pytest.mark.parametrize("name", [n for n in ALL_MODELS if n not in ("resnet18", "resnet50")])
+def test_the_other_resnets_match_torchvision(name, imported):
+    # ResNet-18 and -50 (basic and bottleneck blocks) are checked module by module above;
+    # the deeper nets repeat those blocks, so their whole forwards are compared here.
     case = imported(name)
-    eval_rel, train_rel = check_eval(case), check_train(case)
+    eval_rel = check_eval(case, per_module=False)
+    train_rel = check_train(case, per_module=False)
     print(f"{name}: eval {eval_rel:.2e}, train {train_rel:.2e}")
 
 
