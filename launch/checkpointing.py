@@ -18,6 +18,7 @@ nothing is moved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -167,7 +168,7 @@ class Checkpointer:
         meta = dict(
             meta, format=FORMAT, step=step, digest=dict(zip(paths, np.asarray(hashes).tolist()))
         )
-        try:
+        with self._save_errors(f"saving the checkpoint of step {step}"):
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -175,10 +176,6 @@ class Checkpointer:
                 ),
                 force=True,
             )
-        except Exception as e:  # pylint: disable=broad-except
-            raise CheckpointSaveError(
-                f"saving the checkpoint of step {step} under {self.directory} failed: {e!r}"
-            ) from e
         self._pending_step = step
         return time.perf_counter() - start
 
@@ -188,23 +185,15 @@ class Checkpointer:
         Orbax logs some background failures and skips the step's finalization without raising
         (orbax #605), so a finished save also has to have left its commit marker.
         """
-        try:
+        with self._save_errors("a background save"):
             self._manager.check_for_errors()
-        except Exception as e:  # pylint: disable=broad-except
-            raise CheckpointSaveError(
-                f"a background save under {self.directory} failed: {e!r}"
-            ) from e
         if self._pending_step is not None and not self._manager.is_saving_in_progress():
             step, self._pending_step = self._pending_step, None
             if not (self.directory / str(step) / COMMIT_MARKER).exists():
                 # The background error may reach wait_until_finished() before it reaches
                 # check_for_errors(): report it rather than only its consequence.
-                try:
+                with self._save_errors(f"saving the checkpoint of step {step}"):
                     self._manager.wait_until_finished()
-                except Exception as e:  # pylint: disable=broad-except
-                    raise CheckpointSaveError(
-                        f"saving the checkpoint of step {step} under {self.directory} failed: {e!r}"
-                    ) from e
                 raise CheckpointSaveError(
                     f"the checkpoint of step {step} was not committed under {self.directory} (see "
                     "the errors logged above); stopping instead of training on without checkpoints"
@@ -212,11 +201,17 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Waits for the in-flight save; raises CheckpointSaveError if it failed."""
-        try:
+        with self._save_errors("a save"):
             self._manager.wait_until_finished()
-        except Exception as e:  # pylint: disable=broad-except
-            raise CheckpointSaveError(f"a save under {self.directory} failed: {e!r}") from e
         self.check_for_errors()
+
+    @contextlib.contextmanager
+    def _save_errors(self, what: str):
+        """Orbax's exception, of whichever type, as a CheckpointSaveError naming `what`."""
+        try:
+            yield
+        except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
+            raise CheckpointSaveError(f"{what} under {self.directory} failed: {e!r}") from e
 
     def close(self) -> None:
         self._manager.close()

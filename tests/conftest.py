@@ -22,3 +22,30 @@ def data(tmp_path_factory):
         helpers.make_mnist_subset(str(root / "train"), 0, 200),
         helpers.make_mnist_subset(str(root / "eval"), 200, 37),
     )
+
+
+def _finished_run(data, tmp_path_factory, name: str, **overrides) -> str:
+    workdir = str(tmp_path_factory.mktemp(name) / "w")
+    run = helpers.launch(helpers.tiny_run_args(*data, workdir, **overrides))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_finished(data, tmp_path_factory):
+    """The tiny run finished on 1 process x 4 devices: 8 steps, checkpoints at 4 and 8.
+
+    Shared by several modules: read it, or copy it before changing anything in it.
+    """
+    return _finished_run(data, tmp_path_factory, "tiny_finished")
+
+
+@pytest.fixture(scope="session")
+def reference_16(data, tmp_path_factory):
+    """16 steps uninterrupted on 1 process x 4 devices, checkpoints every 4 steps (crossing
+    the epoch boundary at 12): what interrupted runs must end bit-identical (or close) to.
+
+    Shared: read it, or copy it before changing anything in it.
+    """
+    every_4 = {"train.num_steps": 16, "checkpoint.every_steps": 4}
+    return _finished_run(data, tmp_path_factory, "reference_16", **every_4)

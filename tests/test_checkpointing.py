@@ -19,17 +19,12 @@ EVERY = {"train.num_steps": STEPS, "checkpoint.every_steps": 4}
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    """Uninterrupted runs: one process x 4 devices, and two processes x 2 devices."""
-    workdirs = {}
-    for name, processes, devices in [("one", 1, 4), ("two", 2, 2)]:
-        workdir = str(tmp_path_factory.mktemp("reference") / name)
-        run = helpers.launch(
-            helpers.tiny_run_args(*data, workdir, **EVERY), processes=processes, devices=devices
-        )
-        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-        workdirs[name] = workdir
-    return workdirs
+def reference(data, reference_16, tmp_path_factory):
+    """Uninterrupted runs: one process x 4 devices (shared), and two processes x 2 devices."""
+    workdir = str(tmp_path_factory.mktemp("reference") / "two")
+    run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY), processes=2, devices=2)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return {"one": reference_16, "two": workdir}
 
 
 def assert_same_state(workdir_a, workdir_b, step=STEPS):

@@ -21,12 +21,9 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def finished(data, tmp_path_factory):
+def finished(tiny_finished):
     """A finished 8-step run (checkpoints at 4 and 8) to copy and damage."""
-    workdir = str(tmp_path_factory.mktemp("finished") / "w")
-    run = helpers.launch(helpers.tiny_run_args(*data, workdir))
-    assert run.returncode == 0, run.stderr[-3000:]
-    return workdir
+    return tiny_finished
 
 
 def _copy(finished, tmp_path) -> str:
