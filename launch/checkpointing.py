@@ -330,7 +330,20 @@ class Checkpointer:
         return restored, None
 
 
-def _read_numpy(item_dir: epath.Path) -> dict:
+def committed_steps(directory: str) -> list[int]:
+    """The steps Orbax committed under a run's workdir (or its checkpoints folder), oldest
+    first; nothing is verified beyond the commit marker."""
+    root = epath.Path(directory)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).exists()
+    )
+
+
+def read_numpy(item_dir: str | epath.Path) -> dict:
     """An Orbax PyTree item as nested dicts of numpy arrays (any saved device layout)."""
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(item_dir).item_metadata.tree
@@ -361,7 +374,7 @@ def read_trusted(directory: str, step: int | None = None) -> tuple[dict, dict, i
             logging.warning("Skipping %s: not a committed checkpoint of this project.", step_dir)
             continue
         try:
-            tree = _read_numpy(step_dir / "state")
+            tree = read_numpy(step_dir / "state")
         except Exception as e:  # pylint: disable=broad-except  # any damage: try an older step
             logging.warning("Skipping %s: %s", step_dir, e)
             continue

@@ -48,8 +48,6 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
         config,
         distributed.make_mesh(),
         channels=eval_info.channels,
-        steps_per_epoch=1000,
-        num_steps=100_000,
     )
     ckpt = checkpointing.Checkpointer(
         str(epath.Path(workdir) / "checkpoints"),

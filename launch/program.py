@@ -155,12 +155,14 @@ def build_program(
     mesh: Mesh,
     *,
     channels: int,
-    steps_per_epoch: int,
-    num_steps: int,
+    steps_per_epoch: int = 1000,
+    num_steps: int = 100_000,
     donate: bool = True,
 ) -> Program:
     """Builds the model, optimizer and jitted steps; raises ConfigError for bad model options.
 
+    `steps_per_epoch` and `num_steps` shape the learning-rate schedule; the defaults, a long
+    schedule, serve callers for whom it does not matter (evaluation, step benchmarks).
     `donate=False` only exists to measure what donating the state buys (tools.bench_step).
     """
     tx, schedule = make_optimizer(config, steps_per_epoch, num_steps)

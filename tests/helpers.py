@@ -130,14 +130,9 @@ def start(args: list[str], *, processes: int = 1, devices: int = 4) -> subproces
 
 def load_state(workdir: str, step: int) -> dict:
     """The saved TrainState of `step` as nested dicts of numpy arrays (any device count)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from launch import checkpointing  # pylint: disable=g-import-not-at-top
 
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return checkpointing.read_numpy(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:

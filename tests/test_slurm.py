@@ -42,6 +42,7 @@ import time
 import pytest
 
 from launch import distributed
+from launch.checkpointing import committed_steps
 from tests import helpers, slurm_cluster
 
 REPO = helpers.REPO
@@ -209,17 +210,6 @@ def submit(cluster, tmp_path, env, launcher_args, *sbatch_args) -> tuple[str, st
 
 def read(path: str) -> str:
     return open(path, errors="replace").read() if os.path.exists(path) else ""
-
-
-def committed_steps(workdir: str) -> list[int]:
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(
-        int(n)
-        for n in os.listdir(root)
-        if n.isdigit() and os.path.exists(os.path.join(root, n, "commit_success.txt"))
-    )
 
 
 def wait_for(predicate, timeout: float, what: str, details=lambda: ""):

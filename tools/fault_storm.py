@@ -47,6 +47,8 @@ from typing import Any
 
 from absl import app, flags
 
+from launch import checkpointing
+from launch.checkpointing import committed_steps
 from tools import goodput
 
 flags.DEFINE_string("workdir", None, "Root: reference/, storm/, logs/ and the report go here.")
@@ -111,17 +113,6 @@ def _process_id(pid: int) -> int | None:
         if arg.startswith("--process_id="):
             return int(arg.split("=", 1)[1])
     return None
-
-
-def _committed(workdir: str) -> list[int]:
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(
-        int(name)
-        for name in os.listdir(root)
-        if name.isdigit() and os.path.exists(os.path.join(root, name, "commit_success.txt"))
-    )
 
 
 # --- the fault schedule -------------------------------------------------------------------
@@ -358,16 +349,11 @@ class Attempt:
 
 def _load_state(workdir: str, step: int) -> dict[str, Any]:
     """The saved state of `step` as {path: numpy array}, whatever topology wrote it."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # after the runs: reading needs no GPU
     import jax  # pylint: disable=g-import-not-at-top  # only once the runs are over
     import numpy as np  # pylint: disable=g-import-not-at-top
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    state = checkpointing.read_numpy(os.path.join(workdir, "checkpoints", str(step), "state"))
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
@@ -425,7 +411,7 @@ def check(
         left_at = history[1]["from_step"] if len(history) > 1 else got["step"]
     # Step by step, before the first change: bit for bit.
     prefix = []
-    for step in sorted(set(_committed(reference_dir)) & set(_committed(storm_dir))):
+    for step in sorted(set(committed_steps(reference_dir)) & set(committed_steps(storm_dir))):
         if step <= left_at and step != got["step"]:
             same = _compare(_load_state(reference_dir, step), _load_state(storm_dir, step))
             prefix.append({"step": step, "identical": same["identical"]})
@@ -538,7 +524,7 @@ def run_until_finished(
         if len(attempts) >= FLAGS.max_attempts:
             _fail(3, f"{name}: no success in {FLAGS.max_attempts} attempts")
         topology = storm.topologies[storm.topology_index]
-        committed = _committed(workdir)
+        committed = committed_steps(workdir)
         index = len(attempts)
         log = os.path.join(logs, f"{name}-{index:02d}.log")
         _say(f"{name} attempt {index} on {topology[0]}x{topology[1]} (log {log})")
@@ -546,7 +532,7 @@ def run_until_finished(
         current[:] = [attempt]
         record = attempt.run()
         record["committed_at_spawn"] = committed
-        record["committed_at_end"] = _committed(workdir)
+        record["committed_at_end"] = committed_steps(workdir)
         record["resume_next"] = max(record["committed_at_end"], default=0)
         attempts.append(record)
         _say(
