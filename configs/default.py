@@ -95,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed = distributed = ml_collections.ConfigDict()
     # A host that stops answering is declared dead after this long, and the others exit.
     distributed.heartbeat_timeout_seconds = 100
+    # Every host must join within this long, and reach the first step within this long of
+    # the first host that is ready to (restore and compile times differ between hosts).
     distributed.initialization_timeout_seconds = 300
     # After SIGTERM, the agreed checkpoint must commit within this long, else the process logs
     # its stacks and exits 5 (a TPU VM gets 30 s of notice before it is gone).

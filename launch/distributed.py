@@ -6,12 +6,14 @@ import dataclasses
 import functools
 import os
 import re
+import time
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as ocp_multihost
 
 BATCH_AXIS = "batch"
 
@@ -189,6 +191,43 @@ def describe_topology(global_batch_size: int) -> str:
         f"global batch {global_batch_size}, per device "
         f"{global_batch_size // jax.device_count()}; this is process {jax.process_index()}"
     )
+
+
+class HostsNotReady(Exception):
+    """Some host did not reach a barrier in time (stuck, or far slower than the rest)."""
+
+
+def wait_for_all_hosts(name: str, timeout_seconds: float) -> float:
+    """Blocks until every process reaches barrier `name`; returns the seconds waited.
+
+    A coordination-service barrier, not a device collective: it has a deadline, so a host
+    that never arrives raises HostsNotReady here instead of hanging the others.
+    """
+    if not is_distributed():
+        return 0.0
+    start = time.monotonic()
+    try:
+        ocp_multihost.get_jax_distributed_client().wait_at_barrier(
+            name, timeout_in_ms=int(timeout_seconds * 1000)
+        )
+    except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError, DEADLINE_EXCEEDED
+        raise HostsNotReady(
+            f"not every host reached {name!r} within {timeout_seconds:.0f}s "
+            f"({_barrier_summary(str(e))})"
+        ) from None
+    return time.monotonic() - start
+
+
+def _barrier_summary(error: str) -> str:
+    """One line out of the coordination service's several-line barrier error."""
+    arrived = re.search(r"reached the barrier: (\d+)/(\d+)", error)
+    missing = re.search(r"timed out task names:\s*([\d\s,]+)", error)
+    if not arrived:
+        return error.splitlines()[0] if error else "no details"
+    summary = f"{arrived[1]} of {arrived[2]} arrived"
+    if missing:
+        summary += "; missing process(es) " + ", ".join(re.findall(r"\d+", missing[1]))
+    return summary
 
 
 def any_host(flag: bool) -> bool:

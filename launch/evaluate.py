@@ -70,12 +70,17 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
     if restored is None:
         raise checkpointing.NoUsableCheckpoint(f"{workdir} has no checkpoints to evaluate")
     state, step, _ = restored
+    eval_step = program.compile_eval_step(batch, config.data.image_size)
+    # As in training: the watchdog's clock starts once every host has compiled.
+    distributed.wait_for_all_hosts(
+        "ready to evaluate", config.distributed.initialization_timeout_seconds
+    )
     stop.training_started()
     watchdog = liveness.Watchdog(config.train.stall_timeout_seconds)
     watchdog.start()
     try:
         results = train.evaluate(
-            program.compile_eval_step(batch, config.data.image_size),
+            eval_step,
             program,
             state,
             pipeline.eval_batches(

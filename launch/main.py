@@ -150,6 +150,8 @@ def exit_with_status(run: Callable[[], ExitStatus]) -> None:
         checkpointing.NoUsableCheckpoint,
     ) as e:
         fail(ExitStatus.BAD_INPUT, str(e))
+    except distributed.HostsNotReady as e:
+        fail(ExitStatus.STALLED, f"{e}; a rerun resumes from the last checkpoint")
     except train.Diverged as e:
         fail(ExitStatus.DIVERGED, f"training diverged: {e}")
     except checkpointing.CheckpointSaveError as e:

@@ -234,6 +234,13 @@ def train_and_evaluate(
             )
         (train_step, eval_step), timings["startup/compile_s"] = compiled.result()
         phase("compile_wait")
+        # Hosts restore and compile at different speeds (a cache hit on one, a compile on
+        # another): meet here, under a deadline, so the stall watchdog's clock starts only
+        # when every host can run the first step.
+        distributed.wait_for_all_hosts(
+            "ready to train", config.distributed.initialization_timeout_seconds
+        )
+        phase("host_wait")
 
         # 4. The loop.
         writer = metrics_lib.Writer(workdir)

@@ -72,6 +72,29 @@ def test_a_signal_during_start_up_exits_75_without_a_traceback(data, tmp_path):
     assert "Traceback" not in log and "step 1/" not in log
 
 
+def _barrier(late_seconds: float, timeout_seconds: float) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "launch.local_cluster", "--num_processes=2",
+        "--devices_per_process=1", "--module=tests.barrier_probe", "--",
+        f"--late_seconds={late_seconds}", f"--timeout_seconds={timeout_seconds}",
+    ]  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=helpers.REPO, env=helpers.child_env(1), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_hosts_meet_before_training_and_a_missing_host_has_a_deadline():
+    """The barrier before the first step (launch/train.py): a host that is late (a compile
+    where the others hit the cache) is waited for; one that never comes ends it, named."""
+    late = _barrier(late_seconds=3, timeout_seconds=60)
+    assert late.returncode == 0, late.stdout[-3000:]
+    assert re.search(r"\[p0\] process 0: all hosts ready after [3-9]\.\d+s", late.stdout)
+    missing = _barrier(late_seconds=6, timeout_seconds=2)
+    assert missing.returncode == ExitStatus.STALLED, missing.stdout[-3000:]
+    assert "process 0: not every host reached 'probe' within 2s" in missing.stdout
+
+
 def _freeze_one_host_mid_run(args, seen):
     hosts = helpers.start_hosts(args, processes=2, devices=2)
     assert helpers.wait_for_line(hosts[0], "step 6/", seen), "".join(seen)[-3000:]

@@ -1,0 +1,38 @@
+"""Run by tests in several processes (via launch.local_cluster): the last process reaches
+`distributed.wait_for_all_hosts` late; each prints what the barrier did."""
+
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_float("late_seconds", 0.0, "How long the last process sleeps before the barrier.")
+flags.DEFINE_float("timeout_seconds", 30.0, "The barrier's deadline.")
+flags.DEFINE_string("coordinator_address", None, "")
+flags.DEFINE_integer("num_processes", None, "")
+flags.DEFINE_integer("process_id", None, "")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    from launch import distributed  # pylint: disable=g-import-not-at-top
+
+    distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        heartbeat_timeout_seconds=30,
+        initialization_timeout_seconds=60,
+    )
+    if FLAGS.process_id == FLAGS.num_processes - 1:
+        time.sleep(FLAGS.late_seconds)
+    try:
+        waited = distributed.wait_for_all_hosts("probe", FLAGS.timeout_seconds)
+    except distributed.HostsNotReady as e:
+        print(f"process {FLAGS.process_id}: {e}", flush=True)
+        sys.exit(5)
+    print(f"process {FLAGS.process_id}: all hosts ready after {waited:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
