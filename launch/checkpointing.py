@@ -251,6 +251,28 @@ class Checkpointer:
             and ("train.global_batch_size" not in meta)
         )
 
+    def _our_steps(self) -> list[int]:
+        """Every step folder, newest first; raises IncompatibleCheckpoint for foreign ones."""
+        steps_found = sorted(self._manager.all_steps(), reverse=True)
+        foreign = [s for s in steps_found if self._foreign(s)]
+        if foreign:
+            raise IncompatibleCheckpoint(
+                f"{self.directory} holds {[str(s) for s in foreign]}, which this project did not "
+                "write (no resnet-multihost meta); move them out of the way or use another "
+                "--workdir. Nothing was changed."
+            )
+        return steps_found
+
+    def check_compatible(self, expected_meta: dict[str, Any]) -> None:
+        """What restore_latest refuses first, from metadata alone: cheap enough to run before
+        compiling, so a wrong config or workdir fails in seconds, not after a long compile."""
+        for candidate in self._our_steps():
+            step_dir = self.directory / str(candidate)
+            meta = _read_meta(step_dir) if (step_dir / COMMIT_MARKER).exists() else None
+            if meta is not None:
+                _check_compatible(meta, expected_meta, str(step_dir))
+                return
+
     def restore_latest(
         self,
         abstract_state: Any,
@@ -265,14 +287,7 @@ class Checkpointer:
         or folders we did not write) or NoUsableCheckpoint (all damaged) before any training
         step, leaving every folder as it is.
         """
-        steps_found = sorted(self._manager.all_steps(), reverse=True)
-        foreign = [s for s in steps_found if self._foreign(s)]
-        if foreign:
-            raise IncompatibleCheckpoint(
-                f"{self.directory} holds {[str(s) for s in foreign]}, which this project did not "
-                "write (no resnet-multihost meta); move them out of the way or use another "
-                "--workdir. Nothing was changed."
-            )
+        steps_found = self._our_steps()
         if step is not None:
             if step not in steps_found:
                 raise NoUsableCheckpoint(

@@ -177,13 +177,14 @@ def train_and_evaluate(
             barrier_timeout_seconds=config.checkpoint.barrier_timeout_seconds,
         )
         cleanup.callback(ckpt.close)
+        signature = checkpointing.run_signature(
+            config, train_info.num_examples, train_info.channels, program.shapes_digest()
+        )
+        ckpt.check_compatible(signature)
         compiled = _Background(
             lambda: _compile(program, plan, config.data.image_size, ckpt, eval_info is not None)
         )
         cleanup.callback(compiled.finish)
-        signature = checkpointing.run_signature(
-            config, train_info.num_examples, train_info.channels, program.shapes_digest()
-        )
         restored = ckpt.restore_latest(program.abstract_state, signature)
         if restored:
             state, start_step, saved_meta = restored

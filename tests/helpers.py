@@ -94,14 +94,18 @@ def tiny_config(train_dir: str, eval_dir: str, **overrides):
 
 
 def launcher_command(
-    args: list[str], processes: int, devices: int, module: str = "launch.main"
+    args: list[str],
+    processes: int,
+    devices: int,
+    module: str = "launch.main",
+    cluster_flags: tuple[str, ...] = (),
 ) -> list[str]:
     """The real launcher: directly for one process, through local_cluster for more."""
     if processes == 1:
         return [sys.executable, "-m", module, *args]
     return [
         sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
-        f"--devices_per_process={devices}", f"--module={module}", "--", *args,
+        f"--devices_per_process={devices}", f"--module={module}", *cluster_flags, "--", *args,
     ]  # fmt: skip
 
 
@@ -120,10 +124,13 @@ def launch(
     )  # fmt: skip
 
 
-def start(args: list[str], *, processes: int = 1, devices: int = 4) -> subprocess.Popen:
+def start(
+    args: list[str], *, processes: int = 1, devices: int = 4, cluster_flags: tuple[str, ...] = ()
+) -> subprocess.Popen:
     """Like `launch`, without waiting; stdout and stderr are merged."""
     return subprocess.Popen(
-        launcher_command(args, processes, devices), cwd=REPO, env=child_env(devices),
+        launcher_command(args, processes, devices, cluster_flags=cluster_flags),
+        cwd=REPO, env=child_env(devices),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 

@@ -161,9 +161,13 @@ def test_the_agreed_save_has_a_deadline_after_sigterm(data, tmp_path):
 
 
 def test_local_cluster_kills_what_outlives_its_grace_after_a_signal(data, tmp_path):
-    overrides = {"train.num_steps": 400, "train.stall_timeout_seconds": 0}
+    overrides = {
+        "train.num_steps": 400,
+        "train.stall_timeout_seconds": 0,
+        "distributed.preemption_grace_seconds": 5,  # host 0 gives up on its frozen peer
+    }
     args = helpers.tiny_run_args(*data, str(tmp_path / "w"), **overrides)
-    proc = helpers.start(args, processes=2, devices=2)
+    proc = helpers.start(args, processes=2, devices=2, cluster_flags=("--grace_seconds=8",))
     seen = []
     assert helpers.wait_for_line(proc, "step 4/400", seen), "".join(seen)[-3000:]
     frozen = helpers.host_pid(str(tmp_path / "w"), 1)
@@ -171,7 +175,7 @@ def test_local_cluster_kills_what_outlives_its_grace_after_a_signal(data, tmp_pa
     proc.send_signal(signal.SIGTERM)
     took = _drain(proc, seen)
     log = "".join(seen)
-    assert took < 40 + 30, took  # local_cluster's default grace is 30 s
+    assert took < 5 + 8 + 30, took
     assert f"(pid {frozen}) still running" in log, log[-3000:]
     assert proc.returncode != 0
 
