@@ -57,7 +57,11 @@ def _quiet_libraries(record) -> bool:
 
 def fail(status: ExitStatus, message: str) -> None:
     logging.error("%s", message)
-    print(f"error: {message}", file=sys.stderr)
+    logging.flush()
+    sys.stderr.flush()
+    # One write, starting a fresh line: a library thread that is still printing (Orbax's
+    # after a failed save) can leave half a line behind, and the error must stay one line.
+    os.write(sys.stderr.fileno(), f"\nerror: {message}\n".encode())
     sys.exit(int(status))
 
 

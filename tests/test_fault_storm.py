@@ -14,11 +14,10 @@ from tests import helpers
 from tools import fault_storm, goodput
 
 STEPS = 60
-# Seed 3 draws preempt (p1), save_kill (p0) and host_loss (p1) on 2x2. Topology changes are
-# left to tests/test_elastic.py, so here the whole result must be bit-identical.
+# Seed 3 draws host_loss (p1), save_kill (p0), preempt (p1), then resize: the kills hit a
+# two-process run, and the last attempt trains on another topology.
 STORM = [
-    "--fault_interval=3,6", "--seed=3", "--max_faults=3", "--kinds=preempt,save_kill,host_loss",
-    "--topologies=2x2", "--kill_after=30",
+    "--fault_interval=3,6", "--seed=3", "--max_faults=4", "--topologies=2x2,1x4", "--kill_after=30",
     "--", "--config=configs/demo.py", "--config.data.image_size=16",
     "--config.train.global_batch_size=32", f"--config.train.num_steps={STEPS}",
     "--config.train.warmup_epochs=0.05", "--config.checkpoint.every_steps=5",
@@ -27,7 +26,7 @@ STORM = [
 
 
 @pytest.mark.slow
-def test_a_storm_of_kills_and_preemptions_ends_bit_identical(tmp_path):
+def test_a_storm_of_every_fault_kind_finishes_right(tmp_path):
     root = tmp_path / "storm"
     # One compilation cache for the reference and the storm: restarts load their programs.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla-cache"))
@@ -46,11 +45,12 @@ def test_a_storm_of_kills_and_preemptions_ends_bit_identical(tmp_path):
 
     # Every kind happened, and each fault cost one restart. (A failure nobody injected, such as
     # a launcher that times out waiting for a slower peer, is retried and listed.)
-    assert report["faults"] == {"preempt": 1, "host_loss": 1, "save_kill": 1, "resize": 0}
-    assert report["restarts"] == 3 + len(report["unplanned_failures"]), report["unplanned_failures"]
+    assert report["faults"] == {"preempt": 1, "host_loss": 1, "save_kill": 1, "resize": 1}
+    assert report["restarts"] == 4 + len(report["unplanned_failures"]), report["unplanned_failures"]
     attempts = [a for a in report["attempts"] if a["fault"] or a["status"] == 0]
     assert attempts[-1]["status"] == 0
     assert all(a["fault"]["delivered"] for a in attempts[:-1])
+    assert attempts[-1]["topology"] == "1x4" and attempts[-1]["elastic"] == "2x2->1x4"
 
     # Every resume came from the newest committed checkpoint, never from the torn save.
     assert report["resumes"]["ok"], report["resumes"]
@@ -62,14 +62,16 @@ def test_a_storm_of_kills_and_preemptions_ends_bit_identical(tmp_path):
         if fault["kind"] in ("preempt", "resize"):  # an agreed stop saves the step it reached
             assert after["resumed_from"] >= fault["step_logged"]
 
-    # The run finished, and its result is the uninterrupted run's, bit for bit.
+    # The run finished, and its result is the uninterrupted run's up to the topology change.
     finished = json.loads((root / "storm" / "FINISHED").read_text())
     assert finished["step"] == STEPS
     layouts = [(t["processes"], t["devices_per_process"]) for t in finished["topology_history"]]
-    assert layouts == [(2, 2)]
+    assert layouts == [(2, 2), (1, 4)]
     correct = report["correct"]
-    assert correct["ok"] and correct["rule"].startswith("bit-identical"), correct
-    assert correct["bit_identical_state"] and correct["eval_top1_diff"] == 0.0, correct
+    assert correct["ok"] and "then within tolerance" in correct["rule"], correct
+    # Before the resize the faulted run trained on 2x2 like the reference: bit for bit.
+    assert correct["checkpoints_before_change"], correct
+    assert correct["checkpoints_before_change_identical"], correct
 
     # The report: goodput, a badput split that adds up to the wall time, the chart.
     for key in ("goodput", "badput_s", "badput_fraction", "recovery_split_s", "per_attempt",
