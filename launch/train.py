@@ -181,6 +181,16 @@ def train_and_evaluate(
             config, train_info.num_examples, train_info.channels, program.shapes_digest()
         )
         ckpt.check_compatible(signature)
+        finished = _finished_record(workdir)
+        if (
+            finished is not None
+            and finished.get("step", -1) >= plan.num_steps
+            and finished["step"] in checkpointing.committed_steps(workdir)
+        ):
+            # A rerun of a finished job (a supervisor's, a requeue's) ends here, uncompiled.
+            # Without its final checkpoint it goes on, and the restore says what is wrong.
+            logging.info("The run had already finished (step %d).", finished["step"])
+            return RunResult("finished", finished["step"], finished.get("eval", {}))
         compiled = _Background(
             lambda: _compile(program, plan, config.data.image_size, ckpt, eval_info is not None)
         )
@@ -191,10 +201,6 @@ def train_and_evaluate(
             _log_resume(start_step, saved_meta)
         else:
             state, start_step, saved_meta = _initial_state(config, program), 0, None
-        marker = epath.Path(workdir) / FINISHED_MARKER
-        if start_step >= plan.num_steps and marker.exists():
-            logging.info("The run had already finished (step %d).", start_step)
-            return RunResult("finished", start_step, json.loads(marker.read_text()).get("eval", {}))
         history = checkpointing.topology_history(saved_meta, start_step)
         meta = dict(
             signature,
@@ -278,6 +284,11 @@ def train_and_evaluate(
             raise
         ckpt.wait()  # every exit path leaves no half-written step behind
         return result
+
+
+def _finished_record(workdir: str) -> dict | None:
+    marker = epath.Path(workdir) / FINISHED_MARKER
+    return json.loads(marker.read_text()) if marker.exists() else None
 
 
 class _Background:

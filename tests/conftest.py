@@ -10,6 +10,17 @@ from tests import helpers
 flags.FLAGS.mark_as_parsed()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the programs compiled in the test process: the
+    in-process tests build the same tiny train and eval steps several times."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """Shipped MNIST digits as (train_dir, eval_dir) for tiny launcher runs.

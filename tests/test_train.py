@@ -43,6 +43,7 @@ def test_train_and_evaluate_runs_resumes_and_reports(data, tmp_path):
     assert finished["data"]["train"] == {"path": data[0], "examples": 200, "classes": 10}
     again = train.train_and_evaluate(helpers.tiny_config(*data), workdir)
     assert again == result  # a finished run is recognised, not trained again
+    assert _records(workdir) == records  # ... before compiling or logging anything
 
 
 @pytest.mark.parametrize(
