@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from launch import train
+from launch.checkpointing import committed_steps
 from launch.status import ExitStatus
 from tests import helpers
 
@@ -33,15 +34,6 @@ def assert_same_state(workdir_a, workdir_b, step=STEPS):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
-def committed_steps(workdir):
-    root = os.path.join(workdir, "checkpoints")
-    return sorted(
-        int(n)
-        for n in os.listdir(root)
-        if n.isdigit() and os.path.exists(os.path.join(root, n, "commit_success.txt"))
-    )
 
 
 def _interrupt(proc, pid_to_signal, sig, after_line, seen):

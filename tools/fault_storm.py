@@ -48,7 +48,6 @@ from typing import Any
 from absl import app, flags
 
 from launch import checkpointing
-from launch.checkpointing import committed_steps
 from tools import goodput
 
 flags.DEFINE_string("workdir", None, "Root: reference/, storm/, logs/ and the report go here.")
@@ -349,9 +348,13 @@ class Attempt:
 
 def _load_state(workdir: str, step: int) -> dict[str, Any]:
     """The saved state of `step` as {path: numpy array}, whatever topology wrote it."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # after the runs: reading needs no GPU
-    import jax  # pylint: disable=g-import-not-at-top  # only once the runs are over
+    import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
+
+    # Reading needs no accelerator. The environment variable is no use here: jax is already
+    # imported (launch.checkpointing), and the attempts' processes must not inherit it.
+    if jax.config.jax_platforms != "cpu":
+        jax.config.update("jax_platforms", "cpu")
 
     state = checkpointing.read_numpy(os.path.join(workdir, "checkpoints", str(step), "state"))
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
@@ -411,7 +414,10 @@ def check(
         left_at = history[1]["from_step"] if len(history) > 1 else got["step"]
     # Step by step, before the first change: bit for bit.
     prefix = []
-    for step in sorted(set(committed_steps(reference_dir)) & set(committed_steps(storm_dir))):
+    for step in sorted(
+        set(checkpointing.committed_steps(reference_dir))
+        & set(checkpointing.committed_steps(storm_dir))
+    ):
         if step <= left_at and step != got["step"]:
             same = _compare(_load_state(reference_dir, step), _load_state(storm_dir, step))
             prefix.append({"step": step, "identical": same["identical"]})
@@ -524,7 +530,7 @@ def run_until_finished(
         if len(attempts) >= FLAGS.max_attempts:
             _fail(3, f"{name}: no success in {FLAGS.max_attempts} attempts")
         topology = storm.topologies[storm.topology_index]
-        committed = committed_steps(workdir)
+        committed = checkpointing.committed_steps(workdir)
         index = len(attempts)
         log = os.path.join(logs, f"{name}-{index:02d}.log")
         _say(f"{name} attempt {index} on {topology[0]}x{topology[1]} (log {log})")
@@ -532,7 +538,7 @@ def run_until_finished(
         current[:] = [attempt]
         record = attempt.run()
         record["committed_at_spawn"] = committed
-        record["committed_at_end"] = committed_steps(workdir)
+        record["committed_at_end"] = checkpointing.committed_steps(workdir)
         record["resume_next"] = max(record["committed_at_end"], default=0)
         attempts.append(record)
         _say(
