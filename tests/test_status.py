@@ -24,7 +24,7 @@ def test_shell_constants_equal_the_enum(script):
 
 
 def test_every_status_is_documented():
-    table = open(os.path.join(helpers.REPO, "docs", "faults.md")).read()
+    table = open(os.path.join(helpers.REPO, "docs", "design.md")).read()
     for status in ExitStatus:
         assert re.search(rf"^\| {int(status)} \|", table, flags=re.M), status
 
