@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 import resnet
 from launch import distributed
 from launch.plan import ConfigError
-from pipeline import device_augment
+from resnet import augment as augment_lib
 from resnet import steps as steps_lib
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -101,7 +101,7 @@ class Program:
         return distributed.batch_sharding(self.mesh)
 
     def stop_votes(self, stop: bool) -> jax.Array:
-        """This host's vote on every one of its devices (see resnet.steps.make_train_step).
+        """This host's vote on every one of its devices (see `_with_stop_votes`).
 
         Two arrays made once and passed again every step: no per-step transfer.
         """
@@ -150,6 +150,27 @@ class Program:
         return shapes_digest(self.abstract_state.params)
 
 
+def _with_stop_votes(step: Callable, *, into_metrics: bool) -> Callable:
+    """`step(*args)` that also takes the hosts' stop votes and returns their maximum.
+
+    The votes hold one int32 per device (1 where that device's host was asked to stop). Their
+    maximum rides the step's own all-reduce, so every host reads the same decision at the same
+    step with no extra round trip. The train step returns it as `metrics["stop"]`, the eval
+    step as a second output: `(totals, stop)`.
+    """
+
+    def voted(*args):
+        *step_args, votes = args
+        out = step(*step_args)
+        stop = jnp.max(votes)
+        if into_metrics:
+            state, metrics = out
+            return state, {**metrics, "stop": stop}
+        return out, stop
+
+    return voted
+
+
 def build_program(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -185,26 +206,29 @@ def build_program(
     augment = None
     if config.data.augment_on_device:
         augment = functools.partial(
-            device_augment.pad_crop_flip,
+            augment_lib.pad_crop_flip,
             seed=config.train.seed,
             pad=config.data.device_crop_padding,
             flip=config.data.random_flip,
         )
     train_step = jax.jit(
-        steps_lib.make_train_step(
-            graphdef,
-            tx,
-            schedule,
-            label_smoothing=config.train.label_smoothing,
-            augment=augment,
-            **compute,
+        _with_stop_votes(
+            steps_lib.make_train_step(
+                graphdef,
+                tx,
+                schedule,
+                label_smoothing=config.train.label_smoothing,
+                augment=augment,
+                **compute,
+            ),
+            into_metrics=True,
         ),
         in_shardings=(replicated, batch_sharding, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0 if donate else (),
     )
     eval_step = jax.jit(
-        steps_lib.make_eval_step(graphdef, **compute),
+        _with_stop_votes(steps_lib.make_eval_step(graphdef, **compute), into_metrics=False),
         in_shardings=(replicated, batch_sharding, replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=2,  # the running totals

@@ -120,18 +120,17 @@ def make_train_step(
     label_smoothing: float,
     augment: Callable | None = None,
 ) -> Callable:
-    """Returns `train_step(state, batch, stop_votes) -> (state, metrics)`; jit it with donation.
+    """Returns `train_step(state, batch) -> (state, metrics)`; jit it with donation.
 
-    `stop_votes` holds one int32 per device (1 where that device's host was asked to stop);
-    `metrics["stop"]` is their maximum, the same on every host. `augment(images,
-    example_ids, step)`, when given, runs on the device first (batch["example_id"] needed).
+    `augment(images, example_ids, step)`, when given, runs on the device first
+    (batch["example_id"] needed).
 
     A step whose loss, gradients or updated parameters are not finite leaves parameters,
     statistics and optimizer state untouched and only counts itself, so a checkpoint never
     holds non-finite values.
     """
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], stop_votes: jax.Array):
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
         images = batch["image"]
         if augment is not None:
             images = augment(images, batch["example_id"], state.step)
@@ -168,7 +167,6 @@ def make_train_step(
             "learning_rate": schedule(state.step),
             "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
             "nonfinite_total": new_state.nonfinite_total,
-            "stop": jnp.max(stop_votes),  # rides this step's all-reduce: every host agrees
         }
         return new_state, metrics
 
@@ -180,7 +178,7 @@ def zero_eval_totals() -> dict[str, jax.Array]:
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, mean, std, compute_dtype) -> Callable:
-    """Returns `eval_step(state, batch, totals, stop_votes) -> (totals, stop)`.
+    """Returns `eval_step(state, batch, totals) -> totals`.
 
     Masked sums (not means) are added to the running `totals` inside the step, so that
     batches, devices and hosts add up exactly (divide by `count` once at the end) and each
@@ -189,7 +187,7 @@ def make_eval_step(graphdef: nnx.GraphDef, *, mean, std, compute_dtype) -> Calla
     different hosts; over gloo that deadlocked two-process evaluations.
     """
 
-    def eval_step(state: TrainState, batch: dict[str, jax.Array], totals, stop_votes):
+    def eval_step(state: TrainState, batch: dict[str, jax.Array], totals):
         model = merge(graphdef, state.params, state.batch_stats)
         logits = model(normalize(batch["image"], mean, std, compute_dtype), training=False)
         labels, mask = batch["label"], batch["mask"]
@@ -200,6 +198,6 @@ def make_eval_step(graphdef: nnx.GraphDef, *, mean, std, compute_dtype) -> Calla
             "top5": jnp.sum(_top_k_correct(logits, labels, k5) * mask),
             "count": jnp.sum(mask),
         }
-        return jax.tree.map(jnp.add, totals, sums), jnp.max(stop_votes)
+        return jax.tree.map(jnp.add, totals, sums)
 
     return eval_step

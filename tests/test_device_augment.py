@@ -12,7 +12,7 @@ import pytest
 
 from launch import train
 from launch.status import ExitStatus
-from pipeline.device_augment import pad_crop_flip
+from resnet.augment import pad_crop_flip
 from tests import helpers
 
 
