@@ -10,19 +10,25 @@
 
 docs/data.md describes every option and the metadata.json written.
 
-Expected failures print one line on stderr, with no traceback, and exit 1: a missing or empty
-input, an unknown format, an unreadable file with --strict, an output that is in use (without
---overwrite), an output that must never be replaced (not a dataset this tool wrote) or that is,
-holds or lies inside the input, and I/O errors such as a full disk or an unwritable folder (then
-nothing half-written is left behind).
+Expected failures print one line, `error: ...`, on stderr, with no traceback, and exit with a
+status of launch/status.py: 2 (BAD_INPUT) for a bad flag, a missing or empty input, an unknown
+format, an unreadable file with --strict, an output that is in use (without --overwrite), one
+that must never be replaced (not a dataset this tool wrote) or that is, holds or lies inside the
+input; 1 (FAILED) when writing the output fails, such as a full disk or an unwritable folder
+(then nothing half-written is left behind). Ctrl-C, SIGTERM or SIGHUP stop the conversion with
+128 + the signal's number (130 for Ctrl-C): the temporary folder is deleted, the workers end,
+and nothing is published.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
+from launch.status import ExitStatus
 from pipeline.conversion import (
     DEFAULT_MAX_PIXELS,
     ENCODINGS,
@@ -31,7 +37,9 @@ from pipeline.conversion import (
     MAX_PIXELS_LIMIT,
     SPLITS,
     ConversionError,
+    OutputWriteError,
     convert,
+    stopping,
 )
 from pipeline.records import RAW_MAX_SIDE
 
@@ -104,32 +112,59 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["format", "input", "output"])
 
 
+def _fail(status: int, message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad or missing flag as one line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(ExitStatus.BAD_INPUT, str(e))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    try:
-        convert(
-            f.format,
-            f.input,
+    with stopping.stop_on_signals():
+        try:
+            convert(
+                f.format,
+                f.input,
+                f.output,
+                split=f.split,
+                num_shards=f.num_shards,
+                num_workers=f.num_workers,
+                strict=f.strict,
+                overwrite=f.overwrite,
+                max_pixels=f.max_pixels,
+                shorter_side=f.shorter_side,
+                max_side=f.max_side,
+                jpeg_quality=f.jpeg_quality,
+                encoding=f.encoding,
+            )
+        except stopping.Interrupted as e:
+            _fail(
+                128 + e.signum,
+                f"interrupted ({e}); nothing was published and {f.output!r} is unchanged",
+            )
+        except OutputWriteError as e:
+            _fail(ExitStatus.FAILED, str(e))
+        except ConversionError as e:
+            _fail(ExitStatus.BAD_INPUT, str(e))
+        late = stopping.received()
+    if late is not None:
+        logging.warning(
+            "%s arrived while the dataset was being published: %s is complete",
+            signal.Signals(late).name,
             f.output,
-            split=f.split,
-            num_shards=f.num_shards,
-            num_workers=f.num_workers,
-            strict=f.strict,
-            overwrite=f.overwrite,
-            max_pixels=f.max_pixels,
-            shorter_side=f.shorter_side,
-            max_side=f.max_side,
-            jpeg_quality=f.jpeg_quality,
-            encoding=f.encoding,
         )
-    except ConversionError as e:
-        print(f"make_arrayrecord: error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

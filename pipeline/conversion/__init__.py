@@ -13,11 +13,12 @@ The modules, in the order a conversion uses them:
   writing      the shards, in example order, and the size statistics of metadata.json
   progress     the progress line
   publishing   the --overwrite rules and the atomic rename into place
+  stopping     Ctrl-C, SIGTERM and SIGHUP under the CLI: stop, publish nothing
   errors       ConversionError, the failures the CLI prints in one line
 """
 
 from pipeline.conversion.converter import ENCODINGS, FORMATS, convert
-from pipeline.conversion.errors import ConversionError
+from pipeline.conversion.errors import ConversionError, OutputWriteError
 from pipeline.conversion.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, MAX_PIXELS_LIMIT
 from pipeline.conversion.source import SPLITS
 from pipeline.conversion.writing import WRITER_OPTIONS
@@ -31,5 +32,6 @@ __all__ = [
     "SPLITS",
     "WRITER_OPTIONS",
     "ConversionError",
+    "OutputWriteError",
     "convert",
 ]

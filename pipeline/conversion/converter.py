@@ -3,6 +3,7 @@ a fresh folder, and publishes it at the output."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -14,8 +15,9 @@ from collections.abc import Callable
 from absl import logging
 
 from pipeline import records
+from pipeline.conversion import stopping
 from pipeline.conversion.cifar import read_cifar
-from pipeline.conversion.errors import ConversionError
+from pipeline.conversion.errors import ConversionError, OutputWriteError
 from pipeline.conversion.imagefolder import read_imagefolder
 from pipeline.conversion.images import (
     DEFAULT_MAX_PIXELS,
@@ -146,10 +148,12 @@ def convert(
     num_shards = max(1, min(num_shards, len(items)))  # every shard gets at least one example
 
     parent, base = os.path.split(output_dir)
-    tmp = None
+    tmp: str | None = None
+    made: list[str] = []  # the output's parent folders this run created
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = fresh_folder(os.path.join(parent, f"{base}.tmp-{os.getpid()}"))
+        with stopping.held():  # what was made must be known to clean it up
+            _make_folders(parent, made)
+            tmp = fresh_folder(os.path.join(parent, f"{base}.tmp-{os.getpid()}"))
         started = time.monotonic()
         tracker = Progress(f"{format} {base}", len(items), progress, progress_stream)
         try:
@@ -204,14 +208,13 @@ def convert(
         with open(os.path.join(tmp, records.METADATA_FILE), "w") as f:
             f.write(json.dumps(metadata, sort_keys=True, indent=2) + "\n")
         fsync_dir_files(tmp)  # data on disk before the rename makes it visible
+        stopping.commit()
         publish(tmp, output_dir, overwrite)
     except OSError as e:  # disk full, no permission, ...: nothing half-written is left
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise ConversionError(f"cannot write the output {output_dir!r}: {e}") from None
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_unpublished(tmp, made)
+        raise OutputWriteError(f"cannot write the output {output_dir!r}: {e}") from None
+    except BaseException:  # ConversionError, Interrupted, ...
+        _remove_unpublished(tmp, made)
         raise
     if progress:
         size = sum(os.path.getsize(os.path.join(output_dir, s)) for s in metadata["shards"])
@@ -230,3 +233,23 @@ def convert(
             num_workers,
         )
     return metadata
+
+
+def _make_folders(path: str, made: list[str]) -> None:
+    """os.makedirs(path, exist_ok=True) that appends each folder it makes to `made`."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        os.mkdir(folder)
+        made.append(folder)
+
+
+def _remove_unpublished(tmp: str | None, made: list[str]) -> None:
+    """Deletes this run's temporary folder and the (then empty) folders it made for it."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)

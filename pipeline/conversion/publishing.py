@@ -9,8 +9,8 @@ own files is ever deleted.
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 
 from absl import logging
 
@@ -45,16 +45,52 @@ def check_not_nested(input_path: str, output_dir: str) -> None:
         )
 
 
-def _own_files(path: str) -> list[str] | None:
-    """The files a dataset written by this package holds, if `path` is one; else None."""
+class _NotOurs(Exception):
+    """Why a folder is not a dataset this package wrote (the reason ends the CLI's line)."""
+
+
+def _shard_names(count: int) -> list[str]:
+    return [records.SHARD_PATTERN.format(index=s, count=count) for s in range(count)]
+
+
+def _own_files(path: str) -> set[str]:
+    """The names of the files a dataset written by this package at `path` holds.
+
+    Raises _NotOurs unless metadata.json is a plain file in this project's schema that lists
+    exactly the shard names convert() writes, and every entry of the folder is one of those
+    names as a plain file. Only such names are ever deleted: a metadata.json listing
+    `../x`, an absolute path or a stranger's file must not turn --overwrite into a deletion
+    elsewhere.
+    """
+    metadata_path = os.path.join(path, records.METADATA_FILE)
+    if not _is_plain_file(metadata_path):
+        raise _NotOurs(f"it has no {records.METADATA_FILE} as a plain file")
     try:
-        with open(os.path.join(path, records.METADATA_FILE), "rb") as f:
-            shards = json.loads(f.read()).get("shards")
-    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object
-        return None
-    if not (isinstance(shards, list) and all(isinstance(s, str) for s in shards)):
-        return None
-    return [records.METADATA_FILE, *shards]
+        shards = records.read_metadata(path)["shards"]
+    except records.DatasetError as e:
+        raise _NotOurs(str(e)) from None
+    expected = _shard_names(len(shards))
+    names = set(expected)
+    unknown = [s for s in shards if s not in names]
+    if unknown or shards != expected:
+        shown = unknown[0] if unknown else shards
+        raise _NotOurs(
+            f"its {records.METADATA_FILE} lists {shown!r}, not the shard names "
+            "make_arrayrecord writes"
+        )
+    own = {records.METADATA_FILE, *shards}
+    foreign = [n for n in sorted(os.listdir(path)) if n not in own or not _is_plain_file(path, n)]
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if foreign[5:] else "")
+        raise _NotOurs(f"it holds files that make_arrayrecord did not write: {listed}")
+    return own
+
+
+def _is_plain_file(*parts: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(os.path.join(*parts)).st_mode)
+    except OSError:
+        return False
 
 
 def existing_output(output_dir: str, overwrite: bool) -> str:
@@ -62,8 +98,8 @@ def existing_output(output_dir: str, overwrite: bool) -> str:
 
     Raises ConversionError when it must not be replaced: without `overwrite` anything but an
     empty folder; with it, anything but a symlink or a folder holding exactly a dataset this
-    package wrote (metadata.json and its shards as plain files, nothing else, hidden files
-    included: whatever else sits there may be someone's work).
+    package wrote (see _own_files; hidden files count too: whatever else sits there may be
+    someone's work).
     """
     if not os.path.lexists(output_dir):
         return "absent"
@@ -71,31 +107,16 @@ def existing_output(output_dir: str, overwrite: bool) -> str:
         kind = "a symlink"
     elif not os.path.isdir(output_dir):
         raise ConversionError(f"output {output_dir!r} is a file, not a folder; not replacing it")
+    elif not os.listdir(output_dir):
+        return "empty"
     else:
-        names = sorted(os.listdir(output_dir))
-        if not names:
-            return "empty"
-        own = _own_files(output_dir)
-        foreign = [
-            n
-            for n in names
-            if own is None
-            or n not in own
-            or os.path.islink(os.path.join(output_dir, n))
-            or not os.path.isfile(os.path.join(output_dir, n))
-        ]
-        if foreign:
-            listed = ", ".join(foreign[:5]) + (
-                f" and {len(foreign) - 5} more" if foreign[5:] else ""
-            )
-            what = (
-                f"is not a dataset written by make_arrayrecord (it holds {listed})"
-                if own is None
-                else f"holds files that make_arrayrecord did not write ({listed})"
-            )
+        try:
+            _own_files(output_dir)
+        except _NotOurs as e:
             raise ConversionError(
-                f"output {output_dir!r} {what}; not replacing it: choose another --output"
-            )
+                f"output {output_dir!r} is not a dataset written by make_arrayrecord ({e}); "
+                "not replacing it: choose another --output"
+            ) from None
         kind = "a dataset"
     if not overwrite:
         raise ConversionError(
@@ -131,7 +152,7 @@ def publish(tmp: str, output_dir: str, overwrite: bool) -> None:
     if kind in ("absent", "empty"):
         os.rename(tmp, output_dir)  # rename(2) replaces an empty folder atomically
         return
-    own = _own_files(output_dir) if kind == "a dataset" else None
+    own = _own_files(output_dir) if kind == "a dataset" else set()
     old = _aside_name(output_dir)
     os.rename(output_dir, old)
     try:
@@ -141,12 +162,24 @@ def publish(tmp: str, output_dir: str, overwrite: bool) -> None:
         raise
     try:
         if kind == "a symlink":
-            os.remove(old)  # the link only: whatever it pointed at is left alone
+            if os.path.islink(old):
+                os.remove(old)  # the link only: whatever it pointed at is left alone
         else:
-            # Only the files this package wrote; rmdir fails if anything else appeared.
-            assert own is not None  # kind is "a dataset": _own_files found one
-            for name in own:
-                os.remove(os.path.join(old, name))
-            os.rmdir(old)
+            _remove_own_files(old, own)
+            os.rmdir(old)  # fails if anything else appeared meanwhile
     except OSError as e:  # the new dataset is in place: not a failure of the conversion
         logging.warning("the replaced dataset is left at %s (%s); delete it yourself", old, e)
+
+
+def _remove_own_files(folder: str, own: set[str]) -> None:
+    """Deletes the plain files named in `own` (plain names, see _own_files) from `folder`,
+    through a descriptor of the folder itself: nothing outside it can be reached."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for name in os.listdir(fd):
+            if name in own and stat.S_ISREG(
+                os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            ):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,9 +47,19 @@ def _ordered_map(num_workers: int):
         yield map
         return
     # spawn, not fork: the caller may be a JAX process with threads, which fork can deadlock.
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        num_workers, initializer=_leave_stopping_to_the_parent
+    ) as pool:
         # imap returns results in input order, so output does not depend on the worker count.
         yield lambda fn, it: pool.imap(fn, it, chunksize=32)
+
+
+def _leave_stopping_to_the_parent() -> None:
+    """A worker ignores Ctrl-C and the terminal closing, which reach its whole process group:
+    the parent stops the conversion and ends the workers (Pool.terminate, on leaving its
+    `with`). A worker dying on its own would leave the parent waiting for its results."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _array_record(call: Callable, *args) -> Any:
