@@ -1,7 +1,7 @@
 """The training program: model, optimizer, state and the two jitted steps, built in one place.
 
-`build_program` is what the launcher trains with and what `tools.bench_step`,
-`tools.bench_checkpoint` and the tests measure, so a benchmark times exactly the step that
+`build_program` is what the launcher trains with and what `tools.bench.step`,
+`tools.bench.checkpoint` and the tests measure, so a benchmark times exactly the step that
 training runs. The state is replicated over the mesh and batches are split along 'batch';
 the train step donates the state, so XLA updates it in place.
 """
@@ -184,7 +184,7 @@ def build_program(
 
     `steps_per_epoch` and `num_steps` shape the learning-rate schedule; the defaults, a long
     schedule, serve callers for whom it does not matter (evaluation, step benchmarks).
-    `donate=False` only exists to measure what donating the state buys (tools.bench_step).
+    `donate=False` only exists to measure what donating the state buys (tools.bench.step).
     """
     tx, schedule = make_optimizer(config, steps_per_epoch, num_steps)
     make_model = lambda: build_model(config, channels)

@@ -1,6 +1,6 @@
 """The launcher's exit statuses: the one table that every supervisor reads.
 
-`tools/slurm_train.sbatch`, `tools/tpu_pod.sh` and `launch.local_cluster` act on these
+`tools/slurm_train.sbatch`, `tools/cluster/tpu_pod.sh` and `launch.local_cluster` act on these
 numbers; a test checks that the shell scripts' `STATUS_*` constants equal the values here.
 """
 

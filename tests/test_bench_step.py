@@ -1,5 +1,5 @@
-"""Tests for tools/bench_step.py (the real train step, timed, reported as JSON) and for the
-tools/bench_suite.py driver and tools/profile_summary.py that a GPU lease runs.
+"""Tests for tools/bench/step.py (the real train step, timed, reported as JSON) and for the
+tools/bench/suite.py driver and tools/bench/profile_summary.py that a GPU lease runs.
 
 Each case is one subprocess on CPU with a tiny model; the figures themselves are not checked
 (CPU timings mean nothing), only that they are there and sane.
@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from tools import bench_suite, profile_summary
+from tools.bench import profile_summary
+from tools.bench import suite as bench_suite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -35,7 +36,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     env.pop("XLA_FLAGS", None)  # one CPU device, whatever the caller's environment says
     return subprocess.run(
-        [sys.executable, "-m", "tools.bench_step", *args],
+        [sys.executable, "-m", "tools.bench.step", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -57,7 +58,7 @@ def test_suite_reports_throughput_flops_hlo_and_profile(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.bench_suite", "--preset=smoke", f"--out={out}"],
+        [sys.executable, "-m", "tools.bench.suite", "--preset=smoke", f"--out={out}"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -81,7 +82,7 @@ def test_suite_reports_throughput_flops_hlo_and_profile(tmp_path):
         assert result["flops_source"] == "xla_cost_analysis"
         assert result["mfu"] is None  # no peak is known for CPU
     log = (out / "suite.log").read_text()
-    assert "MFU n/a" in log and "python -m tools.bench_step --model=resnet20" in log
+    assert "MFU n/a" in log and "python -m tools.bench.step --model=resnet20" in log
     table = proc.stdout[proc.stdout.rindex("===== smoke") :]
     assert "target" in table and "flax_batchnorm" in table and "1.000" in table
     with gzip.open(out / "target.hlo.txt.gz", "rt") as f:

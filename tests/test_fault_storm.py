@@ -1,4 +1,4 @@
-"""tools.fault_storm: a short storm of every fault kind through the real launcher, and the
+"""tools.faults.storm: a short storm of every fault kind through the real launcher, and the
 goodput accounting and result checks it reports on."""
 
 import json
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tools import fault_storm, goodput
+from tools.faults import goodput
+from tools.faults import storm as fault_storm
 
 STEPS = 60
 # Seed 3 draws host_loss (p1), save_kill (p0), preempt (p1), then resize: the kills hit a
@@ -30,7 +31,7 @@ def test_a_storm_of_every_fault_kind_finishes_right(tmp_path):
     root = tmp_path / "storm"
     # One compilation cache for the reference and the storm: restarts load their programs.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla-cache"))
-    cmd = [sys.executable, "-m", "tools.fault_storm", f"--workdir={root}", *STORM]
+    cmd = [sys.executable, "-m", "tools.faults.storm", f"--workdir={root}", *STORM]
     proc = subprocess.Popen(
         cmd, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -8,7 +8,7 @@ import pytest
 from launch.status import ExitStatus
 from tests import helpers
 
-SCRIPTS = ["tools/tpu_pod.sh", "tools/slurm_train.sbatch"]
+SCRIPTS = ["tools/cluster/tpu_pod.sh", "tools/slurm_train.sbatch"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,4 +1,4 @@
-"""Tests for tools/tpu_pod.sh: a fake `gcloud`, and the real gcloud's parser where installed.
+"""tools/cluster/tpu_pod.sh against a fake `gcloud`, and the real gcloud's parser where installed.
 
 The Slurm script is tested against a real Slurm in test_slurm.py; shellcheck runs on both here.
 
@@ -42,7 +42,7 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU_POD = os.path.join(REPO, "tools", "tpu_pod.sh")
+TPU_POD = os.path.join(REPO, "tools", "cluster", "tpu_pod.sh")
 SBATCH = os.path.join(REPO, "tools", "slurm_train.sbatch")
 BASH = shutil.which("bash") or "/bin/bash"
 REAL_GCLOUD = shutil.which("gcloud")  # looked up before any fake is put on PATH
@@ -1015,9 +1015,8 @@ def test_supervise_stops_when_training_diverged(gcloud):
     assert folder.name.endswith("-exit3") and (folder / "worker-0.log").exists()
     assert str(folder) in proc.stderr
     assert "NOT deleted: it still exists and is billed" in proc.stderr
-    assert "tools/tpu_pod.sh delete --name=my-tpu --zone=us-central2-b --project=my-proj'" in (
-        proc.stderr
-    )
+    delete = "tools/cluster/tpu_pod.sh delete --name=my-tpu --zone=us-central2-b --project=my-proj'"
+    assert delete in proc.stderr
 
 
 def test_supervise_delete_on_give_up(gcloud):
@@ -1552,7 +1551,7 @@ def test_describe_formats_with_the_real_gcloud_formatter(gcloud, tmp_path):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 @pytest.mark.parametrize(
-    "script", [TPU_POD, SBATCH, os.path.join(REPO, "tools", "offline_wheels.sh")]
+    "script", [TPU_POD, SBATCH, os.path.join(REPO, "tools", "bench", "offline_wheels.sh")]
 )
 def test_shellcheck(script):
     proc = subprocess.run(["shellcheck", script], capture_output=True, text=True, timeout=60)

@@ -1,6 +1,6 @@
 r"""Trains through a storm of faults and restarts, and measures goodput against a clean run.
 
-  python -m tools.fault_storm --workdir=/tmp/storm --fault_interval=60,120 --seed=0 -- \
+  python -m tools.faults.storm --workdir=/tmp/storm --fault_interval=60,120 --seed=0 -- \
       --config=configs/demo.py --config.train.num_epochs=20
 
 Everything after `--` goes to the launcher (`launch.main` through `launch.local_cluster`);
@@ -24,7 +24,7 @@ run in WORKDIR/storm, and the report lands in WORKDIR/fault_storm.json and .png.
    time counts as recovery.
 3. The report: goodput = the reference's time for its steps (from its training loop to its
    exit: the loop, the final eval and save) / the faulted run's wall time; the badput split
-   (`tools.goodput`); fault and restart counts; and whether the finished run is right: final
+   (`tools.faults.goodput`); fault and restart counts; and whether the finished run is right: final
    state bit-identical to the reference when the topology never changed, else within the
    tolerances below, and the same eval figures in FINISHED.
 
@@ -48,7 +48,7 @@ from typing import Any
 from absl import app, flags
 
 from launch import checkpointing
-from tools import goodput
+from tools.faults import goodput
 
 flags.DEFINE_string("workdir", None, "Root: reference/, storm/, logs/ and the report go here.")
 flags.DEFINE_list("fault_interval", ["60", "120"], "lo,hi: seconds of wall time between faults.")
@@ -67,7 +67,7 @@ flags.DEFINE_float("loss_rtol", 0.2, "Bound on the relative eval loss difference
 flags.DEFINE_bool("show_output", False, "Echo the launcher output (it is always in logs/).")
 FLAGS = flags.FLAGS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Output that means the attempt is failing: from then on it gets --kill_after seconds to end.
 _TROUBLE = ("Traceback (most recent call last)", "[local_cluster] a process exited with status")
 _ERROR = re.compile(r"^\[p\d+\] (\w+\.)*\w*(Error|Exception)\b|^\[p\d+\] error: ")
@@ -638,7 +638,7 @@ def main(argv):
         if (f := a["fault"]) and f["kind"] == "save_kill"
     ]
     report = {
-        "command": " ".join([sys.executable, "-m", "tools.fault_storm", *sys.argv[1:]]),
+        "command": " ".join([sys.executable, "-m", "tools.faults.storm", *sys.argv[1:]]),
         "launcher_args": launcher_argv,
         "seed": FLAGS.seed,
         "fault_interval_s": [lo, hi],

@@ -1,6 +1,6 @@
 r"""Times the project's real train step on synthetic data: images/s, step time, FLOPs, MFU.
 
-  python -m tools.bench_step --model=resnet50 --batch_size=256 --image_size=224 \
+  python -m tools.bench.step --model=resnet50 --batch_size=256 --image_size=224 \
       --dtype=bfloat16 [--steps=50 --warmup=5 --repeats=3 --peer=torch]
 
 The step is the launcher's own (`launch.program.build_program`: the same model, optimizer,
@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from tools import profile_summary, xla_env
+from tools.bench import profile_summary, xla_env
 
 # Dense bf16 TFLOP/s by device kind (first substring match wins: most specific first).
 PEAK_TFLOPS = (
@@ -288,7 +288,7 @@ def main(argv):
     peak = FLAGS.peak_tflops or peak_tflops(ours["device_kind"])
     mfu = tflops / peak if peak else None
 
-    command = "python -m tools.bench_step " + shlex.join(sys.argv[1:])
+    command = "python -m tools.bench.step " + shlex.join(sys.argv[1:])
     print(f"command: {command}")
     print(
         f"jax {ours['jax_version']}, flax {ours['flax_version']}; {ours['devices']} x "

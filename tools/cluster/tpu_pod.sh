@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # tpu_pod.sh: create a Cloud TPU VM pod slice, install this project on every
 # worker, run the multi-host launcher, and keep it running through preemptions.
-# Run `tools/tpu_pod.sh help` for usage. Only `gcloud` (Google Cloud CLI) is
+# Run `tools/cluster/tpu_pod.sh help` for usage. Only `gcloud` (Google Cloud CLI) is
 # needed locally, plus `git` for the default `setup` path and `timeout`
 # (GNU coreutils; `gtimeout` on macOS) to bound every ssh and scp.
 set -euo pipefail
 
 PROG=tpu_pod.sh
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 # The launcher's exit statuses that supervise acts on (launch/status.py; a test
 # checks that these equal the enum).
@@ -44,7 +44,7 @@ DESCRIBE_FORMAT='value[separator="|"](state,health,symptoms.symptomType.list(),h
 
 usage() {
   cat <<EOF
-Usage: tools/$PROG SUBCOMMAND [options] [-- LAUNCHER_ARGS...]
+Usage: tools/cluster/$PROG SUBCOMMAND [options] [-- LAUNCHER_ARGS...]
 
 Manage a Cloud TPU VM pod slice that runs this project's multi-host launcher
 (python -m launch.main) on every worker.
@@ -145,13 +145,13 @@ Multi-worker ssh needs your key in an agent: ssh-add ~/.ssh/google_compute_engin
 
 Examples:
   export TPU_NAME=resnet-v4-32 TPU_ZONE=us-central2-b TPU_PROJECT=my-project
-  tools/$PROG create --accelerator-type=v4-32 --spot
-  tools/$PROG setup
-  tools/$PROG train --workdir=gs://my-bucket/resnet50 -- --config.train.num_epochs=90
-  tools/$PROG logs
-  tools/$PROG logs --all-workers --logs-dir=/tmp/tpu-logs
-  tools/$PROG stop && tools/$PROG delete
-  tools/$PROG supervise --accelerator-type=v4-32 --spot \\
+  tools/cluster/$PROG create --accelerator-type=v4-32 --spot
+  tools/cluster/$PROG setup
+  tools/cluster/$PROG train --workdir=gs://my-bucket/resnet50 -- --config.train.num_epochs=90
+  tools/cluster/$PROG logs
+  tools/cluster/$PROG logs --all-workers --logs-dir=/tmp/tpu-logs
+  tools/cluster/$PROG stop && tools/cluster/$PROG delete
+  tools/cluster/$PROG supervise --accelerator-type=v4-32 --spot \\
       --workdir=gs://my-bucket/resnet50 \\
       --env=JAX_COMPILATION_CACHE_DIR=gs://my-bucket/xla-cache \\
       -- --config.train.num_epochs=90
@@ -174,7 +174,7 @@ die() {
 }
 usage_error() {
   echo "$PROG: error: $*" >&2
-  echo "Run 'tools/$PROG help' for usage." >&2
+  echo "Run 'tools/cluster/$PROG help' for usage." >&2
   exit 2
 }
 is_true() {
@@ -431,7 +431,7 @@ if ((SHOW_HELP)) || [[ $SUBCOMMAND == help ]]; then
   exit 0
 fi
 if [[ -z $SUBCOMMAND ]]; then
-  echo "Usage: tools/$PROG SUBCOMMAND [options] [-- LAUNCHER_ARGS...]" >&2
+  echo "Usage: tools/cluster/$PROG SUBCOMMAND [options] [-- LAUNCHER_ARGS...]" >&2
   usage_error "no subcommand given"
 fi
 case $SUBCOMMAND in
@@ -945,10 +945,10 @@ give_up() { # give_up REASON: exit 3, saying what happens to the slice
   info "giving up: $1"
   if ((DELETE_ON_GIVE_UP)); then
     info "deleting the TPU $NAME (--delete-on-give-up)"
-    do_delete || info "deleting $NAME failed: it still exists and is billed; run 'tools/$PROG delete'"
+    do_delete || info "deleting $NAME failed: it still exists and is billed; run 'tools/cluster/$PROG delete'"
   else
     info "the TPU $NAME is NOT deleted: it still exists and is billed until you run" \
-      "'tools/$PROG delete --name=$NAME --zone=$ZONE${PROJECT:+ --project=$PROJECT}$([[ $QUEUED == 1 ]] && echo ' --queued')'" \
+      "'tools/cluster/$PROG delete --name=$NAME --zone=$ZONE${PROJECT:+ --project=$PROJECT}$([[ $QUEUED == 1 ]] && echo ' --queued')'" \
       "(or pass --delete-on-give-up)"
   fi
   exit 3
@@ -1164,7 +1164,7 @@ do_supervise() {
       if ((DELETE_WHEN_FINISHED)); then
         do_delete
       else
-        info "the TPU still exists and is billed; run 'tools/$PROG delete' when done"
+        info "the TPU still exists and is billed; run 'tools/cluster/$PROG delete' when done"
       fi
       return 0
     elif ((rc == 2)); then
@@ -1281,14 +1281,14 @@ case $SUBCOMMAND in
       if ((WAIT)); then
         wait_queued_active || die "queued resource $NAME did not become ACTIVE"
       else
-        info "queued resource $NAME requested; 'tools/$PROG status --queued' shows its state (train after setup once it is ACTIVE)"
+        info "queued resource $NAME requested; 'tools/cluster/$PROG status --queued' shows its state (train after setup once it is ACTIVE)"
       fi
     fi
     ;;
   setup) do_setup ;;
   train)
     do_train
-    info "started; follow with 'tools/$PROG logs', stop with 'tools/$PROG stop'"
+    info "started; follow with 'tools/cluster/$PROG logs', stop with 'tools/cluster/$PROG stop'"
     ;;
   status) do_status ;;
   logs)

@@ -1,8 +1,8 @@
-r"""Runs `tools.bench_step` over a preset list of variants and prints one comparison table.
+r"""Runs `tools.bench.step` over a preset list of variants and prints one comparison table.
 
-  python -m tools.bench_suite --preset=h200 --out=DIR [--wheels=.whl] [--budget_s=540]
-  python -m tools.bench_suite --preset=cpu --out=/tmp/cpu     # the layer A/Bs on CPU
-  python -m tools.bench_suite --preset=smoke --out=/tmp/smoke # what the tests run
+  python -m tools.bench.suite --preset=h200 --out=DIR [--wheels=.whl] [--budget_s=540]
+  python -m tools.bench.suite --preset=cpu --out=/tmp/cpu     # the layer A/Bs on CPU
+  python -m tools.bench.suite --preset=smoke --out=/tmp/smoke # what the tests run
 
 Made for accelerator time that is short or metered (a reservation, a shared node), where one
 prepared command has to say everything:
@@ -15,11 +15,11 @@ prepared command has to say everything:
   skipped once the budget left is less than the quickest variant so far;
 * on GPU, all variants share one XLA autotuning cache (where this XLA knows the flag), so
   only the first pays for the cuDNN algorithm search (compile times are not comparable);
-* --wheels installs wheels brought along (tools/offline_wheels.sh) for the children, on
+* --wheels installs wheels brought along (tools/bench/offline_wheels.sh) for the children, on
   machines that cannot reach a package registry.
 
 DIR ends up with at most four files, flat: results.jsonl, suite.log, the HLO and the trace
-(read it anywhere with `python -m tools.profile_summary DIR`).
+(read it anywhere with `python -m tools.bench.profile_summary DIR`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 
 from absl import app, flags
 
-from tools import xla_env
+from tools.bench import xla_env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ def run_variant(variant: Variant, out: str, env: dict, timeout: float) -> dict:
     child_env = dict(env)
     if variant.xla_flags:
         child_env["XLA_FLAGS"] = xla_env.with_flags(env.get("XLA_FLAGS", ""), variant.xla_flags)
-    cmd = [sys.executable, "-m", "tools.bench_step", *args]
+    cmd = [sys.executable, "-m", "tools.bench.step", *args]
     start = time.monotonic()
     stdout, stderr, rc = _run(cmd, child_env, timeout)
     result = {"variant": variant.name, "wall_s": round(time.monotonic() - start, 1)}

@@ -1,6 +1,6 @@
 r"""Restart time after a preemption, cold against warm compilation cache, in one invocation.
 
-    python -m tools.bench_restart [--processes=2 --devices=2 --preempt_at=14 --repeats=1] \
+    python -m tools.bench.restart [--processes=2 --devices=2 --preempt_at=14 --repeats=1] \
         [-- EXTRA_LAUNCHER_FLAGS...]
 
 Runs the real launcher on the demo config through `launch.local_cluster`: a first run (no

@@ -1,6 +1,6 @@
 r"""Where device time goes, from a `jax.profiler` trace: time per op and per op kind.
 
-  python -m tools.profile_summary TRACE_DIR [--top=25]
+  python -m tools.bench.profile_summary TRACE_DIR [--top=25]
 
 Reads the newest `*.xplane.pb` (or `.xplane.pb.gz`) under TRACE_DIR with
 `jax.profiler.ProfileData` (no TensorBoard plugin needed). On GPU the device plane has an
@@ -94,7 +94,7 @@ def summarize(path: str, top: int = 25) -> str:
 
 def main(argv):
     if len(argv) != 2:
-        raise app.UsageError("usage: python -m tools.profile_summary TRACE_DIR")
+        raise app.UsageError("usage: python -m tools.bench.profile_summary TRACE_DIR")
     try:
         print(summarize(newest_trace(argv[1]), flags.FLAGS.top))
     except FileNotFoundError as e:

@@ -1,6 +1,6 @@
 r"""Reproduces the two-process evaluation stall: deep queues of cross-process all-reduces on CPU.
 
-    python -m tools.inflight_probe --programs=300 --in_flight=0,2 --tries=8
+    python -m tools.bench.inflight_probe --programs=300 --in_flight=0,2 --tries=8
 
 Starts 2 processes x 2 CPU devices joined by `jax.distributed` (gloo collectives), and in each
 dispatches `--programs` small jitted programs, each ending in an all-reduce over all 4 devices
@@ -68,7 +68,7 @@ def _try(programs: int, in_flight: int, timeout: float) -> bool:
             [
                 sys.executable,
                 "-m",
-                "tools.inflight_probe",
+                "tools.bench.inflight_probe",
                 "--worker",
                 address,
                 str(i),

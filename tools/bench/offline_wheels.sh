@@ -2,10 +2,10 @@
 # Downloads, into .whl/ at the repository root, the Python 3.12 x86-64 wheels of this
 # project's dependencies that a prebuilt JAX image usually lacks (such images ship jax, flax,
 # optax and orbax), for a benchmark machine that cannot reach a package registry. Copy .whl
-# there and pass --wheels=.whl to tools.bench_suite. What these packages need besides
+# there and pass --wheels=.whl to tools.bench.suite. What these packages need besides
 # (absl-py, etils, cloudpickle, numpy, protobuf, PyYAML, psutil) comes with such images.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 WHEELS=(grain==0.2.18 array-record==0.8.6 tensorboardX==2.6.5 ml-collections==1.1.0
         portpicker==1.6.0)

@@ -1,6 +1,6 @@
 """Goodput of a run that was restarted after faults, from its attempts' logs.
 
-`tools.fault_storm` records, for every attempt (one `launch.local_cluster` invocation), when it
+`tools.faults.storm` records, for every attempt (one `launch.local_cluster` invocation), when it
 was started, when it ended, the fault injected into it, and its launcher output line by line
 with the time each line arrived. This module turns that into:
 

@@ -1,6 +1,6 @@
 r"""Training-loop stall per checkpoint save: asynchronous against synchronous, side by side.
 
-    python -m tools.bench_checkpoint [--steps=60 --every=10] [-- EXTRA_LAUNCHER_FLAGS...]
+    python -m tools.bench.checkpoint [--steps=60 --every=10] [-- EXTRA_LAUNCHER_FLAGS...]
 
 Runs the real launcher on the demo config twice in a row, once with `checkpoint.async_save`
 on and once off, saving every `--every` steps, and reads the stall the loop logs for each save

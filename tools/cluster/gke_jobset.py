@@ -1,6 +1,6 @@
 """Prints the Kubernetes manifest for a multi-host TPU slice training run on GKE (a JobSet).
 
-    python -m tools.gke_jobset --accelerator=tpu-v5-lite-podslice --topology=4x4 \
+    python -m tools.cluster.gke_jobset --accelerator=tpu-v5-lite-podslice --topology=4x4 \
         --image=us-docker.pkg.dev/my-project/repo/resnet:v1 --workdir=gs://my-bucket/resnet50 \
         [--config=configs/resnet50_imagenet.py] [--spot] [--env=KEY=VALUE ...] \
         [-- --config.train.num_epochs=90] > resnet.yaml
@@ -316,7 +316,7 @@ def _env_pair(text: str) -> tuple[str, str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.gke_jobset",
+        prog="python -m tools.cluster.gke_jobset",
         description="Print a JobSet manifest that trains on a multi-host TPU slice on GKE.",
         epilog="Arguments after -- go to the launcher (python -m launch.main).",
     )
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             env=tuple(args.env),
             launcher_args=tuple(launcher_args),
         )
-        text = render(options, shlex.join(["python", "-m", "tools.gke_jobset", *argv]))
+        text = render(options, shlex.join(["python", "-m", "tools.cluster.gke_jobset", *argv]))
     except UsageError as e:
         p.error(str(e))  # exits 2
     sys.stdout.write(text)
