@@ -55,10 +55,32 @@ class RunResult:
 # --- data ---------------------------------------------------------------------------------
 
 
-def data_dirs(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
-    """(train_dir, eval_dir): explicit directories always win over the embedded demo data."""
+def data_dirs(config: ml_collections.ConfigDict, *, need_train: bool = True) -> tuple[str, str]:
+    """(train_dir, eval_dir): explicit directories always win over the embedded demo data.
+
+    Evaluation alone (`need_train=False`) needs only eval_dir; train_dir may then be empty.
+    """
     data = config.data
-    if data.embedded and (data.train_dir or data.eval_dir):
+    explicit = bool(data.train_dir or data.eval_dir)
+    if data.embedded and not explicit:
+        try:
+            return pipeline.prepare_embedded(data.embedded)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if not need_train:
+        if not data.eval_dir:
+            raise ConfigError(
+                "config.data.eval_dir is empty: there is nothing to evaluate on (name a dataset "
+                "made by `python -m tools.make_arrayrecord`)"
+            )
+        if data.embedded:
+            logging.info(
+                "Evaluating on config.data.eval_dir=%r, not on the embedded %r data.",
+                data.eval_dir,
+                data.embedded,
+            )
+        return data.train_dir, data.eval_dir
+    if data.embedded:
         logging.warning(
             "config.data.train_dir/eval_dir are set (%r, %r): training on them, not on the "
             "embedded %r dataset that config.data.embedded names.",
@@ -66,12 +88,12 @@ def data_dirs(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str
             data.eval_dir,
             data.embedded,
         )
-    elif data.embedded:
-        try:
-            return pipeline.prepare_embedded(data.embedded, workdir)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     if not data.train_dir:
+        if data.embedded:
+            raise ConfigError(
+                "config.data.eval_dir is set but config.data.train_dir is empty: give both, or "
+                f"neither to train on the embedded {data.embedded!r} data"
+            )
         raise ConfigError(
             "config.data.train_dir is empty: point it at a dataset made by "
             "`python -m tools.make_arrayrecord` (or use configs/demo.py)"
@@ -149,7 +171,7 @@ def train_and_evaluate(
             cleanup.callback(lock.release)
 
         # 1. Data and plan, all checked before anything is compiled.
-        train_dir, eval_dir = data_dirs(config, workdir)
+        train_dir, eval_dir = data_dirs(config)
         train_info = _load_info(train_dir, "train_dir")
         eval_info = _load_info(eval_dir, "eval_dir") if eval_dir else None
         plan = plan_lib.make_plan(config, train_info, eval_info)

@@ -3,7 +3,7 @@
 The public face:
 
     pipeline.load_info(directory) -> DatasetInfo    # what a converted dataset holds
-    pipeline.prepare_embedded(name, workdir)        # the shipped demo data -> (train, eval) dirs
+    pipeline.prepare_embedded(name)                 # the shipped demo data -> (train, eval) dirs
     pipeline.train_batches(...), pipeline.eval_batches(...)   # global batches (pipeline/input.py)
     pipeline.DatasetError                           # anything wrong with a dataset
 
@@ -27,11 +27,12 @@ _PUBLIC = {
 }
 
 
-def prepare_embedded(name: str, workdir: str) -> tuple[str, str]:
-    """Converts the named embedded dataset under WORKDIR/data once; returns (train, eval)."""
+def prepare_embedded(name: str, cache_dir: str | None = None) -> tuple[str, str]:
+    """(train, eval) dirs of the named embedded dataset, converted once into a checked cache
+    outside every workdir (see pipeline/demo_data.py)."""
     from pipeline import demo_data  # pylint: disable=g-import-not-at-top
 
-    return demo_data.prepare(name, workdir)
+    return demo_data.prepare(name, cache_dir)
 
 
 def __getattr__(name: str):
