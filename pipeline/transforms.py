@@ -17,6 +17,15 @@ DCT_SCALE_MARGIN), the box is mapped onto the reduced image and the crop is resi
 before. With `image_size`=224 that happens when the crop is at least 560 px on its shorter
 side: large photos and the multi-megapixel tail, where decoding costs most.
 docs/benchmarks.md gives the speed and the fidelity (PSNR against the full decode).
+
+The batch path (`crop_into`). Training writes each crop straight into its slot of a
+preallocated batch array: the JPEG is decoded by libjpeg-turbo into numpy (simplejpeg, at the
+same reduced scale), the crop window is a view of it, and OpenCV resizes that view into the
+slot (area averaging when reducing, bilinear when enlarging) and flips it there. The box and
+the flip come from the same random draws as `random_resized_crop`, so the crop geometry is
+unchanged; only the resampling filter differs from PIL's (the pixels agree to within the PSNR
+bar, tests/test_transforms_fast.py). Images that path does not take (PNG, raw, CMYK JPEGs, or
+simplejpeg/OpenCV not installed) go through `random_resized_crop` into the same slot.
 """
 
 from __future__ import annotations
@@ -29,6 +38,15 @@ import numpy as np
 from PIL import Image, JpegImagePlugin
 
 from pipeline import records
+
+try:  # the fast batch path; PIL does everything when these wheels are missing
+    import cv2
+    import simplejpeg  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - depends on the install
+    cv2 = simplejpeg = None  # type: ignore[assignment]
+else:
+    # Parallelism is Grain's (threads, worker processes); OpenCV's own pool would oversubscribe.
+    cv2.setNumThreads(1)
 
 # What the converter stores; naming them skips PIL's probing of every other format.
 _FORMATS = ("JPEG", "PNG")
@@ -177,6 +195,81 @@ def random_resized_crop(
         # 64 images of 224 px, and np.ascontiguousarray of it costs 0.2 ms an image.
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_array(out, aug.channels)
+
+
+def fast_path_available() -> bool:
+    return cv2 is not None and simplejpeg is not None
+
+
+_JPEG_SOI = b"\xff\xd8"
+_FAST_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to RGB/gray itself
+
+
+def _jpeg_size(image_bytes: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG the fast path can decode, else None."""
+    if not fast_path_available() or image_bytes[:2] != _JPEG_SOI:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(image_bytes)
+    except ValueError:
+        return None  # let PIL read it and say what is wrong
+    return (width, height) if colorspace in _FAST_COLORSPACES else None
+
+
+def decode_scaled(image_bytes: bytes, size: tuple[int, int], scale: int, channels: int):
+    """The JPEG decoded at 1/scale (libjpeg's scaled IDCT) as HxWxC uint8."""
+    width, height = size
+    return simplejpeg.decode_jpeg(
+        image_bytes,
+        "GRAY" if channels == 1 else "RGB",
+        min_factor=scale,
+        min_height=-(-height // scale),
+        min_width=-(-width // scale),
+    )
+
+
+def _resize_fractional(pixels: np.ndarray, box, scale: float, image_size: int) -> np.ndarray:
+    """`box` (full-resolution pixels) of `pixels` (decoded at 1/scale), resized by PIL."""
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    reduced = tuple(v / scale for v in box)
+    out = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=reduced)
+    return np.asarray(out).reshape(image_size, image_size, pixels.shape[2])
+
+
+def resize_into(out: np.ndarray, window: np.ndarray) -> None:
+    """Resizes `window` (HxWxC) into `out` (SxSxC), in place: area averaging when reducing
+    both sides (an antialiased reduction, like PIL's), bilinear otherwise."""
+    size = out.shape[0]
+    reducing = window.shape[0] > size and window.shape[1] > size
+    interpolation = cv2.INTER_AREA if reducing else cv2.INTER_LINEAR
+    if out.shape[2] == 1:
+        cv2.resize(window[:, :, 0], (size, size), dst=out[:, :, 0], interpolation=interpolation)
+    else:
+        cv2.resize(window, (size, size), dst=out, interpolation=interpolation)
+
+
+def crop_into(
+    out: np.ndarray, image_bytes: bytes, aug: Augmentation, rng: np.random.Generator
+) -> None:
+    """random_resized_crop of a stored image, written into `out` (a batch slot, SxSxC).
+
+    The same random draws, box and flip as random_resized_crop; JPEGs are decoded by
+    libjpeg-turbo into numpy and resized by OpenCV straight into `out`.
+    """
+    size = _jpeg_size(image_bytes)
+    if size is None:
+        out[...] = random_resized_crop(open_image(image_bytes), aug, rng)
+        return
+    box = random_box(*size, aug, rng)
+    scale = dct_scale((box[2] - box[0], box[3] - box[1]), aug.image_size)
+    scale = scale if aug.scaled_decode else 1
+    pixels = decode_scaled(image_bytes, size, scale, aug.channels)
+    if pixels.shape[1] == size[0]:
+        resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
+    else:  # a reduced decode: the box has fractional bounds there, which only PIL resamples
+        out[...] = _resize_fractional(pixels, box, size[0] / pixels.shape[1], aug.image_size)
+    if aug.random_flip and rng.random() < 0.5:
+        cv2.flip(out, 1, dst=out)
 
 
 def center_box(width: int, height: int, crop_fraction: float) -> tuple[float, float, float, float]:
