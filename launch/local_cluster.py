@@ -5,25 +5,34 @@ r"""Simulates a multi-host cluster on this machine: N launcher processes, K CPU 
 
 The processes join through `jax.distributed` on a free localhost port and use gloo for
 cross-process collectives, exactly as hosts of a real cluster would. Their output is shown
-line by line with a `[pN]` prefix. If one fails, the others are stopped and the exit status is
-the first failure's; SIGINT/SIGTERM are forwarded to every process (a SIGTERM lets the run
-save a checkpoint and exit with status 75). After a failure or a forwarded signal, processes
+line by line with a `[pN]` prefix.
+
+Every process is watched: when any one fails (any status but 0 and 75, or a signal), the others
+get SIGTERM and the exit status is that first failure's, named in one `error:` line; a death by
+signal N is reported as 128 + N, the way a shell does (SIGKILL: 137). SIGINT, SIGTERM and SIGHUP
+(the terminal closed) are forwarded to every process as SIGTERM, which makes the run save a
+checkpoint at one agreed step and exit 75. After a failure or a forwarded signal, processes
 still alive `--grace_seconds` later are killed and named: this supervisor never waits forever.
+The processes die with it: each gets SIGTERM (and saves) if the supervisor itself is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 import portpicker
 from absl import app, flags
 
-from launch.status import ExitStatus
+from launch.status import ExitStatus, describe
 
 flags.DEFINE_integer("num_processes", 2, "Launcher processes to start.")
 flags.DEFINE_integer("devices_per_process", 2, "Simulated CPU devices per process.")
@@ -34,6 +43,9 @@ flags.DEFINE_float(
     "After a failure or a signal, how long to wait for the processes before killing them.",
 )
 FLAGS = flags.FLAGS
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _child_env(devices: int) -> dict[str, str]:
@@ -49,10 +61,53 @@ def _child_env(devices: int) -> dict[str, str]:
     return env
 
 
-def _relay(index: int, stream) -> None:
-    for line in iter(stream.readline, b""):
-        sys.stdout.write(f"[p{index}] {line.decode(errors='replace')}")
+def _say(text: str) -> None:
+    """Writes to stdout; a closed terminal or pipe must not stop the supervision."""
+    try:
+        sys.stdout.write(text)
         sys.stdout.flush()
+    except OSError:
+        pass
+
+
+def _relay(index: int, stream) -> None:
+    # Reads to the end even when stdout is gone: a child blocked on a full pipe could not save.
+    for line in iter(stream.readline, b""):
+        _say(f"[p{index}] {line.decode(errors='replace')}")
+
+
+def _die_with_this_process() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when this process dies (Linux), so that
+    a supervisor killed with SIGKILL leaves no orphaned launcher behind."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, only called in the child
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl: nobody to signal it now
+            os._exit(int(ExitStatus.FAILED))
+
+    return arm
+
+
+def _shell_status(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
+
+
+def _start(index: int, cmd: list[str], devices: int, preexec) -> subprocess.Popen:
+    # A session of its own: a terminal's Ctrl-C or hang-up reaches only this supervisor,
+    # which turns it into the SIGTERM that makes every launcher save and stop at one step.
+    # preexec_fn is safe here: no other thread runs while the processes start.
+    return subprocess.Popen(
+        cmd,
+        env=_child_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
 
 
 def run(
@@ -64,8 +119,25 @@ def run(
 ) -> int:
     """Runs the cluster to completion; returns the exit status (first failure wins)."""
     address = f"localhost:{portpicker.pick_unused_port()}"
-    procs, relays = [], []
+    procs: list[subprocess.Popen] = []
+    deadline = None
+
+    def stop_all(signum=None, _frame=None):
+        nonlocal deadline
+        if signum is not None:
+            _say(f"[local_cluster] {signal.Signals(signum).name}: stopping every process\n")
+        if deadline is None:  # once: a second SIGTERM must not interrupt the checkpoint
+            deadline = time.monotonic() + grace_seconds
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, stop_all)
+    preexec = _die_with_this_process()
     for index in range(num_processes):
+        if deadline is not None:  # stopped while starting: start no more
+            break
         cmd = [
             sys.executable,
             "-m",
@@ -75,70 +147,81 @@ def run(
             f"--num_processes={num_processes}",
             f"--process_id={index}",
         ]
-        # A session of its own: a terminal's Ctrl-C reaches only this supervisor, which turns
-        # it into the SIGTERM that makes every launcher save and stop at one agreed step.
-        proc = subprocess.Popen(
-            cmd,
-            env=_child_env(devices_per_process),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        procs.append(_start(index, cmd, devices_per_process, preexec))
+
+    exits: queue.Queue[tuple[int, int]] = queue.Queue()  # (index, returncode) as they end
+    threads = []
+    for index, proc in enumerate(procs):
+        threads.append(threading.Thread(target=_relay, args=(index, proc.stdout), daemon=True))
+        threads.append(
+            threading.Thread(target=lambda i, p: exits.put((i, p.wait())), args=(index, proc))
         )
-        relay = threading.Thread(target=_relay, args=(index, proc.stdout), daemon=True)
-        relay.start()
-        procs.append(proc)
-        relays.append(relay)
+    for thread in threads:
+        thread.start()
 
-    deadline = None
-
-    def stop_all(_signum=None, _frame=None):
-        nonlocal deadline
-        if deadline is None:  # once: a second SIGTERM must not interrupt the checkpoint
-            deadline = time.monotonic() + grace_seconds
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, stop_all)
-    signal.signal(signal.SIGTERM, stop_all)
-
-    status = 0
-    while any(p.poll() is None for p in procs):
-        not_done = (None, ExitStatus.FINISHED, ExitStatus.PREEMPTED)
-        failed = [p.returncode for p in procs if p.returncode not in not_done]
-        if failed and status == 0:
-            status = failed[0]
-            sys.stdout.write(
-                f"[local_cluster] a process exited with status {status}; stopping the others\n"
-            )
-            stop_all()
+    first_failure = None  # (index, returncode) of the first process that failed
+    running = set(range(len(procs)))
+    while running:
+        try:
+            index, code = exits.get(timeout=0.1)
+            running.discard(index)
+            if first_failure is None and code not in (ExitStatus.FINISHED, ExitStatus.PREEMPTED):
+                first_failure = (index, code)
+                _say(
+                    f"[local_cluster] process {index} (pid {procs[index].pid}) exited with "
+                    f"status {describe(_shell_status(code))}; stopping the others\n"
+                )
+                stop_all()
+        except queue.Empty:
+            pass
         if deadline is not None and time.monotonic() > deadline:
-            for index, p in enumerate(procs):
-                if p.poll() is None:
-                    sys.stdout.write(
-                        f"[local_cluster] process {index} (pid {p.pid}) still running "
-                        f"{grace_seconds:.0f}s after SIGTERM; killing it\n"
-                    )
-                    p.kill()
+            for index in sorted(running):
+                _say(
+                    f"[local_cluster] process {index} (pid {procs[index].pid}) still running "
+                    f"{grace_seconds:.0f}s after SIGTERM; killing it\n"
+                )
+                procs[index].kill()
             deadline = float("inf")
-        time.sleep(0.1)
-    for relay in relays:
-        relay.join(timeout=5)
+    for thread in threads:
+        thread.join(timeout=5)
     codes = [p.returncode for p in procs]
-    if status == 0:
-        status = next((c for c in codes if c != 0), 0)
-    if status < 0:  # killed by a signal: report it the way a shell would
-        status = 128 - status
-    sys.stdout.write(f"[local_cluster] exit statuses {codes}\n")
+    _say(f"[local_cluster] exit statuses {codes}\n")
+    if first_failure is None:
+        return _shell_status(next((c for c in codes if c != 0), 0))
+    index, code = first_failure
+    status = _shell_status(code)
+    _error(
+        f"process {index} (pid {procs[index].pid}) failed first, with status "
+        f"{describe(status)}; the others were stopped"
+    )
     return status
+
+
+def _error(message: str) -> None:
+    try:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    except OSError:  # no terminal any more: the exit status still says it
+        pass
+
+
+def _fail(message: str) -> NoReturn:
+    _error(message)
+    sys.exit(int(ExitStatus.BAD_INPUT))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag as one line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
 
 
 def main(argv):
     if FLAGS.num_processes < 1 or FLAGS.devices_per_process < 1:
-        print(
-            "error: --num_processes and --devices_per_process must be at least 1", file=sys.stderr
-        )
-        sys.exit(int(ExitStatus.BAD_INPUT))
+        _fail("--num_processes and --devices_per_process must be at least 1")
+    if FLAGS.grace_seconds < 0:
+        _fail(f"--grace_seconds={FLAGS.grace_seconds:g} must be 0 or more")
     sys.exit(
         run(
             FLAGS.num_processes,
@@ -151,4 +234,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
