@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.train_dir = ""  # ArrayRecord dataset made by tools.make_arrayrecord
     data.eval_dir = ""  # its eval split; empty: no evaluation
     data.embedded = ""  # "mnist": the MNIST digits shipped in the repository (see demo.py)
+    # A resume on other data than the checkpoint's (by content fingerprint, train or eval, an
+    # eval set added or dropped included) is refused; True accepts it, logs a warning, and
+    # records it in the checkpoints' topology and data history and in FINISHED.
+    data.allow_change = False
     data.image_size = 224  # side of the square network input, in pixels
     data.crop_scale = (0.08, 1.0)  # random-resized-crop area range, fraction of the image
     data.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio range

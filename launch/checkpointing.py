@@ -3,7 +3,9 @@
 A step directory WORKDIR/checkpoints/<step>/ holds two items:
   state  the TrainState (parameters, BatchNorm statistics, optimizer state, step, counters)
   meta   JSON: the run signature a resume must match, an exact digest of every array of
-         `state`, and the topology history (which process x device layouts trained it)
+         `state`, the identity of the data it was trained on (paths and content
+         fingerprints, `pipeline.fingerprint`), and the history of topologies and data
+         (which process x device layouts, on which data, trained it from which step)
 
 There is no data-iterator state: the input position is the global step itself, so a step
 restores onto any number of hosts and devices (see `pipeline.dataset`).
@@ -14,6 +16,10 @@ check (a save torn by SIGKILL, a file damaged by hand) is moved aside to
 `<step>.rejected-<reason>` with a warning: never trained on, never deleted. A step written by
 another configuration, or a folder this project did not write, is an error naming it, and
 nothing is moved.
+
+Retention (`max_to_keep`) can never delete the newest step: Orbax deletes old steps only
+after the new one has committed, and `_KeepNewest` preserves whichever step is newest then,
+so the step a restart resumes from survives any setting.
 """
 
 from __future__ import annotations
@@ -48,6 +54,25 @@ class CheckpointSaveError(RuntimeError):
 
 class NoUsableCheckpoint(RuntimeError):
     """Checkpoints exist but none can be trusted; refuse to start over on top of them."""
+
+
+class DataChanged(IncompatibleCheckpoint):
+    """The workdir's checkpoints were trained on other data than this run's."""
+
+
+class _KeepNewest:
+    """An Orbax preservation policy: the newest step is always kept."""
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        newest = max((c.step for c in checkpoints), default=None)
+        return [c.step == newest for c in checkpoints]
+
+
+def retention_policy(max_to_keep: int):
+    """Keep the newest `max_to_keep` steps, and whatever that says, the newest step."""
+    policies = ocp.checkpoint_managers
+    return policies.AnyPreservationPolicy([policies.LatestN(n=max_to_keep), _KeepNewest()])
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -126,7 +151,7 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         self._read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            preservation_policy=retention_policy(max_to_keep),
             enable_async_checkpointing=async_save,
             # Creating the step directory in the foreground costs a little stall per save, but
             # a directory that cannot be written then fails the save at once, instead of after
@@ -263,15 +288,18 @@ class Checkpointer:
             )
         return steps_found
 
-    def check_compatible(self, expected_meta: dict[str, Any]) -> None:
+    def check_compatible(self, expected_meta: dict[str, Any]) -> tuple[str, dict] | None:
         """What restore_latest refuses first, from metadata alone: cheap enough to run before
-        compiling, so a wrong config or workdir fails in seconds, not after a long compile."""
+        compiling, so a wrong config or workdir fails in seconds, not after a long compile.
+
+        Returns (step folder, meta) of the newest committed step, None if there is none."""
         for candidate in self._our_steps():
             step_dir = self.directory / str(candidate)
             meta = _read_meta(step_dir) if (step_dir / COMMIT_MARKER).exists() else None
             if meta is not None:
                 _check_compatible(meta, expected_meta, str(step_dir))
-                return
+                return str(step_dir), meta
+        return None
 
     def restore_latest(
         self,
@@ -291,7 +319,8 @@ class Checkpointer:
         if step is not None:
             if step not in steps_found:
                 raise NoUsableCheckpoint(
-                    f"{self.directory} has no checkpoint of step {step} (it has {steps_found})"
+                    f"{self.directory} has no checkpoint of step {step} "
+                    f"({_listed('its steps are', sorted(steps_found))})"
                 )
             steps_found = [step]
         reject: Callable[[int, str], None] = self._reject
@@ -299,38 +328,47 @@ class Checkpointer:
             reject = lambda s, why: logging.warning(
                 "Checkpoint step %d is not usable (%s).", s, why
             )
-        rejected = []
+        rejected: dict[str, str] = {}  # step -> why
         for candidate in steps_found:
-            step_dir = self.directory / str(candidate)
-            if not (step_dir / COMMIT_MARKER).exists():
-                reject(candidate, "uncommitted")
-                rejected.append(candidate)
-                continue
-            meta = _read_meta(step_dir)
-            if meta is None:
-                reject(candidate, "unreadable meta")
-                rejected.append(candidate)
-                continue
-            _check_compatible(meta, expected_meta, str(step_dir))
-            restored, problem = self._restore_step(candidate, abstract_state, meta)
-            if distributed.any_host(problem is not None):
-                reject(candidate, problem or "damaged on another host")
-                rejected.append(candidate)
+            problem, restored, meta = self._try_restore(candidate, abstract_state, expected_meta)
+            if problem:
+                reject(candidate, problem)
+                rejected[str(candidate)] = problem
                 continue
             if rejected:
                 logging.warning(
-                    "Resuming from step %d, older than the rejected steps %s.", candidate, rejected
+                    "Resuming from step %d, older than the rejected steps %s.",
+                    candidate,
+                    list(rejected),
                 )
             return restored, candidate, meta
-        rejected += [p.name for p in self.directory.glob("*.rejected-*")]
+        for earlier in self.directory.glob("*.rejected-*"):
+            rejected.setdefault(earlier.name, "moved aside by an earlier start")
         if rejected:
             # Starting from scratch here would quietly throw away a run: make the user decide.
+            reasons = ", ".join(f"{name} ({why})" for name, why in rejected.items())
+            kept = "skipped" if self._read_only else "moved aside as <step>.rejected-<reason>"
             raise NoUsableCheckpoint(
-                f"no usable checkpoint in {self.directory}: {rejected} are damaged or incomplete "
-                "(moved aside as *.rejected-* unless read-only); inspect them, or start in a new "
+                f"no usable checkpoint in {self.directory}: every step found was rejected: "
+                f"{reasons}; they were {kept}, not deleted. Inspect them, or start in a new "
                 "workdir"
             )
         return None
+
+    def _try_restore(self, step: int, abstract_state, expected_meta) -> tuple[str | None, Any, Any]:
+        """(why the step cannot be used or None, its state, its meta); raises
+        IncompatibleCheckpoint for a step of another configuration."""
+        step_dir = self.directory / str(step)
+        if not (step_dir / COMMIT_MARKER).exists():
+            return "uncommitted", None, None
+        meta = _read_meta(step_dir)
+        if meta is None:
+            return "unreadable meta", None, None
+        _check_compatible(meta, expected_meta, str(step_dir))
+        restored, problem = self._restore_step(step, abstract_state, meta)
+        if distributed.any_host(problem is not None):
+            return problem or "damaged on another host", None, None
+        return None, restored, meta
 
     def _restore_step(self, step, abstract_state, meta):
         try:
@@ -379,26 +417,55 @@ def read_trusted(directory: str, step: int | None = None) -> tuple[dict, dict, i
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     if not root.is_dir():
-        raise NoUsableCheckpoint(f"{directory} is neither a workdir nor a checkpoints folder")
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise NoUsableCheckpoint(
+            f"{directory} {what}: give a run's workdir (with a checkpoints folder) or its "
+            "checkpoints folder"
+        )
     found = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+    if not found and root == epath.Path(directory):
+        raise NoUsableCheckpoint(
+            f"{directory} has no checkpoints folder and no step folders: no run has saved a "
+            "checkpoint there"
+        )
+    if not found:
+        raise NoUsableCheckpoint(f"{root} is empty: no run has saved a checkpoint there yet")
     candidates = found if step is None else [s for s in found if s == step]
+    if step is not None and not candidates:
+        raise NoUsableCheckpoint(
+            f"{root} has no checkpoint of step {step} ({_listed('its steps are', found[::-1])})"
+        )
+    rejected: dict[int, str] = {}
     for candidate in candidates:
         step_dir = root / str(candidate)
-        meta = _read_meta(step_dir)
-        if not (step_dir / COMMIT_MARKER).exists() or meta is None or meta.get("format") != FORMAT:
-            logging.warning("Skipping %s: not a committed checkpoint of this project.", step_dir)
-            continue
-        try:
-            tree = read_numpy(step_dir / "state")
-        except Exception as e:  # pylint: disable=broad-except  # any damage: try an older step
-            logging.warning("Skipping %s: %s", step_dir, e)
-            continue
-        if digest_by_path(tree) != meta.get("digest"):
-            logging.warning("Skipping %s: its arrays do not match their digest.", step_dir)
+        problem, tree, meta = _read_trusted_step(step_dir)
+        if problem:
+            logging.warning("Skipping %s: %s.", step_dir, problem)
+            rejected[candidate] = problem
             continue
         return tree, meta, candidate
-    wanted = "a trustworthy checkpoint" if step is None else f"a trustworthy step {step}"
-    raise NoUsableCheckpoint(f"{root} holds no {wanted} (steps found: {found})")
+    reasons = ", ".join(f"step {s} ({why})" for s, why in rejected.items())
+    raise NoUsableCheckpoint(f"{root} holds no trustworthy checkpoint: {reasons}")
+
+
+def _read_trusted_step(step_dir: epath.Path) -> tuple[str | None, Any, Any]:
+    """(why the step cannot be trusted or None, its state, its meta)."""
+    meta = _read_meta(step_dir)
+    if not (step_dir / COMMIT_MARKER).exists():
+        return "never committed", None, None
+    if meta is None or meta.get("format") != FORMAT:
+        return "not written by this project (no resnet-multihost meta)", None, None
+    try:
+        tree = read_numpy(step_dir / "state")
+    except Exception as e:  # pylint: disable=broad-except  # any damage: try an older step
+        return f"unreadable: {e}".splitlines()[0], None, None
+    if digest_by_path(tree) != meta.get("digest"):
+        return "its arrays do not match their digest", None, None
+    return None, tree, meta
+
+
+def _listed(prefix: str, steps: list[int]) -> str:
+    return f"{prefix} {', '.join(map(str, steps))}" if steps else "it holds no steps at all"
 
 
 def _check_compatible(saved: dict, expected: dict, where: str) -> None:
@@ -434,10 +501,50 @@ def topology() -> dict[str, int]:
     return {"processes": jax.process_count(), "devices_per_process": jax.local_device_count()}
 
 
-def topology_history(meta: dict | None, step: int) -> list[dict[str, int]]:
-    """The restored history, extended with this run's layout if it differs from the last."""
+def _fingerprints(data: dict | None) -> dict[str, str | None]:
+    """Each split's fingerprint (None: no such split, or nothing recorded)."""
+    data = data or {}
+    return {split: (data.get(split) or {}).get("fingerprint") for split in ("train", "eval")}
+
+
+def _name(dataset: dict | None) -> str:
+    if dataset is None:
+        return "none"
+    return f"{dataset.get('path')} (fingerprint {dataset.get('fingerprint')})"
+
+
+def data_change(saved_meta: dict, data: dict) -> str | None:
+    """How `data` ({"train": {"path", "fingerprint"}, "eval": ... or None}) differs from what
+    the step of `saved_meta` was trained on, by content fingerprint; None if it does not.
+
+    A step that recorded no data identity cannot be compared: None.
+    """
+    before = saved_meta.get("data")
+    if not isinstance(before, dict):
+        return None
+    changes = [
+        f"{split}: checkpoint {_name(before.get(split))}, this run {_name(data.get(split))}"
+        for split in ("train", "eval")
+        if _fingerprints(before)[split] != _fingerprints(data)[split]
+    ]
+    return "; ".join(changes) or None
+
+
+def topology_history(
+    meta: dict | None, step: int, data: dict | None = None, data_changed: bool = False
+) -> list[dict[str, Any]]:
+    """The restored history of topologies and data, extended with this run's if either differs
+    from the last entry. `data_changed` marks an entry whose data change the user allowed."""
     history = list((meta or {}).get("topology_history", []))
     current = topology()
-    if not history or {k: history[-1].get(k) for k in current} != current:
-        history.append(dict(current, from_step=step))
+    last = history[-1] if history else {}
+    other_layout = {k: last.get(k) for k in current} != current
+    other_data = data is not None and _fingerprints(last.get("data")) != _fingerprints(data)
+    if not history or other_layout or other_data:
+        entry: dict[str, Any] = dict(current, from_step=step)
+        if data is not None:
+            entry["data"] = data
+        if data_changed:
+            entry["data_change_allowed"] = True
+        history.append(entry)
     return history

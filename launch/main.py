@@ -167,6 +167,12 @@ def main(argv):
     if len(argv) > 1:
         fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    from launch import plan  # pylint: disable=g-import-not-at-top
+
+    try:
+        plan.check_config(config)  # before anything is set up, joined or written
+    except plan.ConfigError as e:
+        fail(ExitStatus.BAD_INPUT, str(e))
     stop, timings = start_process(config)
     from launch import train  # pylint: disable=g-import-not-at-top
 

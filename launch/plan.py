@@ -3,13 +3,18 @@
 Intervals are given in the unit the user thinks in: `every_steps` when it is > 0, otherwise
 `every_epochs` converted with the real steps per epoch of this dataset and global batch, so
 a config stays right when the batch size changes. Everything here is checked before anything
-is set up; a problem is a `ConfigError` naming the field.
+is set up; a problem is a `ConfigError` naming the field and its value.
+
+`check_config` needs no data and no devices: the launcher calls it before `jax.distributed`,
+so a bad value costs nothing and touches no workdir. `make_plan` checks what depends on the
+data and the topology.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import ml_collections
 
@@ -20,6 +25,143 @@ from pipeline import records
 
 class ConfigError(ValueError):
     """A configuration that cannot run; raised before anything is compiled."""
+
+
+# The step counter and the data position are int32 on the devices.
+MAX_STEPS = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """The values a numeric field accepts: [low, high] (low excluded if `open_low`), plus
+    `also` (sentinels such as -1), whole numbers only if `whole`."""
+
+    low: float
+    high: float = MAX_STEPS
+    whole: bool = True
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple[int, ...] = ()
+    meaning: str = ""
+
+    def problem(self, value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"must be a number, not {type(value).__name__}"
+        if value in self.also:
+            return None
+        if self.whole and not isinstance(value, numbers.Integral):
+            return f"must be a whole number{self._bounds()}"
+        number = float(value)
+        too_low = number <= self.low if self.open_low else number < self.low
+        too_high = number >= self.high if self.open_high else number > self.high
+        if not math.isfinite(number) or too_low or too_high:
+            return f"must be {'a whole number' if self.whole else 'a number'}{self._bounds()}"
+        return None
+
+    def _bounds(self) -> str:
+        number = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+        low = f" > {number(self.low)}" if self.open_low else f" >= {number(self.low)}"
+        high = f" and {'<' if self.open_high else '<='} {number(self.high)}"
+        high = "" if math.isinf(self.high) else high
+        sentinels = "".join(f" (or {a})" for a in self.also)
+        return f"{low}{high}{sentinels}{': ' + self.meaning if self.meaning else ''}"
+
+
+def _count(low: int, meaning: str = "", high: float = MAX_STEPS, also=()) -> _Range:
+    return _Range(low, high, meaning=meaning, also=also)
+
+
+def _real(low: float, high: float = math.inf, *, open_low=False, open_high=False, meaning=""):
+    return _Range(low, high, False, open_low, open_high, meaning=meaning)
+
+
+def _fraction() -> _Range:
+    """[0, 1): momenta and label smoothing (1 would never move)."""
+    return _real(0.0, 1.0, open_high=True)
+
+
+_RANGES: dict[str, _Range] = {
+    "model.num_classes": _count(1),
+    "model.bn_momentum": _fraction(),
+    "model.bn_epsilon": _real(0.0, open_low=True),
+    "model.init_from_step": _count(0, also=(-1,), meaning="-1 takes the newest step"),
+    "data.image_size": _count(1, high=8192),
+    "data.eval_crop_fraction": _real(0.0, 1.0, open_low=True),
+    "data.device_crop_padding": _count(0, high=1024),
+    "data.num_workers": _count(0, high=1024),
+    "data.num_threads": _count(1, high=1024),
+    "data.prefetch": _count(1, high=1024),
+    "train.global_batch_size": _count(1),
+    "train.num_epochs": _real(0.0),
+    "train.num_steps": _count(1, also=(-1,), meaning="-1 trains for train.num_epochs"),
+    "train.seed": _count(0),
+    "train.base_learning_rate": _real(0.0),
+    "train.warmup_epochs": _real(0.0),
+    "train.momentum": _fraction(),
+    "train.weight_decay": _real(0.0),
+    "train.label_smoothing": _fraction(),
+    "train.log_every_steps": _count(1),
+    "train.max_nonfinite_in_a_row": _count(0),
+    "train.num_image_summaries": _count(0, high=1024),
+    "train.stall_timeout_seconds": _real(0.0, meaning="0 turns the watchdog off"),
+    "eval.every_steps": _count(0, meaning="0 uses eval.every_epochs"),
+    "eval.every_epochs": _real(0.0, meaning="0 evaluates at the end only"),
+    "eval.global_batch_size": _count(1, also=(-1,), meaning="-1 uses the training batch size"),
+    "checkpoint.every_steps": _count(0, meaning="0 uses checkpoint.every_epochs"),
+    "checkpoint.every_epochs": _real(0.0, meaning="0 saves at the end and on preemption only"),
+    "checkpoint.max_to_keep": _count(
+        1, meaning="how many checkpoints to keep; a run needs at least its newest to resume"
+    ),
+    "checkpoint.barrier_timeout_seconds": _real(0.0, open_low=True),
+    "distributed.heartbeat_timeout_seconds": _real(0.0, open_low=True),
+    "distributed.initialization_timeout_seconds": _real(0.0, open_low=True),
+    "distributed.preemption_grace_seconds": _real(0.0, open_low=True),
+}
+
+
+def _field(config, key: str):
+    section, name = key.split(".")
+    return config.get(section, {}).get(name)
+
+
+def check_config(config) -> None:
+    """Every numeric field within its range, and the pairs and tuples well formed.
+
+    Needs neither data nor devices: run it first, before anything else is set up.
+    """
+    for key, accepted in _RANGES.items():
+        value = _field(config, key)
+        if value is None:
+            continue
+        problem = accepted.problem(value)
+        if problem:
+            raise ConfigError(f"config.{key}={value!r}: {problem}")
+    _check_pair(config, "data.crop_scale", high=1.0)
+    _check_pair(config, "data.crop_ratio", high=math.inf)
+    for key, positive in (("data.mean", False), ("data.std", True)):
+        values = _field(config, key)
+        if values is None:
+            continue
+        finite = all(_is_real(v) and math.isfinite(v) for v in values)
+        if not values or not finite or (positive and min(values) <= 0):
+            need = "positive numbers" if positive else "finite numbers"
+            raise ConfigError(f"config.{key}={tuple(values)!r}: give one of {need} per channel")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_pair(config, key: str, high: float) -> None:
+    pair = _field(config, key)
+    if pair is None:
+        return
+    ok = len(pair) == 2 and all(_is_real(v) and math.isfinite(v) for v in pair)
+    if not (ok and 0 < pair[0] <= pair[1] <= high):
+        bound = "" if math.isinf(high) else f" <= {high:g}"
+        raise ConfigError(
+            f"config.{key}={tuple(pair)!r}: give (low, high) with 0 < low <= high{bound}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +193,19 @@ def interval_steps(section: ml_collections.ConfigDict, what: str, steps_per_epoc
     if steps > 0:
         return int(steps)
     if epochs > 0:
-        return max(1, int(round(epochs * steps_per_epoch)))
+        steps = max(1, int(round(epochs * steps_per_epoch)))
+        return _countable(steps, f"{what}.every_epochs", epochs, steps_per_epoch)
     return 0
+
+
+def _countable(steps: int, key: str, epochs: float, steps_per_epoch: int) -> int:
+    """`steps`, if the step counter can reach it."""
+    if steps > MAX_STEPS:
+        raise ConfigError(
+            f"config.{key}={epochs!r}: {steps} steps of {steps_per_epoch} per epoch, more than "
+            f"the {MAX_STEPS} a run can count"
+        )
+    return steps
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -60,7 +213,9 @@ def total_steps(config, steps_per_epoch: int) -> int:
         return int(config.train.num_steps)
     if config.train.num_epochs <= 0:
         raise ConfigError("config.train.num_epochs (or num_steps) must be positive")
-    return max(1, int(math.ceil(config.train.num_epochs * steps_per_epoch)))
+    epochs = config.train.num_epochs
+    steps = max(1, int(math.ceil(epochs * steps_per_epoch)))
+    return _countable(steps, "train.num_epochs", epochs, steps_per_epoch)
 
 
 def eval_batch_size(config) -> int:

@@ -112,6 +112,35 @@ def _describe(info) -> dict[str, Any]:
     return {"path": info.data_dir, "examples": info.num_examples, "classes": info.num_classes}
 
 
+def _identity(train_dir: str, eval_dir: str) -> dict[str, Any]:
+    """The data a checkpoint records it was trained on: paths, and content fingerprints that
+    a resume compares (a moved dataset keeps its fingerprint)."""
+    identify = lambda d: {"path": d, "fingerprint": pipeline.dataset_fingerprint(d)}
+    return {"train": identify(train_dir), "eval": identify(eval_dir) if eval_dir else None}
+
+
+def _check_same_data(saved_meta: dict, data: dict, where: str, allow_change: bool) -> bool:
+    """Whether this run trains on other data than the checkpoint at `where` (allowed only with
+    data.allow_change); raises DataChanged otherwise."""
+    change = checkpointing.data_change(saved_meta, data)
+    if change is None:
+        return False
+    if not allow_change:
+        raise checkpointing.DataChanged(
+            f"the checkpoint {where} was trained on other data ({change}). Resume on the "
+            "original data, or set --config.data.allow_change=True to train on these (the "
+            "change is recorded in the checkpoints' history and in FINISHED); the checkpoints "
+            "were left untouched."
+        )
+    logging.warning(
+        "config.data.allow_change=True: resuming %s on other data (%s); recorded in the "
+        "topology and data history.",
+        where,
+        change,
+    )
+    return True
+
+
 # --- evaluation ---------------------------------------------------------------------------
 
 
@@ -163,9 +192,11 @@ def train_and_evaluate(
         clock = now
         stop.check()
 
+    plan_lib.check_config(config)
     with contextlib.ExitStack() as cleanup:
-        # 0. The workdir: writable, and ours alone for the whole run.
-        workdir_lib.check_writable(workdir)
+        # 0. The workdir: every path the run writes is usable, and the workdir is ours alone.
+        workdir_lib.check_run_paths(workdir, _run_folders(config), _RUN_FILES)
+        finished = _finished_record(workdir)
         lock = _lock_workdir(workdir)
         if lock is not None:
             cleanup.callback(lock.release)
@@ -184,6 +215,7 @@ def train_and_evaluate(
             num_steps=plan.num_steps,
         )
         data = {"train": _describe(train_info), "eval": eval_info and _describe(eval_info)}
+        identity = _identity(train_dir, eval_dir)
         logging.info("Topology: %s", distributed.describe_topology(plan.global_batch))
         logging.info("Train data: %s", data["train"])
         logging.info("Eval data: %s", data["eval"] or "none")
@@ -202,11 +234,12 @@ def train_and_evaluate(
         signature = checkpointing.run_signature(
             config, train_info.num_examples, train_info.channels, program.shapes_digest()
         )
-        ckpt.check_compatible(signature)
-        finished = _finished_record(workdir)
+        newest = ckpt.check_compatible(signature)
+        if newest is not None and not config.data.allow_change:
+            _check_same_data(newest[1], identity, newest[0], allow_change=False)
         if (
             finished is not None
-            and finished.get("step", -1) >= plan.num_steps
+            and finished["step"] >= plan.num_steps
             and finished["step"] in checkpointing.committed_steps(workdir)
         ):
             # A rerun of a finished job (a supervisor's, a requeue's) ends here, uncompiled.
@@ -218,14 +251,18 @@ def train_and_evaluate(
         )
         cleanup.callback(compiled.finish)
         restored = ckpt.restore_latest(program.abstract_state, signature)
+        data_changed = False
         if restored:
             state, start_step, saved_meta = restored
+            where = str(ckpt.directory / str(start_step))
+            data_changed = _check_same_data(saved_meta, identity, where, config.data.allow_change)
             _log_resume(start_step, saved_meta)
         else:
             state, start_step, saved_meta = _initial_state(config, program), 0, None
-        history = checkpointing.topology_history(saved_meta, start_step)
+        history = checkpointing.topology_history(saved_meta, start_step, identity, data_changed)
         meta = dict(
             signature,
+            data=identity,
             topology_history=history,
             # What tools.export, tools.predict and init_from need to use a step on their own.
             model=resnet.weights.model_spec(
@@ -308,9 +345,39 @@ def train_and_evaluate(
         return result
 
 
+_RUN_FILES = {
+    workdir_lib.LOCK_FILE: "the workdir lock",
+    FINISHED_MARKER: "the finished run's record",
+    metrics_lib.METRICS_FILE: "the metrics log",
+}
+
+
+def _run_folders(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The folders the run writes besides the workdir (relative: under it)."""
+    folders = {"checkpoints": "the checkpoints", "tensorboard": "the TensorBoard events"}
+    cache = getattr(jax.config, "jax_compilation_cache_dir", None)  # set by launch.main
+    if cache:
+        folders[cache] = "JAX's compilation cache"
+    data = config.data
+    if data.embedded and not (data.train_dir or data.eval_dir):
+        folders["data"] = "the converted demo data"
+    return folders
+
+
 def _finished_record(workdir: str) -> dict | None:
     marker = epath.Path(workdir) / FINISHED_MARKER
-    return json.loads(marker.read_text()) if marker.exists() else None
+    if not marker.exists():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        record = e
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise workdir_lib.WorkdirError(
+            f"{marker} is not the record of a finished run ({str(record)[:80]}): it was damaged "
+            "or written by hand; move it away to let the run go on"
+        )
+    return record
 
 
 class _Background:

@@ -1,5 +1,11 @@
 """The run directory: checked before anything is set up, and held by one run at a time.
 
+Every path a run will write (the workdir, its checkpoints and TensorBoard folders, the lock,
+FINISHED, metrics.jsonl, the compilation cache) is checked at start-up, before the compile:
+a file where a folder is needed, or a folder that cannot be written, is a `WorkdirError`
+naming the path, not a failed save after hours of training. Local paths only: a gs:// path
+is checked by its first write.
+
 Two launchers on one workdir would interleave their checkpoints (one deleted the other's
 in-progress save in a probe), so process 0 holds `WORKDIR/LOCK` for the whole run. The lock
 records who holds it and is refreshed every `REFRESH_SECONDS`, because a preempted run never
@@ -14,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -30,23 +37,78 @@ class WorkdirError(Exception):
     """The workdir cannot be used: not writable, not a directory, or held by another run."""
 
 
-def check_writable(workdir: str) -> None:
-    """Creates the workdir if needed and proves it can be written (local paths only).
+def check_run_paths(workdir: str, folders: dict[str, str], files: dict[str, str]) -> None:
+    """Checks the workdir and every path the run will write, then creates the workdir.
 
-    gs:// paths are not probed here: a write there is checked by the first save.
+    `folders` and `files` map paths (relative ones are under the workdir) to what they are
+    for, which the error names. Nothing is created unless every check passes.
     """
-    if workdir.startswith("gs://"):
-        return
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
+    where = lambda path: path if _remote(path) else os.path.join(workdir, path)
+    checks = [(workdir, "--workdir", _check_folder)]
+    checks += [(where(path), purpose, _check_folder) for path, purpose in folders.items()]
+    checks += [(where(path), purpose, _check_file) for path, purpose in files.items()]
+    for path, purpose, check in checks:
+        if not _remote(path):
+            check(path, purpose)
+    if not _remote(workdir):
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
+
+
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _label(path: str, purpose: str) -> str:
+    return f"{purpose}={path}" if purpose.startswith("--") else f"{path} ({purpose})"
+
+
+def _what(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return "a broken link"
+    return "a folder" if os.path.isdir(path) else "a file"
+
+
+def _check_folder(path: str, purpose: str) -> None:
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise WorkdirError(
+            f"{_label(path, purpose)} exists and is not a directory ({_what(path)}): move it "
+            "away or use another --workdir"
+        )
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing):
+        raise WorkdirError(
+            f"{_label(path, purpose)} cannot be created: {existing} is {_what(existing)}, "
+            "not a directory"
+        )
+    _probe(existing, path, purpose)
+
+
+def _check_file(path: str, purpose: str) -> None:
+    if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
+        raise WorkdirError(
+            f"{_label(path, purpose)} is {_what(path)} where the run writes a file: move it "
+            "away or use another --workdir"
+        )
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise WorkdirError(f"{_label(path, purpose)} is not writable")
+
+
+def _probe(directory: str, path: str, purpose: str) -> None:
+    """Creates and removes a file in `directory`: a read-only mount or missing permission
+    shows here, whoever runs the process."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise WorkdirError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
+        raise WorkdirError(
+            f"{_label(path, purpose)} is not writable ({directory}: {e.strerror or e})"
+        ) from None
 
 
 def _process_start_time(pid: int) -> str | None:

@@ -6,6 +6,7 @@ The public face:
     pipeline.prepare_embedded(name)                 # the shipped demo data -> (train, eval) dirs
     pipeline.train_batches(...), pipeline.eval_batches(...)   # global batches (pipeline/input.py)
     pipeline.DatasetError                           # anything wrong with a dataset
+    pipeline.dataset_fingerprint(directory)         # its content's identity, path-free
 
 The attributes are loaded on first use: Grain's worker processes import `pipeline.dataset`,
 and must not pay for (or be able to touch) jax, which `pipeline.input` imports.
@@ -21,6 +22,7 @@ _PUBLIC = {
     "DatasetInfo": "pipeline.dataset",
     "load_info": "pipeline.dataset",
     "DatasetError": "pipeline.records",
+    "dataset_fingerprint": "pipeline.fingerprint",
     "train_batches": "pipeline.input",
     "eval_batches": "pipeline.input",
     "EvalBatches": "pipeline.input",
