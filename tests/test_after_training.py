@@ -109,7 +109,8 @@ def test_an_exported_model_computes_what_the_checkpoint_computes(data, finished,
 
 
 def test_predict_names_the_class_of_training_digits(trained, tmp_path):
-    train_dir = os.path.join(trained, "data", "mnist-t10k", "train")
+    record = json.load(open(os.path.join(trained, train.FINISHED_MARKER)))
+    train_dir = record["data"]["train"]["path"]  # the converted demo data it trained on
     info = dataset.load_info(train_dir)
     source = grain.sources.ArrayRecordDataSource(list(info.shard_paths))
     folder = tmp_path / "digits"
