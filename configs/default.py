@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_flip = True  # horizontal flips (turn off for digits and text)
     data.eval_crop_fraction = 0.875  # eval: centre crop of this fraction of the short side
     # JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the crop still has 1.25x the output's
-    # pixels (PSNR >= 35 dB against a full decode; docs/benchmarks.md). False: always full.
+    # pixels (PSNR >= 35 dB against a full decode; docs/measurements.md). False: always full.
     data.scaled_decode = True
     # Raw datasets of one image size (MNIST, CIFAR): the host sends the stored pixels and the
     # train step pads by device_crop_padding, crops back and flips (random_flip) on the

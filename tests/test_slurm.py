@@ -446,7 +446,7 @@ def interrupted(cluster, data, jax_cache, tmp_path_factory):
             return info["JobState"] == "RUNNING" and done > max(result.steps_at_warning) and done
 
         result.signalled_after = wait_for(progress, 300, "a checkpoint after the resume", tail)
-        cluster.run("scontrol", "hold", job)  # docs/operations/slurm.md: stop for good
+        cluster.run("scontrol", "hold", job)  # docs/operations.md: stop for good
         cluster.run("scancel", "--signal=TERM", job)
         result.signalled = wait_for(lambda: requeued(2), 120, "the second requeue", tail)
         result.steps_at_signal = committed_steps(result.workdir)

@@ -11,7 +11,7 @@ noise or gradients. Without either package, seeds are procedural 1/f ("pink") no
 with a few hard-edged shapes: natural images have a roughly 1/f amplitude spectrum, which
 white noise does not. `sources` in the manifest says which were used.
 
-Shape (a stand-in for ImageNet train, not measured from it; see docs/benchmarks.md): most
+Shape (a stand-in for ImageNet train, not measured from it; see docs/measurements.md): most
 images have a longer side of 500 px (500x375, 500x333 and portraits), some are smaller,
 SQUARE_FRACTION are squares, MULTI_MEGAPIXEL_FRACTION are 1-12 megapixels, GRAYSCALE_FRACTION
 are grayscale JPEGs and CMYK_FRACTION are CMYK JPEGs. The multi-megapixel tail holds about a

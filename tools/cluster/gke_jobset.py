@@ -31,7 +31,7 @@ detection), so the launcher needs no coordinator flags.
 
 Expected failures (a workdir that is not gs://, a topology that does not fit the accelerator,
 a bad --env) print one line on stderr and exit 2. Not run on a real cluster in this tree: see
-docs/operations/gke.md.
+docs/operations.md.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ def render(options: Options, command_line: str = "") -> str:
         f"# {options.name}: {s.accelerator} {s.topology}, {s.chips} chips, {s.hosts} pod(s) of "
         f"{s.chips_per_host} chip(s); workdir {options.workdir}",
         "# Needs the JobSet controller (v0.10 or newer for onJobFailureMessagePatterns) on a GKE",
-        "# cluster with a TPU node pool of this accelerator and topology. docs/operations/gke.md",
+        "# cluster with a TPU node pool of this accelerator and topology. docs/operations.md",
     ]
     if command_line:
         one_line = command_line.replace("\r", "\\r").replace("\n", "\\n")

@@ -66,7 +66,7 @@ Subcommands:
              Billing stops only when the TPU is deleted.
   supervise  Loop until WORKDIR/FINISHED exists: recreate the slice when it is
              preempted/missing/failed (delete, create, setup, train), restart the
-             launcher when it stopped; then exit 0. See docs/operations/tpu.md.
+             launcher when it stopped; then exit 0. See docs/operations.md.
   help       Show this help.
 
 Options (defaults from the environment variables in brackets):

@@ -60,7 +60,7 @@ flags.DEFINE_float("grace_seconds", 10, "local_cluster: kill the rest this long 
 flags.DEFINE_float("kill_after", 60, "Kill an attempt still alive this long after its fault.")
 flags.DEFINE_float("restart_delay", 0, "Seconds between an attempt's end and the restart.")
 flags.DEFINE_integer("max_attempts", 100, "Give up after this many attempts.")
-# After a topology change only (see docs/goodput.md for how these were measured).
+# After a topology change only (see docs/measurements.md for how these were measured).
 flags.DEFINE_float("param_rtol", 0.2, "Bound on ||params - reference|| / ||reference||.")
 flags.DEFINE_float("top1_atol", 0.02, "Bound on the eval top-1 difference.")
 flags.DEFINE_float("loss_rtol", 0.2, "Bound on the relative eval loss difference.")
@@ -400,7 +400,7 @@ def check(
     reference's) must be bit-identical; so must the final state and eval figures if it never
     left. After a topology change the cross-host summation order differs and small-batch
     training amplifies one-ulp differences, so the final state and eval figures must be
-    within the tolerances instead (docs/goodput.md has the measurements behind them).
+    within the tolerances instead (docs/measurements.md has the measurements behind them).
     """
     finished = {}
     for name, workdir in (("reference", reference_dir), ("storm", storm_dir)):
