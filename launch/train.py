@@ -195,7 +195,7 @@ def train_and_evaluate(
     plan_lib.check_config(config)
     with contextlib.ExitStack() as cleanup:
         # 0. The workdir: every path the run writes is usable, and the workdir is ours alone.
-        workdir_lib.check_run_paths(workdir, _run_folders(config), _RUN_FILES)
+        workdir_lib.check_run_paths(workdir, _run_folders(), _RUN_FILES)
         finished = _finished_record(workdir)
         lock = _lock_workdir(workdir)
         if lock is not None:
@@ -352,15 +352,12 @@ _RUN_FILES = {
 }
 
 
-def _run_folders(config: ml_collections.ConfigDict) -> dict[str, str]:
+def _run_folders() -> dict[str, str]:
     """The folders the run writes besides the workdir (relative: under it)."""
     folders = {"checkpoints": "the checkpoints", "tensorboard": "the TensorBoard events"}
     cache = getattr(jax.config, "jax_compilation_cache_dir", None)  # set by launch.main
     if cache:
         folders[cache] = "JAX's compilation cache"
-    data = config.data
-    if data.embedded and not (data.train_dir or data.eval_dir):
-        folders["data"] = "the converted demo data"
     return folders
 
 

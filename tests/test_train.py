@@ -54,8 +54,8 @@ def test_train_and_evaluate_runs_resumes_and_reports(data, tmp_path):
         ({"model.dtype": "float8"}, "config.model.dtype='float8': use one of float32"),
         ({"model.num_classes": 12}, "config.model.num_classes=12 but the training data"),
         ({"data.mean": (1.0, 2.0, 3.0)}, "config.data.mean has 3 values for images with 1"),
-        ({"eval.every_steps": -1}, "config.eval.every_steps/every_epochs must not be negative"),
-        ({"train.stall_timeout_seconds": -1}, "config.train.stall_timeout_seconds must not be"),
+        ({"eval.every_steps": -1}, "config.eval.every_steps=-1: must be a whole number >= 0"),
+        ({"train.stall_timeout_seconds": -1}, "config.train.stall_timeout_seconds=-1"),
     ],
 )
 def test_config_errors_name_the_field(data, tmp_path, overrides, message):
