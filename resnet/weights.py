@@ -20,8 +20,14 @@ trained:
                         "image_size": 224, "eval_crop_fraction": 0.875},
       "class_names": ["tench", ...] or null,
       "dtype": "float32" or "bfloat16",
+      "sha256": {"params/stem_conv/kernel": "9f86d0...", ...},
       "metadata": {...}   (free-form provenance, not interpreted)
     }
+
+`sha256` holds, for every stored array (by its path under `arrays/`), the SHA-256 of its bytes
+in the stored dtype, C order, little-endian. `load` recomputes them and refuses the directory
+if any array differs by a single bit: a flipped bit in a parameter would otherwise change the
+model's answers without any error.
 
 `model` lists every constructor option that changes the computed function. Options that only
 change how training runs or how the same numbers are computed (`bn_momentum`,
@@ -46,6 +52,8 @@ Paths are local file system paths; `save` runs in one process.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import inspect
 import json
 import math
@@ -83,7 +91,7 @@ Tree = dict[str, Any]  # nested dicts with str keys and numpy array leaves
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
-    """The contents of a weights directory.
+    """The contents of a weights directory (its arrays verified against their digests).
 
     `params` and `batch_stats` are nested dicts with str keys (list indices as "0", "1", ...)
     of numpy arrays in the stored dtype, shaped as the model's variables (conv kernels HWIO).
@@ -165,6 +173,46 @@ def check_variables(expected: Mapping[str, tuple], given: Mapping[str, Any], wha
         got = tuple(np.shape(given[path]))
         if got != tuple(shape):
             raise ValueError(f"{what}: {path} has shape {got}, the model needs {tuple(shape)}")
+
+
+class DigestMismatch(ValueError):
+    """A stored array is not what was written: its bytes differ from model.json's digest."""
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """SHA-256 of the array's bytes: C order, little-endian, in its own dtype."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.byteswap().view(array.dtype.newbyteorder("<"))
+    return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _check_sha256(sha256: Any, where: str) -> dict[str, str]:
+    if not isinstance(sha256, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in sha256.items()
+    ):
+        raise ValueError(f"{where}: 'sha256' must map array paths to hex digests")
+    return dict(sha256)
+
+
+def verify_arrays(arrays: Mapping[str, np.ndarray], sha256: Mapping[str, str], path: str) -> None:
+    """Raises DigestMismatch naming the first array (and the folder) whose bytes are not the
+    ones written, or the arrays that are missing or not listed in model.json."""
+    missing = sorted(set(sha256) - set(arrays))
+    extra = sorted(set(arrays) - set(sha256))
+    if missing or extra:
+        parts = [f"missing {_listing(missing)}"] if missing else []
+        parts += [f"not listed in {MODEL_JSON}: {_listing(extra)}"] if extra else []
+        raise DigestMismatch(
+            f"{path}: the stored arrays differ from {MODEL_JSON} ({'; '.join(parts)})"
+        )
+    changed = [p for p in sorted(arrays) if array_sha256(arrays[p]) != sha256[p]]
+    if changed:
+        others = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise DigestMismatch(
+            f"{path}: array {changed[0]}{others} does not match its SHA-256 in {MODEL_JSON}: "
+            "the weights were changed or damaged after they were written"
+        )
 
 
 # --- model description ------------------------------------------------------------------------
@@ -328,21 +376,6 @@ def save(
     names = _check_class_names(
         None if class_names is None else list(class_names), spec["num_classes"], "save"
     )
-    meta = dict(metadata or {})
-    description = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": spec,
-        "preprocessing": pre,
-        "class_names": None if names is None else list(names),
-        "dtype": dtype,
-        "metadata": meta,
-    }
-    try:
-        text = json.dumps(description, indent=2, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"save: metadata is not JSON-serialisable: {e}") from None
-
     # Flax types split() with filters as variadic; it returns one State per filter.
     _, param_state, stat_state = nnx.split(abstract, nnx.Param, nnx.BatchStat)  # type: ignore[misc]
     tree = {}
@@ -358,6 +391,20 @@ def save(
                 for p, v in flat.items()
             }
         )
+    description = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": spec,
+        "preprocessing": pre,
+        "class_names": None if names is None else list(names),
+        "dtype": dtype,
+        "sha256": {p: array_sha256(v) for p, v in sorted(flatten(tree).items())},
+        "metadata": dict(metadata or {}),
+    }
+    try:
+        text = json.dumps(description, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save: metadata is not JSON-serialisable: {e}") from None
 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -369,12 +416,27 @@ def save(
             checkpointer.wait_until_finished()
         with open(os.path.join(tmp, MODEL_JSON), "w") as f:
             f.write(text)
-        if os.path.lexists(path):  # appeared meanwhile
-            raise FileExistsError(f"{path} exists; weights are written to a new directory only")
-        os.rename(tmp, path)
+        _rename_to_new(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_to_new(source: str, path: str) -> None:
+    """Renames `source` to `path` unless something is there: a folder is never replaced."""
+    exists = FileExistsError(f"{path} exists; weights are written to a new directory only")
+    if os.path.lexists(path):  # appeared meanwhile
+        raise exists
+    try:
+        os.rename(source, path)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise exists from None
+        raise
+
+
+def not_weights_message(path: str) -> str:
+    return f"{path} has no {MODEL_JSON}: not a weights folder written by tools.export"
 
 
 def load(path: str | os.PathLike) -> Weights:
@@ -384,7 +446,7 @@ def load(path: str | os.PathLike) -> Weights:
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such weights directory")
     if not os.path.isfile(json_path):
-        raise ValueError(f"{json_path}: missing; {path} is not a weights directory")
+        raise ValueError(not_weights_message(path))
     try:
         with open(json_path) as f:
             description = json.load(f)
@@ -396,7 +458,7 @@ def load(path: str | os.PathLike) -> Weights:
     version = description.get("version")
     if version != VERSION:
         raise ValueError(f"{json_path}: version {version!r}, this code reads version {VERSION}")
-    for key in ("model", "preprocessing", "class_names", "dtype"):
+    for key in ("model", "preprocessing", "class_names", "dtype", "sha256"):
         if key not in description:
             raise ValueError(f"{json_path}: {key!r} is missing")
     spec = _check_model_spec(description["model"], json_path)
@@ -408,6 +470,7 @@ def load(path: str | os.PathLike) -> Weights:
     dtype = description["dtype"]
     if dtype not in DTYPES:
         raise ValueError(f"{json_path}: dtype {dtype!r} is not one of {list(DTYPES)}")
+    sha256 = _check_sha256(description["sha256"], json_path)
     metadata = description.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"{json_path}: metadata must be an object")
@@ -425,22 +488,20 @@ def load(path: str | os.PathLike) -> Weights:
     if not isinstance(tree, Mapping) or set(tree) != set(COLLECTIONS):
         keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
         raise ValueError(f"{arrays_path}: holds {keys}, expected {list(COLLECTIONS)}")
-    collections = {}
-    for name in COLLECTIONS:
-        flat = {p: np.asarray(v) for p, v in flatten(_pure(tree[name])).items()}
-        wrong = [p for p, v in flat.items() if v.dtype != DTYPES[dtype]]
-        if wrong:
-            raise ValueError(
-                f"{arrays_path}: {name}/{wrong[0]} is {flat[wrong[0]].dtype}, "
-                f"model.json says {dtype}"
-            )
-        collections[name] = unflatten(flat)
+    flat = {p: np.asarray(v) for p, v in flatten(_pure(tree)).items()}
+    wrong = [p for p, v in sorted(flat.items()) if v.dtype != DTYPES[dtype]]
+    if wrong:
+        raise ValueError(
+            f"{arrays_path}: {wrong[0]} is {flat[wrong[0]].dtype}, model.json says {dtype}"
+        )
+    verify_arrays(flat, sha256, path)
+    collections = unflatten(flat)
     return Weights(
         model=spec,
         preprocessing=pre,
         class_names=names,
-        params=collections["params"],
-        batch_stats=collections["batch_stats"],
+        params=collections.get("params", {}),
+        batch_stats=collections.get("batch_stats", {}),
         dtype=dtype,
         metadata=metadata,
     )
@@ -557,10 +618,12 @@ def load_for_inference(path: str | os.PathLike, dtype: Any = jnp.float32, **opti
 
 
 __all__ = [
+    "DigestMismatch",
     "FORMAT",
     "model_spec",
     "VERSION",
     "Predictor",
+    "array_sha256",
     "Weights",
     "assign",
     "build",

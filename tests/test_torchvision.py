@@ -573,7 +573,10 @@ def _edit_json(path, edit):
     "damage, message",
     [
         (lambda p: os.rename(p, p + ".gone"), "no such weights directory"),
-        (lambda p: os.remove(os.path.join(p, "model.json")), "model.json: missing"),
+        (
+            lambda p: os.remove(os.path.join(p, "model.json")),
+            "has no model.json: not a weights folder written by tools.export",
+        ),
         (
             lambda p: open(os.path.join(p, "model.json"), "w").write('{"format": '),
             "model.json: unreadable",
@@ -593,10 +596,18 @@ def _edit_json(path, edit):
         ),
         (
             lambda p: _edit_json(p, lambda d: d.update(dtype="bfloat16")),
-            "arrays: params/.* is float32, model.json says bfloat16",
+            "arrays: (params|batch_stats)/.* is float32, model.json says bfloat16",
         ),
         (lambda p: shutil.rmtree(os.path.join(p, "arrays")), "arrays: missing"),
         (lambda p: os.remove(os.path.join(p, "arrays", "_METADATA")), "arrays: cannot be read"),
+        (
+            lambda p: _edit_json(p, lambda d: d["sha256"].update({"params/head/bias": "0" * 64})),
+            "array params/head/bias does not match its SHA-256 in model.json",
+        ),
+        (
+            lambda p: _edit_json(p, lambda d: d["sha256"].pop("params/head/bias")),
+            r"not listed in model.json: params/head/bias",
+        ),
     ],
     ids=[
         "no-dir",
@@ -609,6 +620,8 @@ def _edit_json(path, edit):
         "dtype",
         "no-arrays",
         "damaged-arrays",
+        "digest",
+        "unlisted-array",
     ],
 )
 def test_load_errors_name_the_file(small_model, tmp_path, damage, message):
