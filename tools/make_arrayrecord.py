@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -46,28 +45,47 @@ from pipeline.records import RAW_MAX_SIDE
 # ------------------------------------------------------------------------------ CLI
 
 
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing convert() adds no global flags.
-    flags.DEFINE_enum("format", None, FORMATS, "Input dataset format.")
-    flags.DEFINE_string("input", None, "Input folder (see the module docstring per format).")
-    flags.DEFINE_string("output", None, "Output dataset folder (created; must not be in use).")
+def define_flags(values: flags.FlagValues) -> flags.FlagValues:
+    """Defines the command's flags in `values`: the global FLAGS when run as a program (so
+    importing convert() adds no global flags), a fresh FlagValues for `command`."""
+    flags.DEFINE_enum("format", None, FORMATS, "Input dataset format.", flag_values=values)
+    flags.DEFINE_string(
+        "input", None, "Input folder (see the module docstring per format).", flag_values=values
+    )
+    flags.DEFINE_string(
+        "output", None, "Output dataset folder (created; must not be in use).", flag_values=values
+    )
     flags.DEFINE_enum(
         "split",
         None,
         SPLITS,
         "mnist/cifar: which split to convert (default: "
         "the only one present). imagefolder: just recorded in the metadata.",
+        flag_values=values,
     )
     flags.DEFINE_integer(
-        "num_shards", None, "Shard files (default: ~1 GiB each, at least 1).", lower_bound=1
+        "num_shards",
+        None,
+        "Shard files (default: ~1 GiB each, at least 1).",
+        lower_bound=1,
+        flag_values=values,
     )
-    flags.DEFINE_integer("num_workers", 1, "Processes reading and encoding images.", lower_bound=1)
-    flags.DEFINE_bool("strict", False, "Fail on any unreadable file instead of skipping it.")
+    flags.DEFINE_integer(
+        "num_workers",
+        1,
+        "Processes reading and encoding images.",
+        lower_bound=1,
+        flag_values=values,
+    )
+    flags.DEFINE_bool(
+        "strict", False, "Fail on any unreadable file instead of skipping it.", flag_values=values
+    )
     flags.DEFINE_bool(
         "overwrite",
         False,
         "Replace what is at --output if it is a dataset this tool wrote (and nothing else) or "
         "a symlink (the link is replaced; its target is left alone).",
+        flag_values=values,
     )
     flags.DEFINE_integer(
         "max_pixels",
@@ -77,6 +95,7 @@ def _define_flags() -> None:
         f"{MAX_PIXELS_LIMIT}, PIL's decompression-bomb threshold.",
         lower_bound=1,
         upper_bound=MAX_PIXELS_LIMIT,
+        flag_values=values,
     )
     flags.DEFINE_integer(
         "shorter_side",
@@ -86,6 +105,7 @@ def _define_flags() -> None:
         "smaller images are stored untouched. E.g. 256-320 for 224 px training.",
         lower_bound=1,
         upper_bound=RAW_MAX_SIDE,
+        flag_values=values,
     )
     flags.DEFINE_integer(
         "max_side",
@@ -93,6 +113,7 @@ def _define_flags() -> None:
         "imagefolder: likewise, a bound on the longer side (FFCV's max_resolution).",
         lower_bound=1,
         upper_bound=RAW_MAX_SIDE,
+        flag_values=values,
     )
     flags.DEFINE_integer(
         "jpeg_quality",
@@ -100,6 +121,7 @@ def _define_flags() -> None:
         "JPEG quality of the images that are downscaled (untouched JPEGs keep their bytes).",
         lower_bound=1,
         upper_bound=100,
+        flag_values=values,
     )
     flags.DEFINE_enum(
         "encoding",
@@ -108,13 +130,15 @@ def _define_flags() -> None:
         "How records store images: raw (uint8 pixels: decoding is a copy; the default for "
         "mnist and cifar; for imagefolder every image must have one size) or encoded "
         "(PNG/JPEG; the default for imagefolder).",
+        flag_values=values,
     )
-    flags.mark_flags_as_required(["format", "input", "output"])
+    flags.mark_flags_as_required(["format", "input", "output"], flag_values=values)
+    return values
 
 
-def _fail(status: int, message: str) -> NoReturn:
+def _fail(status: int, message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    return status
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -122,13 +146,24 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(ExitStatus.BAD_INPUT, str(e))
+        sys.exit(_fail(ExitStatus.BAD_INPUT, str(e)))
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        _fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
+def command(argv: list[str]) -> int:
+    """The whole command line in this process (argv[0] is the program): returns the exit
+    status, having printed the one error line if it is not 0."""
+    values = define_flags(flags.FlagValues())
+    try:
+        rest = values(argv)
+    except flags.Error as e:
+        return _fail(ExitStatus.BAD_INPUT, str(e))
+    return run(values, rest[1:])
+
+
+def run(f: flags.FlagValues, extra: list[str]) -> int:
+    """Converts as the parsed flags say; returns the exit status (module docstring)."""
+    if extra:
+        return _fail(ExitStatus.BAD_INPUT, f"unexpected arguments: {' '.join(extra)}")
     with stopping.stop_on_signals():
         try:
             convert(
@@ -147,14 +182,14 @@ def main(argv: list[str]) -> int:
                 encoding=f.encoding,
             )
         except stopping.Interrupted as e:
-            _fail(
+            return _fail(
                 128 + e.signum,
                 f"interrupted ({e}); nothing was published and {f.output!r} is unchanged",
             )
         except OutputWriteError as e:
-            _fail(ExitStatus.FAILED, str(e))
+            return _fail(ExitStatus.FAILED, str(e))
         except ConversionError as e:
-            _fail(ExitStatus.BAD_INPUT, str(e))
+            return _fail(ExitStatus.BAD_INPUT, str(e))
         late = stopping.received()
     if late is not None:
         logging.warning(
@@ -165,6 +200,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def main(argv: list[str]) -> int:
+    return run(flags.FLAGS, argv[1:])
+
+
 if __name__ == "__main__":
-    _define_flags()
+    define_flags(flags.FLAGS)
     app.run(main, flags_parser=_parse_flags)

@@ -123,6 +123,8 @@ def convert(
         )
     raw = encoding == records.RAW
     opts = ImageOptions(max_pixels, shorter_side, max_side, jpeg_quality, raw)
+    if not output_dir:  # abspath("") would be the current folder
+        raise ConversionError("--output is empty; name the dataset folder to write")
     if not os.path.exists(input_path):
         raise ConversionError(f"input path {input_path!r} does not exist")
     output_dir = os.path.abspath(output_dir)

@@ -10,6 +10,7 @@ own files is ever deleted.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 from absl import logging
@@ -53,6 +54,14 @@ def _shard_names(count: int) -> list[str]:
     return [records.SHARD_PATTERN.format(index=s, count=count) for s in range(count)]
 
 
+def _is_shard_name(name: str) -> bool:
+    """Whether `name` is a shard name of SHARD_PATTERN, of any index and count."""
+    match = re.fullmatch(r"data-(\d+)-of-(\d+)\.array_record", name)
+    if match is None:
+        return False
+    return name == records.SHARD_PATTERN.format(index=int(match[1]), count=int(match[2]))
+
+
 def _own_files(path: str) -> set[str]:
     """The names of the files a dataset written by this package at `path` holds.
 
@@ -70,13 +79,13 @@ def _own_files(path: str) -> set[str]:
     except records.DatasetError as e:
         raise _NotOurs(str(e)) from None
     expected = _shard_names(len(shards))
-    names = set(expected)
-    unknown = [s for s in shards if s not in names]
-    if unknown or shards != expected:
-        shown = unknown[0] if unknown else shards
+    if shards != expected:
+        foreign = [s for s in shards if not _is_shard_name(s)]
+        if foreign:
+            raise _NotOurs(f"its {records.METADATA_FILE} lists {foreign[0]!r}, not a shard name")
+        listed, ours = next((s, e) for s, e in zip(shards, expected) if s != e)
         raise _NotOurs(
-            f"its {records.METADATA_FILE} lists {shown!r}, not the shard names "
-            "make_arrayrecord writes"
+            f"its {records.METADATA_FILE} lists {listed!r} where make_arrayrecord writes {ours!r}"
         )
     own = {records.METADATA_FILE, *shards}
     foreign = [n for n in sorted(os.listdir(path)) if n not in own or not _is_plain_file(path, n)]
