@@ -415,8 +415,8 @@ def _batched(
 
 
 def _prefetched(batches: grain.MapDataset, num_workers: int, num_threads: int) -> grain.IterDataset:
-    # The elements here are whole batches: keep every thread busy and no more. (4 x the
-    # batch size, as before, buffered that many *batches*: memory grew by a batch per step
+    # The elements here are whole batches: keep every thread busy and no more. (A buffer of
+    # 4 x the batch size would hold that many *batches*: memory grows by a batch per step
     # read ahead, 2.5 GB for batches of 64 at 224 px.)
     dataset = batches.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)

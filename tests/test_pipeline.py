@@ -589,7 +589,7 @@ def test_scaled_decode_picks_the_largest_reduction_the_crop_allows():
     assert transforms.dct_scale((8 * m * 224, 8 * m * 224), 224) == 8
     assert transforms.dct_scale((8 * m * 224, 4 * m * 224 - 1), 224) == 2
     assert transforms.dct_scale((2 * m * 224 - 1, 5000), 224) == 1
-    # Small crops never draft: the same pixels as before.
+    # Small crops never draft: the same pixels as a full decode.
     blob = io.BytesIO()
     Image.new("RGB", (400, 300), (10, 200, 30)).save(blob, format="JPEG")
     image = transforms.open_image(blob.getvalue())

@@ -58,7 +58,7 @@ _CPU_IMAGENET = ("--model=resnet18", "--image_size=64", "--num_classes=10", "--b
 _CPU_TIMING = ("--dtype=float32", "--steps=5", "--warmup=2", "--repeats=5")
 
 PRESETS = {
-    # The issue's target (ResNet-50, bf16, batch 256, 224 px) and what each choice buys.
+    # The target configuration (ResNet-50, bf16, batch 256, 224 px) and what each choice buys.
     "h200": (
         Variant(
             "target",
