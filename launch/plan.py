@@ -291,11 +291,17 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
         raise ConfigError(
             f"config.train.profile_steps={profile}: give (first, last) steps, 1 <= first <= last"
         )
+    num_steps = total_steps(config, steps_per_epoch)
+    if profile and profile[1] > num_steps:
+        raise ConfigError(
+            f"config.train.profile_steps={profile}: the run has only {num_steps} steps, so the "
+            "trace would never be written"
+        )
     return Plan(
         global_batch=global_batch,
         eval_batch=eval_batch_size(config),
         steps_per_epoch=steps_per_epoch,
-        num_steps=total_steps(config, steps_per_epoch),
+        num_steps=num_steps,
         log_every=max(int(config.train.log_every_steps), 1),
         eval_every=interval_steps(config.eval, "eval", steps_per_epoch),
         save_every=interval_steps(config.checkpoint, "checkpoint", steps_per_epoch),

@@ -43,6 +43,8 @@ def check_run_paths(workdir: str, folders: dict[str, str], files: dict[str, str]
     `folders` and `files` map paths (relative ones are under the workdir) to what they are
     for, which the error names. Nothing is created unless every check passes.
     """
+    if not workdir.strip():
+        raise WorkdirError("--workdir is empty: name the folder the run keeps its checkpoints in")
     where = lambda path: path if _remote(path) else os.path.join(workdir, path)
     checks = [(workdir, "--workdir", _check_folder)]
     checks += [(where(path), purpose, _check_folder) for path, purpose in folders.items()]
@@ -140,18 +142,20 @@ class WorkdirLock:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self._path.read_text())
+            record = json.loads(self._path.read_text())
         except FileNotFoundError:
             return None
         except (ValueError, OSError):
             return {}  # unreadable: treated as stale below
+        return record if isinstance(record, dict) else {}
 
     def _stale(self, holder: dict) -> str | None:
         """Why the recorded holder no longer holds the lock, or None if it may still."""
-        if not holder or "refreshed" not in holder:
+        refreshed, pid = holder.get("refreshed"), holder.get("pid", -1)
+        if not isinstance(refreshed, (int, float)) or not isinstance(pid, int):
             return "the lock file is unreadable"
         if holder.get("host") == socket.gethostname():
-            start = _process_start_time(int(holder.get("pid", -1)))
+            start = _process_start_time(pid)
             if start is None or start != holder.get("pid_start"):
                 return f"its process {holder.get('pid')} on this host is gone"
             return None

@@ -20,6 +20,7 @@ import pytest
 
 from launch import checkpointing, train
 from launch import main as launcher
+from launch import workdir as workdir_lib
 from launch.status import ExitStatus
 from pipeline import fingerprint
 from tests import helpers
@@ -94,6 +95,29 @@ def test_bad_config_values_are_refused_before_anything_runs(
     assert tree_digest(workdir) == before
 
 
+PLAN_CASES = [
+    # (overrides, the start of the error line): values wrong only for this data
+    ({"train.profile_steps": (2, 99)}, "config.train.profile_steps=(2, 99): the run has only 8"),
+    (
+        {"train.num_steps": -1, "train.num_epochs": 1e12},
+        "config.train.num_epochs=1000000000000.0: 12000000000000 steps of 12 per epoch",
+    ),
+    ({"checkpoint.every_steps": 0, "checkpoint.every_epochs": 1e12}, "config.checkpoint.every_e"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", PLAN_CASES, ids=[str(c[0]) for c in PLAN_CASES])
+def test_values_wrong_for_the_data_are_refused_before_the_compile(
+    data, tmp_path, capfd, overrides, message
+):
+    workdir = _user_workdir(tmp_path)
+    before = tree_digest(workdir)
+    status, stderr = _launch_in_process(helpers.tiny_config(*data, **overrides), workdir, capfd)
+    assert status == ExitStatus.BAD_INPUT
+    assert assert_one_clear_line(stderr, message).startswith(f"error: {message}")
+    assert tree_digest(workdir) == before
+
+
 # --- 2. every path the run writes, checked before the compile -----------------------------
 
 
@@ -154,6 +178,26 @@ def test_an_unusable_workdir_or_compilation_cache_is_named(data, tmp_path, capfd
         assert_one_clear_line(stderr, f"{blocker}/xla (JAX's compilation cache) cannot be created")
     assert status == ExitStatus.BAD_INPUT
     assert tree_digest(str(tmp_path)) == before
+
+
+def test_an_empty_workdir_flag_is_refused(data, capfd):
+    status, stderr = _launch_in_process(helpers.tiny_config(*data), "", capfd)
+    assert status == ExitStatus.BAD_INPUT
+    assert_one_clear_line(stderr, "--workdir is empty")
+
+
+@pytest.mark.parametrize(
+    "content", ['["a", "list"]', '{"host": "elsewhere", "pid": 1, "refreshed": "yesterday"}']
+)
+def test_a_garbled_lock_file_is_taken_over_not_a_traceback(tmp_path, content):
+    (tmp_path / "LOCK").write_text(content)
+    lock = workdir_lib.WorkdirLock(str(tmp_path))
+    lock.acquire(wait_seconds=0)
+    try:
+        assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+    assert not (tmp_path / "LOCK").exists()
 
 
 def test_a_read_only_checkpoints_folder_is_refused(data, tmp_path, capfd):
