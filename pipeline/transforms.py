@@ -205,7 +205,7 @@ _JPEG_SOI = b"\xff\xd8"
 _FAST_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to RGB/gray itself
 
 
-def _jpeg_size(image_bytes: bytes) -> tuple[int, int] | None:
+def jpeg_size(image_bytes: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG the fast path can decode, else None."""
     if not fast_path_available() or image_bytes[:2] != _JPEG_SOI:
         return None
@@ -228,7 +228,7 @@ def decode_scaled(image_bytes: bytes, size: tuple[int, int], scale: int, channel
     )
 
 
-def _resize_fractional(pixels: np.ndarray, box, scale: float, image_size: int) -> np.ndarray:
+def resize_fractional(pixels: np.ndarray, box, scale: float, image_size: int) -> np.ndarray:
     """`box` (full-resolution pixels) of `pixels` (decoded at 1/scale), resized by PIL."""
     image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
     reduced = tuple(v / scale for v in box)
@@ -256,7 +256,7 @@ def crop_into(
     The same random draws, box and flip as random_resized_crop; JPEGs are decoded by
     libjpeg-turbo into numpy and resized by OpenCV straight into `out`.
     """
-    size = _jpeg_size(image_bytes)
+    size = jpeg_size(image_bytes)
     if size is None:
         out[...] = random_resized_crop(open_image(image_bytes), aug, rng)
         return
@@ -267,7 +267,7 @@ def crop_into(
     if pixels.shape[1] == size[0]:
         resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
     else:  # a reduced decode: the box has fractional bounds there, which only PIL resamples
-        out[...] = _resize_fractional(pixels, box, size[0] / pixels.shape[1], aug.image_size)
+        out[...] = resize_fractional(pixels, box, size[0] / pixels.shape[1], aug.image_size)
     if aug.random_flip and rng.random() < 0.5:
         cv2.flip(out, 1, dst=out)
 

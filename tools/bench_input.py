@@ -1,8 +1,10 @@
 """Input pipeline throughput: decode + augment images per CPU-second, side by side.
 
-    # photo-like JPEGs with ImageNet's shape; the originals, a store bounded to a 288 px
-    # shorter side, and torchvision's loader on the same files, 2 worker processes each:
-    python -m tools.bench_input --photo_like=2000 --shorter_side=288 --full_decode \\
+    # photo-like JPEGs with ImageNet's shape: the originals and stores bounded to a 256 and a
+    # 320 px shorter side, each against torchvision's loader on the same JPEG bytes, in this
+    # one process (0 worker processes), with the per-stage breakdown:
+    python -m tools.bench_input --peer=torchvision
+    python -m tools.bench_input --photo_like=2000 --shorter_side=256,320 --full_decode \\
         --peer=torchvision --num_workers=2 --seconds=20 --rounds=2
     # CIFAR-sized images: raw records against PNG records
     python -m tools.bench_input --cifar_like=10000 --image_size=32 --num_workers=1
@@ -14,12 +16,20 @@ Every configuration is timed in this one process, on the same images: our train 
 (pipeline.dataset.train_dataset: ArrayRecord read, decode, random-resized-crop, flip,
 batching) on each store, and with --peer=torchvision, torchvision's loader (`ImageFolder` +
 `RandomResizedCrop` + `RandomHorizontalFlip` + `PILToTensor`, `DataLoader` with the same batch
-size and the same number of worker processes) on the JPEG files. Wall-clock images/s depends
-on how many cores the run got; images per CPU-second (user + system time of this process and
-every live child process, Grain's and DataLoader's workers included, over the timed window)
-does not, so that is the per-core figure compared. --rounds splits each timed window into
-rounds run in alternating order, so that a change in the machine's load affects every
-configuration alike. The last line printed is a JSON object with every figure.
+size and the same number of worker processes) on the same JPEG bytes as each store: the
+original files, and each bounded store's records written back out as files. Wall-clock
+images/s depends on how many cores the run got; images per CPU-second (user + system time of
+this process and every live child process, Grain's and DataLoader's workers included, over
+the timed window) does not, so that is the per-core figure compared. --rounds splits each
+timed window into rounds run in alternating order, so that a change in the machine's load
+affects every configuration alike.
+
+The per-stage breakdown times, on one thread without Grain, each stage of our train
+transform (transforms.crop_into) on a sample of every store: record read, JPEG header and
+crop box, decode, crop and resize, flip, batch assembly, and PIL's path for the images the
+fast path does not take; Grain's own overhead and the per-example glue are what the timed
+pipeline spent per image beyond those. The last line printed is a JSON object with every
+figure.
 """
 
 from __future__ import annotations
@@ -43,16 +53,23 @@ from tools import photo_like
 # Commonly cited per-core decode + augment rates for ImageNet JPEGs at 224 px.
 REFERENCES = {"tf.data": 250, "FFCV": 330}
 PEERS = ("none", "torchvision")
-# Ratios printed when both sides were timed: (numerator, denominator).
+# Ratios printed when both sides were timed, besides each store against torchvision on the
+# same files: (numerator, denominator).
 RATIOS = (
-    ("bounded", "torchvision"),
-    ("original", "torchvision"),
-    ("original_full_decode", "torchvision"),
+    ("original_full_decode", "torchvision_original"),
     ("original", "original_full_decode"),
-    ("bounded", "original"),
     ("raw", "png"),
     ("raw_handover", "png"),
-    ("dataset", "torchvision"),
+)
+PEER_PREFIX = "torchvision_"
+STAGES = (
+    "read",
+    "header_and_box",
+    "decode",
+    "crop_and_resize",
+    "flip",
+    "batching",
+    "pil_fallback",
 )
 
 
@@ -136,10 +153,8 @@ class Pipeline:
 class Torchvision:
     """torchvision's ImageFolder + RandomResizedCrop + flip + PILToTensor in a DataLoader."""
 
-    name = "torchvision"
-
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, name: str, folder: str):
+        self.name, self.folder = name, folder
         self.epoch = 0
 
     def run(self, args, num_workers: int, seconds: float) -> tuple[int, float, float]:
@@ -165,10 +180,15 @@ class Torchvision:
             drop_last=True,
         )
         batches = ({"image": x} for x, _ in loader)
+        threads = torch.get_num_threads()
+        # DataLoader's workers run torch single-threaded; in this process, do the same (its
+        # intra-op pool's spinning would otherwise count against the peer).
+        torch.set_num_threads(1)
         try:
             return _timed(batches, 2 * max(1, num_workers) + 1, seconds)
         finally:
             batches.close()  # ends the DataLoader iterator, which stops its workers
+            torch.set_num_threads(threads)
 
 
 class PilLoop:
@@ -242,6 +262,104 @@ def describe_store(data_dir: str, sample: int = 256) -> dict:
     }
 
 
+def export_jpegs(data_dir: str, folder: str) -> str:
+    """Writes every record's stored image bytes to folder/class_XXXX/ID.(jpg|png), as they are
+    (for the peer to read the same bytes); returns folder."""
+    info = dataset.load_info(data_dir)
+    source = grain.sources.ArrayRecordDataSource(list(info.shard_paths))
+    for i in range(len(source)):
+        example = records.decode_example(source[i])
+        suffix = ".png" if example.image[:4] == b"\x89PNG" else ".jpg"
+        class_dir = os.path.join(folder, f"class_{example.label:04d}")
+        os.makedirs(class_dir, exist_ok=True)
+        with open(os.path.join(class_dir, f"{example.example_id}{suffix}"), "wb") as f:
+            f.write(example.image)
+    return folder
+
+
+class _StageClock:
+    """CPU seconds per stage, accumulated."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._last = time.process_time()
+
+    def lap(self, stage: str) -> None:
+        now = time.process_time()
+        self.seconds[stage] += now - self._last
+        self._last = now
+
+
+def _crop_in_stages(clock, out, image, aug, rng) -> None:
+    """transforms.crop_into, step by step, each step charged to its stage."""
+    size = transforms.jpeg_size(image)
+    if size is None:
+        out[...] = transforms.random_resized_crop(transforms.open_image(image), aug, rng)
+        clock.lap("pil_fallback")
+        return
+    box = transforms.random_box(*size, aug, rng)
+    scale = transforms.dct_scale((box[2] - box[0], box[3] - box[1]), aug.image_size)
+    scale = scale if aug.scaled_decode else 1
+    clock.lap("header_and_box")
+    pixels = transforms.decode_scaled(image, size, scale, aug.channels)
+    clock.lap("decode")
+    if pixels.shape[1] == size[0]:
+        transforms.resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
+    else:
+        out[...] = transforms.resize_fractional(
+            pixels, box, size[0] / pixels.shape[1], aug.image_size
+        )
+    clock.lap("crop_and_resize")
+    if aug.random_flip and rng.random() < 0.5:
+        transforms.cv2.flip(out, 1, dst=out)
+    clock.lap("flip")
+
+
+def stage_breakdown(data_dir: str, args: dict, scaled_decode: bool, sample: int) -> dict:
+    """CPU milliseconds per image of each stage of our train transform, on one thread, over
+    (up to) `sample` records of the store, in batches of args["batch_size"]."""
+    info = dataset.load_info(data_dir)
+    source = grain.sources.ArrayRecordDataSource(list(info.shard_paths))
+    aug = transforms.Augmentation(
+        image_size=args["image_size"], channels=info.channels, scaled_decode=scaled_decode
+    )
+    positions = np.random.default_rng(args["seed"]).permutation(len(source))[:sample]
+    clock, batch = _StageClock(), args["batch_size"]
+    for start in range(0, len(positions), batch):
+        chunk = positions[start : start + batch]
+        images = np.empty((len(chunk), aug.image_size, aug.image_size, aug.channels), np.uint8)
+        labels = np.empty(len(chunk), np.int32)
+        clock.lap("batching")
+        for i, position in enumerate(chunk.tolist()):
+            example = records.decode_example(source[position])
+            clock.lap("read")
+            labels[i] = example.label
+            rng = np.random.default_rng((args["seed"], example.example_id))
+            clock.lap("batching")
+            _crop_in_stages(clock, images[i], example.image, aug, rng)
+    per_image = {k: 1e3 * v / len(positions) for k, v in clock.seconds.items()}
+    return {k: round(v, 4) for k, v in per_image.items()}
+
+
+def print_breakdown(breakdowns: dict, results: list[dict]) -> dict:
+    """Prints CPU-ms per image by stage for each store, with Grain's overhead and the glue
+    (the timed pipeline's CPU per image minus the stages), per worker count."""
+    out = {}
+    header = "".join(f"{k:>16}" for k in (*STAGES, "grain_and_glue", "pipeline_total"))
+    print(f"per-stage CPU-ms per image (one thread; see the module docstring)\n{'':>24}{header}")
+    for r in results:
+        stages = breakdowns.get(r["name"])
+        if stages is None:
+            continue
+        total = 1e3 / max(r["images_per_cpu_s"], 1e-9)
+        row = {**stages, "grain_and_glue": round(total - sum(stages.values()), 4)}
+        row["pipeline_total"] = round(total, 4)
+        out[f"{r['name']} workers={r['num_workers']}"] = row
+        label = f"{r['name']} w={r['num_workers']}"
+        print(f"{label:>24}" + "".join(f"{v:16.3f}" for v in row.values()), flush=True)
+    return out
+
+
 def run_configs(configs: list, args: dict, worker_counts: list[int], rounds: int) -> list[dict]:
     """Times every configuration at every worker count, in `rounds` alternating-order rounds."""
     results = []
@@ -267,10 +385,13 @@ def run_configs(configs: list, args: dict, worker_counts: list[int], rounds: int
 
 
 def ratios(results: list[dict]) -> dict:
-    """images/CPU-s ratios between configurations timed at the same worker count."""
+    """images/CPU-s ratios between configurations timed at the same worker count: each store
+    against torchvision on its files, and RATIOS."""
     by = {(r["name"], r["num_workers"]): r for r in results}
+    names = {r["name"] for r in results}
+    peers = [(n[len(PEER_PREFIX) :], n) for n in sorted(names) if n.startswith(PEER_PREFIX)]
     out = {}
-    for num, den in RATIOS:
+    for num, den in [*peers, *RATIOS]:
         for (name, workers), r in by.items():
             if name == num and (den, workers) in by:
                 d = by[(den, workers)]
@@ -311,8 +432,10 @@ def _define_flags() -> None:
         "to raw records, timed side by side (and the raw hand-over without augmentation).",
         lower_bound=0,
     )
-    flags.DEFINE_integer(
-        "shorter_side", None, "Also time a store bounded to this shorter side.", lower_bound=1
+    flags.DEFINE_list(
+        "shorter_side",
+        ["256", "320"],
+        "Also time a store bounded to each of these shorter sides ('' for none).",
     )
     flags.DEFINE_integer(
         "max_side", None, "Also time a store bounded to this longer side.", lower_bound=1
@@ -325,9 +448,15 @@ def _define_flags() -> None:
     flags.DEFINE_bool("pil_loop", False, "Also time a plain one-process PIL loop on the JPEGs.")
     flags.DEFINE_integer("image_size", 224, "Output crop size.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 64, "Examples per batch.", lower_bound=1)
+    flags.DEFINE_integer(
+        "stage_sample",
+        256,
+        "Records of each store timed stage by stage (0: no breakdown).",
+        lower_bound=0,
+    )
     flags.DEFINE_list(
         "num_workers",
-        ["1"],
+        ["0"],
         "Worker process counts to time, for every side (0: ours decode in threads of this "
         "process, the peer in this process).",
     )
@@ -367,7 +496,7 @@ def main(argv: list[str]) -> None:
     }
     worker_counts = [int(w) for w in f.num_workers]
     result = {**args, "num_workers": worker_counts, "rounds": f.rounds, "stores": {}}
-    configs, folder = [], None
+    configs, folder, peer_folders = [], None, {}
     with tempfile.TemporaryDirectory(prefix="bench_input-") as tmp:
         if f.cifar_like:
             source = photo_like.make_cifar_like(os.path.join(tmp, "cifar"), f.cifar_like, f.seed)
@@ -380,6 +509,8 @@ def main(argv: list[str]) -> None:
             result["stores"]["dataset"] = describe_store(f.data_dir)
             configs.append(Pipeline("dataset", f.data_dir))
             folder = f.source_dir
+            if folder:
+                peer_folders["dataset"] = folder
         else:
             folder = f.source_dir
             if folder is None:
@@ -392,9 +523,10 @@ def main(argv: list[str]) -> None:
                 result["photo_like"] = manifest
                 print(f"photo-like JPEGs: {json.dumps(manifest, sort_keys=True)}")
             stores = [("original", {})]
-            if f.shorter_side or f.max_side:
-                bound = {"shorter_side": f.shorter_side, "max_side": f.max_side}
-                stores.append(("bounded", {**bound, "jpeg_quality": f.jpeg_quality}))
+            for side in [int(s) for s in f.shorter_side] or ([None] if f.max_side else []):
+                bound = {"shorter_side": side, "max_side": f.max_side}
+                name = f"bounded_{side}" if side else f"bounded_max_{f.max_side}"
+                stores.append((name, {**bound, "jpeg_quality": f.jpeg_quality}))
             for name, options in stores:
                 out, secs = _convert(
                     "imagefolder",
@@ -409,6 +541,9 @@ def main(argv: list[str]) -> None:
                     "convert_s": round(secs, 2),
                 }
                 configs.append(Pipeline(name, out))
+                peer_folders[name] = (
+                    folder if name == "original" else export_jpegs(out, out + "_jpeg")
+                )
             if f.full_decode:
                 configs.append(
                     Pipeline(
@@ -418,9 +553,9 @@ def main(argv: list[str]) -> None:
         for name, store in result["stores"].items():
             print(f"store {name}: {json.dumps(store, sort_keys=True)}")
         if f.peer == "torchvision":
-            if folder is None:
+            if not peer_folders:
                 raise app.UsageError("--peer needs JPEG files: give --source_dir")
-            configs.append(Torchvision(folder))
+            configs += [Torchvision(PEER_PREFIX + n, d) for n, d in peer_folders.items()]
         if f.pil_loop:
             if folder is None:
                 raise app.UsageError("--pil_loop needs JPEG files: give --source_dir")
@@ -428,6 +563,13 @@ def main(argv: list[str]) -> None:
         result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
         result["results"] = run_configs(configs, args, worker_counts, f.rounds)
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        if f.stage_sample and transforms.fast_path_available():
+            breakdowns = {
+                c.name: stage_breakdown(c.info.data_dir, args, c.scaled_decode, f.stage_sample)
+                for c in configs
+                if isinstance(c, Pipeline) and c.augment
+            }
+            result["stages_cpu_ms_per_image"] = print_breakdown(breakdowns, result["results"])
     result["ratios"] = ratios(result["results"])
     for key, value in result["ratios"].items():
         print(f"ratio {key}: {value['per_cpu_s']:.2f} per CPU-second, {value['wall']:.2f} wall")
