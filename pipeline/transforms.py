@@ -14,9 +14,9 @@ decided in full-resolution coordinates from the image header, exactly as without
 random draws, same geometry); then the image is decoded at the smallest scale that still
 leaves the crop at least `image_size` pixels in both dimensions (with a margin,
 DCT_SCALE_MARGIN), the box is mapped onto the reduced image and the crop is resized as
-before. With `image_size`=224 that happens when the crop is at least 560 px on its shorter
+without it. With `image_size`=224 that happens when the crop is at least 560 px on its shorter
 side: large photos and the multi-megapixel tail, where decoding costs most.
-docs/benchmarks.md gives the speed and the fidelity (PSNR against the full decode).
+docs/measurements.md gives the speed and the fidelity (PSNR against the full decode).
 
 The batch path (`crop_into`). Training writes each crop straight into its slot of a
 preallocated batch array: the JPEG is decoded by libjpeg-turbo into numpy (simplejpeg, at the
@@ -138,7 +138,7 @@ def _crop_resize(
     """Resizes `box` (full-resolution coordinates) of `image` to image_size x image_size.
 
     A JPEG not yet decoded is decoded at a reduced DCT scale when the box allows (see the
-    module docstring); anything else is decoded whole, as before.
+    module docstring); anything else is decoded whole.
     """
     scale: float = 1
     if (
