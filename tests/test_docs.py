@@ -164,3 +164,23 @@ def test_the_licence_is_the_one_pyproject_names():
     licence = _read("LICENSE")
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
     assert "END OF TERMS AND CONDITIONS" in licence
+
+
+def test_every_document_the_code_names_exists():
+    named = set()
+    for top in FIRST_PARTY + (".ci",):
+        for root, _, files in os.walk(os.path.join(helpers.REPO, top)):
+            for name in files:
+                if name.endswith((".py", ".sh", ".sbatch")) or name == "run":
+                    with open(os.path.join(root, name), errors="replace") as f:
+                        found = re.findall(r"\bdocs/[\w/.-]+\.md\b", f.read())
+                    named.update(
+                        (os.path.relpath(os.path.join(root, name), helpers.REPO), d) for d in found
+                    )
+    assert named, "no reference to docs/ found in the code"
+    missing = [
+        (source, doc)
+        for source, doc in named
+        if not os.path.exists(os.path.join(helpers.REPO, doc))
+    ]
+    assert not missing, missing
