@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
 import re
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost as ocp_multihost
 
@@ -115,13 +117,32 @@ def initialize(
     heartbeat_timeout_seconds: int,
     initialization_timeout_seconds: int,
 ) -> None:
-    """Initialises `jax.distributed` before anything touches a device, then logs the devices.
+    """Initialises `jax.distributed` before anything touches a device, logs the devices, and
+    learns which slice each host is in (`_join_slices`).
 
     Explicit flags (GPU clusters, local simulation) win; without them JAX auto-detects TPU
     pod slices and Slurm; where nothing is detected the run is a plain single process. Under
     Slurm each process gets the GPUs Slurm allocated to it (`slurm_devices`), and raises
     ClusterError when it sees fewer.
     """
+    _join_jax(
+        coordinator_address,
+        num_processes,
+        process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        initialization_timeout_seconds=initialization_timeout_seconds,
+    )
+    _join_slices(dict(os.environ), initialization_timeout_seconds)
+
+
+def _join_jax(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    *,
+    heartbeat_timeout_seconds: int,
+    initialization_timeout_seconds: int,
+) -> None:
     init = functools.partial(
         jax.distributed.initialize,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
@@ -157,8 +178,169 @@ def is_distributed() -> bool:
 
 
 def make_mesh() -> Mesh:
-    """One mesh over every device of every host; make_mesh orders devices for the topology."""
-    return jax.make_mesh((jax.device_count(),), (BATCH_AXIS,), devices=jax.devices())
+    """One 'batch' axis over every device of every host (and of every slice), logged.
+
+    Within a slice JAX orders the devices for the ICI topology; with several slices each
+    slice's devices are contiguous on the axis (`slice_major_devices`).
+    """
+    devices = _devices_with_slices(jax.devices())
+    slices = count_slices(devices)
+    axis_types = (jax.sharding.AxisType.Explicit,)  # what jax.make_mesh gives one slice
+    if slices == 1:
+        mesh = jax.make_mesh(
+            (len(devices),), (BATCH_AXIS,), axis_types, devices=[_untagged(d) for d in devices]
+        )
+    else:
+        mesh = Mesh(slice_major_devices(devices), (BATCH_AXIS,), axis_types=axis_types)
+    logging.info(
+        "Mesh: %r axis of %d devices = %d slice(s) x %d device(s)%s.",
+        BATCH_AXIS, mesh.devices.size, slices, mesh.devices.size // slices,
+        " (ICI within a slice, DCN across slices)" if slices > 1 else "",
+    )  # fmt: skip
+    return mesh
+
+
+# TPU multislice sets these on every host (GKE, queued resources); launch.local_cluster
+# --slices sets them for the CPU simulation, whose devices carry no slice_index.
+SLICE_COUNT_VARIABLE = "MEGASCALE_NUM_SLICES"
+SLICE_ID_VARIABLE = "MEGASCALE_SLICE_ID"
+_SLICE_KEY = "resnet_multihost/slice_of_process/"
+# process index -> slice, where the environment declared the slices and devices do not say.
+_process_slices: dict[int, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceTaggedDevice:
+    """A device that does not know its slice, with the slice its process declared."""
+
+    device: Any
+    slice_index: int
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.device, name)
+
+
+def _untagged(device: Any) -> Any:
+    return device.device if isinstance(device, SliceTaggedDevice) else device
+
+
+def _devices_with_slices(devices: list) -> list:
+    if _process_slices is None or hasattr(devices[0], "slice_index"):
+        return devices
+    return [SliceTaggedDevice(d, _process_slices[d.process_index]) for d in devices]
+
+
+def count_slices(devices: list) -> int:
+    """How many slices `devices` span (1 where devices carry no slice_index)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def slice_major_devices(devices: list) -> np.ndarray:
+    """`devices` as one axis: slice 0's devices, then slice 1's, ...; within a slice in JAX's
+    order for its ICI topology. A batch-axis all-reduce then sums within each slice over ICI
+    and crosses the DCN between slices once (jax's create_hybrid_device_mesh).
+    """
+    slices = count_slices(devices)
+    if len(devices) % slices:
+        raise ClusterError(f"{len(devices)} devices do not split evenly into {slices} slices")
+    ordered = mesh_utils.create_hybrid_device_mesh((len(devices) // slices,), (slices,), devices)
+    return np.vectorize(_untagged, otypes=[object])(ordered)
+
+
+def declared_slice(env: dict[str, str]) -> tuple[int, int] | None:
+    """(slice count, this host's slice) from MEGASCALE_NUM_SLICES / MEGASCALE_SLICE_ID;
+    None where the environment declares no more than one slice."""
+    count_text = env.get(SLICE_COUNT_VARIABLE, "").strip()
+    id_text = env.get(SLICE_ID_VARIABLE, "").strip()
+    if not count_text:
+        if id_text:
+            raise ClusterError(
+                f"{SLICE_ID_VARIABLE}={id_text} is set without {SLICE_COUNT_VARIABLE}"
+            )
+        return None
+    if not count_text.isdigit() or int(count_text) < 1:
+        raise ClusterError(
+            f"{SLICE_COUNT_VARIABLE}={count_text!r} must be a whole number of slices, at least 1"
+        )
+    count = int(count_text)
+    if count == 1 and not id_text:
+        return None
+    if not id_text.isdigit() or int(id_text) >= count:
+        raise ClusterError(
+            f"{SLICE_ID_VARIABLE}={id_text!r} must be this host's slice, 0 to {count - 1} "
+            f"({SLICE_COUNT_VARIABLE}={count})"
+        )
+    return None if count == 1 else (count, int(id_text))
+
+
+def check_slices(
+    declared: dict[int, tuple[int, int]], devices_per_process: dict[int, int]
+) -> dict[int, int]:
+    """Every process's declared (slice count, slice) -> process index -> slice, or ClusterError
+    naming what disagrees: the counts, an empty slice, slices of unequal size."""
+    counts = {count for count, _ in declared.values()}
+    if len(counts) != 1:
+        detail = ", ".join(f"process {p}: {c}" for p, (c, _) in sorted(declared.items()))
+        raise ClusterError(f"the hosts declare different {SLICE_COUNT_VARIABLE} ({detail})")
+    (count,) = counts
+    members: dict[int, list[int]] = {s: [] for s in range(count)}
+    for process, (_, slice_id) in sorted(declared.items()):
+        members[slice_id].append(process)
+    empty = [s for s, processes in members.items() if not processes]
+    if empty:
+        raise ClusterError(
+            f"{SLICE_COUNT_VARIABLE}={count} but slice(s) {', '.join(map(str, empty))} have no "
+            f"process ({len(declared)} process(es) in all); every slice needs at least one host"
+        )
+    sizes = {s: sum(devices_per_process[p] for p in ps) for s, ps in members.items()}
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"slice {s}: {n}" for s, n in sizes.items())
+        raise ClusterError(f"slices must have equal numbers of devices, got {detail}")
+    return {p: slice_id for p, (_, slice_id) in declared.items()}
+
+
+def _exchange_declared_slices(
+    mine: tuple[int, int] | None, timeout_seconds: float
+) -> dict[int, tuple[int, int]]:
+    """Every process's declared (slice count, slice), through the coordination service."""
+    own = mine or (1, 0)
+    if not is_distributed():
+        return {0: own}
+    client = ocp_multihost.get_jax_distributed_client()
+    client.key_value_set(f"{_SLICE_KEY}{jax.process_index()}", f"{own[0]} {own[1]}", True)
+    declared = {}
+    for process in range(jax.process_count()):
+        try:
+            text = client.blocking_key_value_get(
+                f"{_SLICE_KEY}{process}", int(timeout_seconds * 1000)
+            )
+        except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline
+            raise ClusterError(
+                f"process {process} did not say its slice within {timeout_seconds:.0f}s "
+                f"({str(e).splitlines()[0] if str(e) else 'no details'})"
+            ) from None
+        count, slice_id = text.split()
+        declared[process] = (int(count), int(slice_id))
+    return declared
+
+
+def _join_slices(env: dict[str, str], timeout_seconds: float) -> None:
+    """Reads this host's slice from the environment and learns every host's, for make_mesh.
+
+    Devices that carry a slice_index (TPU multislice) are trusted as they are.
+    """
+    global _process_slices
+    _process_slices = None
+    mine = declared_slice(env)
+    if hasattr(jax.devices()[0], "slice_index"):
+        return
+    declared = _exchange_declared_slices(mine, timeout_seconds)
+    if all(count == 1 for count, _ in declared.values()):
+        return
+    per_process = collections.Counter(d.process_index for d in jax.devices())
+    _process_slices = check_slices(declared, dict(per_process))
+    mine_now = _process_slices[jax.process_index()]
+    logging.info("Process %d is in slice %d of %d.", jax.process_index(), mine_now, declared[0][0])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
