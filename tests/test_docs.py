@@ -34,7 +34,7 @@ HISTORY = re.compile(
 
 
 def _read(page: str) -> str:
-    with open(os.path.join(helpers.REPO, page)) as f:
+    with open(os.path.join(helpers.REPO, page), errors="replace") as f:
         return f.read()
 
 
@@ -166,21 +166,23 @@ def test_the_licence_is_the_one_pyproject_names():
     assert "END OF TERMS AND CONDITIONS" in licence
 
 
-def test_every_document_the_code_names_exists():
-    named = set()
+def _docs_named_in_code():
+    """(source file, page) for every Markdown page under docs that a source file or CI names."""
     for top in FIRST_PARTY + (".ci",):
         for root, _, files in os.walk(os.path.join(helpers.REPO, top)):
             for name in files:
                 if name.endswith((".py", ".sh", ".sbatch")) or name == "run":
-                    with open(os.path.join(root, name), errors="replace") as f:
-                        found = re.findall(r"\bdocs/[\w/.-]+\.md\b", f.read())
-                    named.update(
-                        (os.path.relpath(os.path.join(root, name), helpers.REPO), d) for d in found
-                    )
+                    source = os.path.relpath(os.path.join(root, name), helpers.REPO)
+                    for doc in re.findall(r"\bdocs/[\w/.-]+\.md\b", _read(source)):
+                        yield source, doc
+
+
+def test_every_document_the_code_names_exists():
+    named = set(_docs_named_in_code())
     assert named, "no reference to docs/ found in the code"
-    missing = [
-        (source, doc)
-        for source, doc in named
-        if not os.path.exists(os.path.join(helpers.REPO, doc))
-    ]
+    missing = [(source, doc) for source, doc in named if not os.path.exists(doc_path(doc))]
     assert not missing, missing
+
+
+def doc_path(doc: str) -> str:
+    return os.path.join(helpers.REPO, doc)
