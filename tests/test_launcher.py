@@ -164,7 +164,7 @@ def test_eval_counts_every_example_exactly_once(runs, data, run):
         ("train.global_batch_size=2", "nearest valid: 4"),
         ("train.foo=1", "--config.train.foo=1: the config has no field 'foo'"),
         ("train.num_epochs=abc", "num_epochs"),
-        ("data.image_size=0", "config.data.image_size=0 must be positive"),
+        ("data.image_size=0", "config.data.image_size=0: must be a whole number >= 1"),
         ("data.train_dir=/nonexistent/train", "does not exist"),
     ],
 )
