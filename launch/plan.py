@@ -255,8 +255,6 @@ def check_data(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Datase
                 f"config.data.{field} has {len(config.data[field])} values for "
                 f"images with {train.channels} channel(s)"
             )
-    if config.data.image_size <= 0:
-        raise ConfigError(f"config.data.image_size={config.data.image_size} must be positive")
     if config.data.augment_on_device:
         shape = train.image_shape
         if train.encoding != records.RAW or shape is None:
@@ -270,11 +268,10 @@ def check_data(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Datase
                 f"{shape[0]}x{shape[1]} in {train.data_dir}: set config.data.image_size="
                 f"{shape[0]} (square images only)"
             )
-        if config.data.device_crop_padding < 0:
-            raise ConfigError("config.data.device_crop_padding must not be negative")
 
 
 def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.DatasetInfo | None):
+    check_config(config)
     check_data(config, train, eval_)
     global_batch = config.train.global_batch_size
     try:
@@ -283,9 +280,6 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
         steps_per_epoch = dataset_lib.steps_per_epoch(train.num_examples, global_batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ("stall_timeout_seconds",):
-        if config.train[name] < 0:
-            raise ConfigError(f"config.train.{name} must not be negative")
     profile = tuple(config.train.profile_steps)
     if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
         raise ConfigError(
@@ -302,7 +296,7 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
         eval_batch=eval_batch_size(config),
         steps_per_epoch=steps_per_epoch,
         num_steps=num_steps,
-        log_every=max(int(config.train.log_every_steps), 1),
+        log_every=int(config.train.log_every_steps),
         eval_every=interval_steps(config.eval, "eval", steps_per_epoch),
         save_every=interval_steps(config.checkpoint, "checkpoint", steps_per_epoch),
     )
