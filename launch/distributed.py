@@ -205,13 +205,13 @@ def make_mesh() -> Mesh:
 SLICE_COUNT_VARIABLE = "MEGASCALE_NUM_SLICES"
 SLICE_ID_VARIABLE = "MEGASCALE_SLICE_ID"
 _SLICE_KEY = "resnet_multihost/slice_of_process/"
-# process index -> slice, where the environment declared the slices and devices do not say.
+# process index -> slice, where the hosts declared their slices (devices that cannot tell).
 _process_slices: dict[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class SliceTaggedDevice:
-    """A device that does not know its slice, with the slice its process declared."""
+    """A device that cannot tell its slice, with the slice its process declared."""
 
     device: Any
     slice_index: int
@@ -225,13 +225,13 @@ def _untagged(device: Any) -> Any:
 
 
 def _devices_with_slices(devices: list) -> list:
-    if _process_slices is None or hasattr(devices[0], "slice_index"):
+    if _process_slices is None:
         return devices
     return [SliceTaggedDevice(d, _process_slices[d.process_index]) for d in devices]
 
 
 def count_slices(devices: list) -> int:
-    """How many slices `devices` span (1 where devices carry no slice_index)."""
+    """How many slices `devices` span (1 where they carry no slice_index)."""
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
@@ -327,17 +327,19 @@ def _exchange_declared_slices(
 def _join_slices(env: dict[str, str], timeout_seconds: float) -> None:
     """Reads this host's slice from the environment and learns every host's, for make_mesh.
 
-    Devices that carry a slice_index (TPU multislice) are trusted as they are.
+    TPU devices know their slice (slice_index) and are trusted as they are; CPU and GPU
+    devices report slice 0 everywhere, so their hosts declare it.
     """
     global _process_slices
     _process_slices = None
     mine = declared_slice(env)
-    if hasattr(jax.devices()[0], "slice_index"):
+    devices = jax.devices()
+    if devices[0].platform == "tpu" or count_slices(devices) > 1:
         return
     declared = _exchange_declared_slices(mine, timeout_seconds)
     if all(count == 1 for count, _ in declared.values()):
         return
-    per_process = collections.Counter(d.process_index for d in jax.devices())
+    per_process = collections.Counter(d.process_index for d in devices)
     _process_slices = check_slices(declared, dict(per_process))
     mine_now = _process_slices[jax.process_index()]
     logging.info("Process %d is in slice %d of %d.", jax.process_index(), mine_now, declared[0][0])
