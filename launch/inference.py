@@ -48,6 +48,20 @@ def is_weights_dir(path: str) -> bool:
     return (epath.Path(path) / resnet.weights.MODEL_JSON).exists()
 
 
+def _names(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _has_step_folders(path: str) -> bool:
+    """Whether `path` (a workdir or its checkpoints folder) holds any step folder."""
+    root = os.path.join(path, "checkpoints")
+    root = root if os.path.isdir(root) else path
+    return any(n.isdigit() and os.path.isdir(os.path.join(root, n)) for n in _names(root))
+
+
 def load_weights(path: str, step: int | None = None) -> resnet.weights.Weights:
     """A weights directory (`tools.export`, `tools.import_torchvision`) or a run's checkpoint."""
     if not os.path.exists(path) and not str(path).startswith("gs://"):
@@ -56,4 +70,52 @@ def load_weights(path: str, step: int | None = None) -> resnet.weights.Weights:
         if step is not None:
             raise ValueError(f"{path} is a weights directory: it has no steps to choose from")
         return resnet.weights.load(path)
+    if not str(path).startswith("gs://") and not _has_step_folders(path):
+        raise ValueError(
+            f"{resnet.weights.not_weights_message(path)}, and no checkpoints: not a run's workdir"
+        )
     return weights_from_checkpoint(path, step)
+
+
+def _holds_committed_steps(folder: str) -> bool:
+    return any(
+        n.isdigit() and os.path.exists(os.path.join(folder, n, checkpointing.COMMIT_MARKER))
+        for n in _names(folder)
+    )
+
+
+def _check_export_target(output: str) -> None:
+    """Refuses an output inside a run's checkpoints folder (any folder above it that holds
+    committed steps): that run would find a folder there that it did not write, and refuse to
+    resume."""
+    folder = os.path.dirname(os.path.realpath(output))
+    while True:
+        if _holds_committed_steps(folder):
+            raise ValueError(
+                f"--output={output} is inside {folder}, a run's checkpoints folder: the run "
+                "would refuse to resume with a folder there that it did not write; write the "
+                "weights elsewhere (nothing was written)"
+            )
+        if folder == os.path.dirname(folder):
+            return
+        folder = os.path.dirname(folder)
+
+
+def export(workdir: str, output: str, step: int | None, dtype: str) -> resnet.weights.Weights:
+    """Writes the weights of the run's newest (or given) trustworthy step to the new folder
+    `output`; returns them. Refuses an output that exists or lies in a checkpoints folder."""
+    _check_export_target(output)
+    if os.path.lexists(output):  # save() checks again; this fails before reading the run
+        raise FileExistsError(f"{output} exists; weights are written to a new directory only")
+    weights = weights_from_checkpoint(workdir, step)
+    resnet.weights.save(
+        output,
+        model=weights.model,
+        params=weights.params,
+        batch_stats=weights.batch_stats,
+        preprocessing=weights.preprocessing,
+        class_names=weights.class_names,
+        dtype=dtype,
+        metadata=weights.metadata,
+    )
+    return weights

@@ -295,7 +295,7 @@ def test_command_line(imported, tmp_path):
 
     again = _run_cli(*args)  # the output exists now
     assert again.returncode == 1
-    assert again.stderr.strip().splitlines()[-1].startswith("import_torchvision: error: ")
+    assert again.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "exists" in again.stderr
 
 

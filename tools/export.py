@@ -10,15 +10,17 @@ preprocessing and class names) and the arrays. Use it from Python:
     predict = resnet.weights.load_for_inference("/models/r50")
     logits = predict(images)  # uint8 (N, H, W, C), prepared like the eval transform
 
-or with `python -m tools.predict --weights=/models/r50 IMAGE...`. Expected failures (no
-trustworthy checkpoint, an existing output) print one line and exit 1.
+or with `python -m tools.predict --weights=/models/r50 IMAGE...`. The output must be a new
+folder outside any run's checkpoints folder. Expected failures (no trustworthy checkpoint, an
+existing output, an output among checkpoints) print one `error: ...` line, write nothing and
+exit 1.
 """
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
+
+from tools import cli
 
 flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints folder).")
 flags.DEFINE_string("output", None, "New weights directory (must not exist).")
@@ -28,38 +30,30 @@ flags.mark_flags_as_required(["workdir", "output"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # pylint: disable=g-import-not-at-top
-    import resnet.weights
-    from launch import checkpointing, inference
+def _export() -> int:
+    from launch import checkpointing, inference  # pylint: disable=g-import-not-at-top
 
     try:
-        weights = inference.weights_from_checkpoint(FLAGS.workdir, FLAGS.step)
-        resnet.weights.save(
-            FLAGS.output,
-            model=weights.model,
-            params=weights.params,
-            batch_stats=weights.batch_stats,
-            preprocessing=weights.preprocessing,
-            class_names=weights.class_names,
-            dtype=FLAGS.dtype,
-            metadata=weights.metadata,
-        )
+        weights = inference.export(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.dtype)
     except (
         checkpointing.NoUsableCheckpoint,
         checkpointing.IncompatibleCheckpoint,
         FileExistsError,
         ValueError,
     ) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(e)
     step = weights.metadata["step"]
     model = weights.model["name"]
     print(f"exported step {step} of {FLAGS.workdir} ({model}, {FLAGS.dtype}) to {FLAGS.output}")
     return 0
 
 
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    with cli.quiet_libraries():
+        return _export()
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +43,7 @@ from flax import nnx
 
 import resnet
 import resnet.weights
+from tools import cli
 
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -351,6 +351,11 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    with cli.quiet_libraries():
+        return _import(f)
+
+
+def _import(f) -> int:
     try:
         import_torchvision(
             f.model,
@@ -364,12 +369,11 @@ def main(argv: list[str]) -> int:
             eval_crop_fraction=f.eval_crop_fraction,
         )
     except ValueError as e:  # ConversionError, and save's checks (e.g. class name count)
-        print(f"import_torchvision: error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(e)
     print(f"wrote {f.output}")
     return 0
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

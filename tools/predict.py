@@ -7,7 +7,10 @@ Images (files, or folders searched recursively for image files) get the eval tra
 model was trained with (centre crop of `eval_crop_fraction`, resized to `image_size`) and are
 classified in batches. Each line names the image and its top classes with probabilities,
 class names from the dataset's metadata; `--json` prints one JSON object per image instead.
-Expected failures print one line and exit 1.
+An image that cannot be classified (unreadable, not an image, too many pixels to decode
+safely) is named on stderr with the reason, the others are classified, and the tool exits 1
+at the end. Other expected failures (weights that fail their checks, no trustworthy
+checkpoint) print one `error: ...` line and exit 1.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
+from typing import Any
 
 from absl import app, flags
 
 from pipeline.conversion.images import IMAGE_EXTENSIONS  # what the converter reads
+from tools import cli
 
 flags.DEFINE_string("workdir", None, "A run's workdir: its newest trustworthy checkpoint.")
 flags.DEFINE_string(
@@ -48,34 +54,75 @@ def image_files(paths: list[str]) -> list[str]:
     return files
 
 
+class ImageError(Exception):
+    """One image cannot be classified; the message says why (the path is added by the caller)."""
+
+
+def _open_image(path: str, channels: int):
+    """The whole image decoded in the model's mode (as `pipeline.transforms.decode_image`)."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    try:
+        with warnings.catch_warnings():
+            # Above PIL's pixel limit decoding could take gigabytes: refuse it for that image.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image = image.convert("L" if channels == 1 else "RGB")
+            image.load()
+            return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"too many pixels to decode safely ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image file that PIL can read") from None
+    except OSError as e:
+        if e.strerror:  # the file itself could not be read
+            raise ImageError(f"cannot read the file ({e.strerror})") from None
+        raise ImageError(f"cannot decode the image ({e})") from None
+    except Exception as e:  # PIL raises many exception types for damaged files
+        raise ImageError(f"cannot decode the image ({type(e).__name__}: {e})") from None
+
+
 def prepare(path: str, preprocessing: dict, channels: int):
-    """The eval transform of training, from an image file."""
+    """The eval transform of training, from an image file; ImageError says why not."""
     from pipeline import transforms  # pylint: disable=g-import-not-at-top
 
-    with open(path, "rb") as f:
-        image = transforms.decode_image(f.read(), channels)
+    image = _open_image(path, channels)
     return transforms.center_crop(
         image, preprocessing["image_size"], channels, preprocessing["eval_crop_fraction"]
     )
 
 
-def predict(weights, files: list[str], top: int, batch_size: int) -> list[dict]:
+def _prepared(files: list[str], weights) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+    """(path, pixels) of every image that decodes, and (path, why) of every one that does not."""
+    good, bad = [], []
+    for path in files:
+        try:
+            good.append((path, prepare(path, weights.preprocessing, weights.model["in_channels"])))
+        except ImageError as e:
+            bad.append((path, str(e)))
+    return good, bad
+
+
+def predict(weights, files: list[str], top: int, batch_size: int):
+    """(results, failures): the top classes of every image that decodes, in `files` order,
+    and (path, why) for every image that does not."""
     # pylint: disable=g-import-not-at-top
     import numpy as np
 
     import resnet.weights
 
+    good, failures = _prepared(files, weights)
+    if not good:
+        return [], failures
     predictor = resnet.weights.Predictor(weights)
     names = weights.class_names or tuple(str(i) for i in range(weights.model["num_classes"]))
-    channels = weights.model["in_channels"]
     results = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        images = np.stack([prepare(f, weights.preprocessing, channels) for f in chunk])
-        logits = np.asarray(predictor(images), np.float64)
+    for start in range(0, len(good), batch_size):
+        chunk = good[start : start + batch_size]
+        logits = np.asarray(predictor(np.stack([pixels for _, pixels in chunk])), np.float64)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
-        for path, p in zip(chunk, probs):
+        for (path, _), p in zip(chunk, probs):
             best = np.argsort(-p, kind="stable")[:top]
             results.append(
                 {
@@ -86,20 +133,40 @@ def predict(weights, files: list[str], top: int, batch_size: int) -> list[dict]:
                     ],
                 }
             )
-    return results
+    return results, failures
 
 
-def main(argv):
-    if (FLAGS.workdir is None) == (FLAGS.weights is None):
-        raise app.UsageError("give exactly one of --workdir and --weights")
-    from launch import checkpointing, inference  # pylint: disable=g-import-not-at-top
+def _load(path: str, is_workdir: bool, step: int | None):
+    """The weights of `--weights`, or of `--workdir` (its checkpoint, or a weights folder)."""
+    # pylint: disable=g-import-not-at-top
+    import resnet.weights
+    from launch import inference
+
+    if is_workdir:
+        return inference.load_weights(path, step)
+    if step is not None:
+        raise ValueError("--step chooses a checkpoint of --workdir; a weights folder has one")
+    return resnet.weights.load(path)
+
+
+def _report(results: list[dict], as_json: bool) -> None:
+    for r in results:
+        if as_json:
+            print(json.dumps(r))
+        else:
+            tops = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+            print(f"{r['image']}: {tops}")
+
+
+def _run(paths: list[str]) -> int:
+    from launch import checkpointing  # pylint: disable=g-import-not-at-top
 
     try:
-        files = image_files(argv[1:])
+        files = image_files(paths)
         if not files:
             raise FileNotFoundError("no images given (files or folders after the flags)")
-        weights = inference.load_weights(FLAGS.workdir or FLAGS.weights, FLAGS.step)
-        results = predict(weights, files, FLAGS.top, FLAGS.batch_size)
+        weights = _load(FLAGS.workdir or FLAGS.weights, FLAGS.workdir is not None, FLAGS.step)
+        results, failures = predict(weights, files, FLAGS.top, FLAGS.batch_size)
     except (
         FileNotFoundError,
         ValueError,
@@ -107,16 +174,27 @@ def main(argv):
         checkpointing.NoUsableCheckpoint,
         checkpointing.IncompatibleCheckpoint,
     ) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 1
-    for r in results:
-        if FLAGS.json:
-            print(json.dumps(r))
-        else:
-            tops = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-            print(f"{r['image']}: {tops}")
+        return cli.fail(e)
+    _report(results, FLAGS.json)
+    sys.stdout.flush()
+    for path, why in failures:
+        print(f"{path}: not classified: {why}", file=sys.stderr)
+    if failures:
+        named = ", ".join(path for path, _ in failures[:5])
+        more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+        return cli.fail(
+            f"{len(failures)} of {len(files)} images could not be classified: {named}{more} "
+            "(why: the lines above)"
+        )
     return 0
 
 
+def main(argv):
+    if (FLAGS.workdir is None) == (FLAGS.weights is None):
+        raise app.UsageError("give exactly one of --workdir and --weights")
+    with cli.quiet_libraries():
+        return _run(argv[1:])
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
