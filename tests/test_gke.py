@@ -76,6 +76,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
         dict(spot=True, service_account="resnet-ksa", namespace="ml", env=(("A", "b c"),)),
         dict(slice=gke_jobset.parse_slice("tpu-v4-podslice", "2x2x4"), launcher_args=("--x=1",)),
         dict(slice=gke_jobset.parse_slice("tpu-v6e-slice", "2x4", chips_per_host=4)),
+        dict(slices=3, env=(("A", "b"),)),
     ],
 )
 def test_job_validates_against_the_kubernetes_schema(overrides):
@@ -233,6 +234,7 @@ def jobset_action(policy: dict, reason: str, message: str) -> str:
     return "RestartJobSet"
 
 
+@pytest.mark.parametrize("slices", [1, 2])
 @pytest.mark.parametrize(
     "exit_code,disrupted,expected",
     [
@@ -250,11 +252,67 @@ def jobset_action(policy: dict, reason: str, message: str) -> str:
         (50, False, "RestartJobSet"),
     ],
 )
-def test_failure_policy_per_exit_status(exit_code, disrupted, expected):
-    doc = rendered()
+def test_failure_policy_per_exit_status(slices, exit_code, disrupted, expected):
+    doc = rendered(slices=slices)
     failure = job_failure(the_job(doc)["spec"], exit_code, disrupted)
     assert failure is not None  # one failed pod always fails the Job: the slice restarts whole
     assert jobset_action(doc["spec"]["failurePolicy"], *failure) == expected
+
+
+def test_a_slice_failure_restarts_every_slice():
+    """The rules act on the whole JobSet: no rule restarts only the failed slice's Job
+    (RestartJob), and none is limited to some replicated jobs."""
+    policy = rendered(slices=4)["spec"]["failurePolicy"]
+    for rule in policy["rules"]:
+        assert rule["action"] in (
+            "FailJobSet",
+            "RestartJobSet",
+            "RestartJobSetAndIgnoreMaxRestarts",
+        )
+        assert "targetReplicatedJobs" not in rule
+
+
+# ------------------------------------------------------------------ multislice --
+
+
+def env_of(doc: dict) -> dict:
+    (container,) = the_pod(doc)["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_multislice_is_one_job_per_slice_with_its_slice_environment():
+    doc = rendered(slices=3, name="r50")
+    (replicated,) = doc["spec"]["replicatedJobs"]
+    assert replicated["replicas"] == 3
+    spec = the_job(doc)["spec"]
+    assert spec["parallelism"] == spec["completions"] == 4  # a 4x4 v5e slice: 4 VMs each
+    env = env_of(doc)
+    assert env["MEGASCALE_NUM_SLICES"] == "3"
+    # Each Job (slice) gets its own index from JobSet's label on its pods.
+    assert env["MEGASCALE_SLICE_ID"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/job-index']"}
+    }
+    # Pod 0 of slice 0 through JobSet's headless Service (<jobset>-<job>-<index>-<pod>.<jobset>).
+    assert env["MEGASCALE_COORDINATOR_ADDRESS"] == "r50-slice-0-0.r50"
+    assert doc["spec"]["network"]["enableDNSHostnames"] is True
+    # One slice: none of it.
+    assert not any(k.startswith("MEGASCALE") for k in env_of(rendered()))
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (dict(slices=0), "--slices must be at least 1"),
+        (
+            dict(slices=2, slice=gke_jobset.parse_slice("tpu-v5-lite-podslice", "2x2")),
+            "needs multi-host slices",
+        ),
+        (dict(slices=2, env=(("MEGASCALE_SLICE_ID", "1"),)), "written from --slices"),
+    ],
+)
+def test_bad_multislice_options_are_refused(overrides, error):
+    with pytest.raises(gke_jobset.UsageError, match=error):
+        gke_jobset.render(options(**overrides))
 
 
 def test_retriable_statuses_match_the_launcher():
@@ -408,6 +466,14 @@ def test_cli_prints_a_manifest():
     ]
     assert the_pod(doc)["terminationGracePeriodSeconds"] == 600
     assert the_job(doc)["spec"]["parallelism"] == 4
+    multislice = run_cli(
+        "--accelerator=tpu-v6e-slice", "--topology=4x4", "--image=img:1", "--workdir=gs://b/r",
+        "--slices=2",
+    )  # fmt: skip
+    assert multislice.returncode == 0, multislice.stderr
+    assert "2 slices (multislice) of tpu-v6e-slice 4x4" in multislice.stdout
+    (doc,) = yaml.safe_load_all(multislice.stdout)
+    assert doc["spec"]["replicatedJobs"][0]["replicas"] == 2
 
 
 @pytest.mark.parametrize(
@@ -417,6 +483,8 @@ def test_cli_prints_a_manifest():
         (["--workdir=gs://b/r", "--topology=4x4x4"], "2 dimensions"),
         (["--workdir=gs://b/r", "--env=1A=b"], "KEY=VALUE"),
         (["--workdir=gs://b/r", "--accelerator=tpu-v2"], "invalid choice"),
+        (["--workdir=gs://b/r", "--slices=0"], "--slices must be at least 1"),
+        (["--workdir=gs://b/r", "--slices=two"], "invalid int value"),
     ],
 )
 def test_cli_usage_errors_exit_2(args, error):

@@ -1,16 +1,23 @@
-"""Prints the Kubernetes manifest for a multi-host TPU slice training run on GKE (a JobSet).
+"""Prints the Kubernetes manifest for a multi-host TPU training run on GKE (a JobSet).
 
     python -m tools.cluster.gke_jobset --accelerator=tpu-v5-lite-podslice --topology=4x4 \
         --image=us-docker.pkg.dev/my-project/repo/resnet:v1 --workdir=gs://my-bucket/resnet50 \
-        [--config=configs/resnet50_imagenet.py] [--spot] [--env=KEY=VALUE ...] \
+        [--slices=2] [--config=configs/resnet50_imagenet.py] [--spot] [--env=KEY=VALUE ...] \
         [-- --config.train.num_epochs=90] > resnet.yaml
     kubectl apply -f resnet.yaml
 
-One JobSet (jobset.x-k8s.io/v1alpha2) with one Indexed Job of one pod per TPU VM of the slice.
-Why a JobSet and not a plain Indexed Job: the processes of a slice form one `jax.distributed`
-job, so when one pod fails or is preempted they must all restart together, from the last
-checkpoint. A JobSet restarts the whole group (it recreates its Jobs); a plain Indexed Job only
-replaces the failed pod, whose peers then wait for it inside a collective until they time out.
+One JobSet (jobset.x-k8s.io/v1alpha2) with one replicated Job, `--slices` replicas of it: each
+an Indexed Job of one pod per TPU VM of one slice. Why a JobSet and not a plain Indexed Job:
+the processes of all slices form one `jax.distributed` job, so when one pod fails or is
+preempted they must all restart together, from the last checkpoint. A JobSet restarts the whole
+group (it recreates every Job, of every slice); a plain Indexed Job only replaces the failed
+pod, whose peers then wait for it inside a collective until they time out.
+
+Multislice (--slices=N > 1, multi-host slices only, as GKE requires): every pod gets
+MEGASCALE_NUM_SLICES=N, MEGASCALE_SLICE_ID (its Job's index, from the JobSet label) and
+MEGASCALE_COORDINATOR_ADDRESS (pod 0 of slice 0). JAX numbers the processes slice by slice
+from these and launch.distributed lays the 'batch' axis out slice by slice. Each slice needs a
+node pool of its own (the exclusive-topology annotation puts one Job on one node pool).
 
 Exit statuses of the launcher (launch/status.py), through the Job's podFailurePolicy (a pod
 failure fails the Job at once: backoffLimit 0) and the JobSet's failurePolicy rules:
@@ -45,6 +52,8 @@ import sys
 
 import yaml
 
+from launch.status import ExitStatus
+
 # GKE node label cloud.google.com/gke-tpu-accelerator -> (TPU generation, dimensions of its
 # topology, chips per TPU VM in a multi-host slice). Every multi-host machine type has 4 chips
 # (ct4p-hightpu-4t, ct5p-hightpu-4t, ct5lp-hightpu-4t, ct6e-standard-4t, tpu7x-standard-4t).
@@ -62,8 +71,14 @@ SINGLE_HOST_MAX_CHIPS = {2: 8, 3: 4}
 
 CONTAINER = "trainer"  # the podFailurePolicy rules name it
 REPLICATED_JOB = "slice"
-FATAL_EXIT_STATUSES = (2, 3)  # ExitStatus.BAD_INPUT, ExitStatus.DIVERGED
-PREEMPTED_EXIT_STATUS = 75  # ExitStatus.PREEMPTED
+# Plain ints: YAML's safe dumper writes no IntEnum.
+FATAL_EXIT_STATUSES = (int(ExitStatus.BAD_INPUT), int(ExitStatus.DIVERGED))
+PREEMPTED_EXIT_STATUS = int(ExitStatus.PREEMPTED)
+# What TPU multislice reads on every host (JAX's TPU cluster detection, libtpu).
+SLICE_COUNT_ENV = "MEGASCALE_NUM_SLICES"
+SLICE_ID_ENV = "MEGASCALE_SLICE_ID"
+SLICE_COORDINATOR_ENV = "MEGASCALE_COORDINATOR_ADDRESS"
+JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"  # JobSet's label: which replica (slice)
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 NAME_PATTERN = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 # Pod hostnames are <name>-slice-<job index>-<pod index>; a DNS label has at most 63 characters.
@@ -116,6 +131,7 @@ class Options:
     image: str
     workdir: str
     slice: Slice
+    slices: int = 1
     config: str = "configs/resnet50_imagenet.py"
     namespace: str | None = None
     grace_seconds: int = 300
@@ -146,9 +162,38 @@ def check(options: Options) -> None:
         )
     if options.max_restarts < 0:
         raise UsageError("--max-restarts must be >= 0")
+    check_slices(options)
     for key, _ in options.env:
         if not ENV_KEY.fullmatch(key):
             raise UsageError(f"--env takes KEY=VALUE with KEY a variable name, got {key!r}")
+        if key in (SLICE_COUNT_ENV, SLICE_ID_ENV, SLICE_COORDINATOR_ENV):
+            raise UsageError(f"--env {key} is written from --slices; set --slices instead")
+
+
+def check_slices(options: Options) -> None:
+    if options.slices < 1:
+        raise UsageError(f"--slices must be at least 1, got {options.slices}")
+    if options.slices > 1 and options.slice.hosts == 1:
+        raise UsageError(
+            f"--slices={options.slices} needs multi-host slices, and {options.slice.accelerator} "
+            f"{options.slice.topology} runs on one VM: GKE multislice takes multi-host slice "
+            "node pools only; choose a larger --topology"
+        )
+
+
+def slice_env(options: Options) -> list[dict]:
+    """The multislice variables: the slice count, this pod's slice, the one coordinator."""
+    if options.slices == 1:
+        return []
+    # JobSet's pod DNS name: <jobset>-<replicated job>-<job index>-<pod index>.<subdomain>,
+    # the subdomain being the JobSet's name.
+    coordinator = f"{options.name}-{REPLICATED_JOB}-0-0.{options.name}"
+    job_index = {"fieldRef": {"fieldPath": f"metadata.labels['{JOB_INDEX_LABEL}']"}}
+    return [
+        {"name": SLICE_COUNT_ENV, "value": str(options.slices)},
+        {"name": SLICE_ID_ENV, "valueFrom": job_index},
+        {"name": SLICE_COORDINATOR_ENV, "value": coordinator},
+    ]
 
 
 def pod_failure_policy() -> dict:
@@ -230,6 +275,7 @@ def pod_spec(options: Options) -> dict:
     if options.service_account:
         spec["serviceAccountName"] = options.service_account
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    env += slice_env(options)
     env += [{"name": key, "value": value} for key, value in options.env]
     chips = {"google.com/tpu": s.chips_per_host}
     spec["containers"] = [
@@ -286,7 +332,11 @@ def jobset(options: Options) -> dict:
             "failurePolicy": jobset_failure_policy(options.max_restarts),
             "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
             "replicatedJobs": [
-                {"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": job_spec(options)}}
+                {
+                    "name": REPLICATED_JOB,
+                    "replicas": options.slices,  # one Job per slice
+                    "template": {"spec": job_spec(options)},
+                }
             ],
         },
     }
@@ -294,11 +344,13 @@ def jobset(options: Options) -> dict:
 
 def render(options: Options, command_line: str = "") -> str:
     s = options.slice
+    slices = f"{options.slices} slices (multislice) of " if options.slices > 1 else ""
+    pools = f"{options.slices} TPU node pools" if options.slices > 1 else "a TPU node pool"
     header = [
-        f"# {options.name}: {s.accelerator} {s.topology}, {s.chips} chips, {s.hosts} pod(s) of "
-        f"{s.chips_per_host} chip(s); workdir {options.workdir}",
+        f"# {options.name}: {slices}{s.accelerator} {s.topology}, {s.chips} chips, {s.hosts} "
+        f"pod(s) of {s.chips_per_host} chip(s); workdir {options.workdir}",
         "# Needs the JobSet controller (v0.10 or newer for onJobFailureMessagePatterns) on a GKE",
-        "# cluster with a TPU node pool of this accelerator and topology. docs/operations.md",
+        f"# cluster with {pools} of this accelerator and topology. docs/operations.md",
     ]
     if command_line:
         one_line = command_line.replace("\r", "\\r").replace("\n", "\\n")
@@ -324,6 +376,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help="e.g. 4x4 (v5e, v6e) or 2x2x4 (v4, v5p)")
     p.add_argument("--image", required=True, help="container image with '.[tpu]' installed")
     p.add_argument("--workdir", required=True, help="gs://BUCKET/PATH shared by every pod")
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=Options.slices,
+        help="TPU slices joined over the data-centre network (multislice; default 1)",
+    )
     p.add_argument("--config", default=Options.config, help="launcher config")
     p.add_argument("--name", default="resnet-train", help="JobSet name (default resnet-train)")
     p.add_argument("--namespace", default=None)
@@ -374,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             image=args.image,
             workdir=args.workdir,
             slice=parse_slice(args.accelerator, args.topology, args.chips_per_host),
+            slices=args.slices,
             config=args.config,
             namespace=args.namespace,
             grace_seconds=args.grace_seconds,
