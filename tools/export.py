@@ -22,38 +22,42 @@ from absl import app, flags
 
 from tools import cli
 
-flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints folder).")
-flags.DEFINE_string("output", None, "New weights directory (must not exist).")
-flags.DEFINE_integer("step", None, "Export this step (default: the newest trustworthy one).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype of the arrays.")
-flags.mark_flags_as_required(["workdir", "output"])
 FLAGS = flags.FLAGS
 
 
-def _export() -> int:
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints folder).")
+    flags.DEFINE_string("output", None, "New weights directory (must not exist).")
+    flags.DEFINE_integer("step", None, "Export this step (default: the newest trustworthy one).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype of the arrays.")
+    flags.mark_flags_as_required(["workdir", "output"])
+
+
+def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32") -> int:
+    """The command: exports, prints what it wrote or one error line; returns the exit status."""
     from launch import checkpointing, inference  # pylint: disable=g-import-not-at-top
 
-    try:
-        weights = inference.export(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.dtype)
-    except (
-        checkpointing.NoUsableCheckpoint,
-        checkpointing.IncompatibleCheckpoint,
-        FileExistsError,
-        ValueError,
-    ) as e:
-        return cli.fail(e)
-    step = weights.metadata["step"]
-    model = weights.model["name"]
-    print(f"exported step {step} of {FLAGS.workdir} ({model}, {FLAGS.dtype}) to {FLAGS.output}")
+    with cli.quiet_libraries():
+        try:
+            weights = inference.export(workdir, output, step, dtype)
+        except (
+            checkpointing.NoUsableCheckpoint,
+            checkpointing.IncompatibleCheckpoint,
+            FileExistsError,
+            ValueError,
+        ) as e:
+            return cli.fail(e)
+    source = weights.metadata["step"]
+    print(f"exported step {source} of {workdir} ({weights.model['name']}, {dtype}) to {output}")
     return 0
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    with cli.quiet_libraries():
-        return _export()
+    return export(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.dtype)
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)

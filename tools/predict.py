@@ -26,15 +26,18 @@ from absl import app, flags
 from pipeline.conversion.images import IMAGE_EXTENSIONS  # what the converter reads
 from tools import cli
 
-flags.DEFINE_string("workdir", None, "A run's workdir: its newest trustworthy checkpoint.")
-flags.DEFINE_string(
-    "weights", None, "A weights directory (tools.export, tools.import_torchvision)."
-)
-flags.DEFINE_integer("step", None, "With --workdir: this step.")
-flags.DEFINE_integer("top", 5, "Classes shown per image.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 64, "Images classified at once.", lower_bound=1)
-flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "A run's workdir: its newest trustworthy checkpoint.")
+    flags.DEFINE_string(
+        "weights", None, "A weights directory (tools.export, tools.import_torchvision)."
+    )
+    flags.DEFINE_integer("step", None, "With --workdir: this step.")
+    flags.DEFINE_integer("top", 5, "Classes shown per image.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 64, "Images classified at once.", lower_bound=1)
+    flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
 
 
 def image_files(paths: list[str]) -> list[str]:
@@ -47,10 +50,8 @@ def image_files(paths: list[str]) -> list[str]:
                     for n in sorted(names)
                     if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
                 ]
-        elif os.path.isfile(path):
+        else:  # a missing or unreadable file is named with the images that fail
             files.append(path)
-        else:
-            raise FileNotFoundError(f"{path} does not exist")
     return files
 
 
@@ -158,24 +159,36 @@ def _report(results: list[dict], as_json: bool) -> None:
             print(f"{r['image']}: {tops}")
 
 
-def _run(paths: list[str]) -> int:
+def predict_command(
+    paths: list[str],
+    *,
+    workdir: str | None = None,
+    weights: str | None = None,
+    step: int | None = None,
+    top: int = 5,
+    batch_size: int = 64,
+    as_json: bool = False,
+) -> int:
+    """The command: prints the classes of every image it can classify, names the others (and
+    why) on stderr, then one error line if any failed; returns the exit status."""
     from launch import checkpointing  # pylint: disable=g-import-not-at-top
 
-    try:
-        files = image_files(paths)
-        if not files:
-            raise FileNotFoundError("no images given (files or folders after the flags)")
-        weights = _load(FLAGS.workdir or FLAGS.weights, FLAGS.workdir is not None, FLAGS.step)
-        results, failures = predict(weights, files, FLAGS.top, FLAGS.batch_size)
-    except (
-        FileNotFoundError,
-        ValueError,
-        OSError,
-        checkpointing.NoUsableCheckpoint,
-        checkpointing.IncompatibleCheckpoint,
-    ) as e:
-        return cli.fail(e)
-    _report(results, FLAGS.json)
+    with cli.quiet_libraries():
+        try:
+            files = image_files(paths)
+            if not files:
+                raise FileNotFoundError("no images given (files or folders after the flags)")
+            loaded = _load(workdir or weights or "", workdir is not None, step)
+            results, failures = predict(loaded, files, top, batch_size)
+        except (
+            FileNotFoundError,
+            ValueError,
+            OSError,
+            checkpointing.NoUsableCheckpoint,
+            checkpointing.IncompatibleCheckpoint,
+        ) as e:
+            return cli.fail(e)
+    _report(results, as_json)
     sys.stdout.flush()
     for path, why in failures:
         print(f"{path}: not classified: {why}", file=sys.stderr)
@@ -192,9 +205,17 @@ def _run(paths: list[str]) -> int:
 def main(argv):
     if (FLAGS.workdir is None) == (FLAGS.weights is None):
         raise app.UsageError("give exactly one of --workdir and --weights")
-    with cli.quiet_libraries():
-        return _run(argv[1:])
+    return predict_command(
+        argv[1:],
+        workdir=FLAGS.workdir,
+        weights=FLAGS.weights,
+        step=FLAGS.step,
+        top=FLAGS.top,
+        batch_size=FLAGS.batch_size,
+        as_json=FLAGS.json,
+    )
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)
