@@ -14,6 +14,9 @@ signal N is reported as 128 + N, the way a shell does (SIGKILL: 137). SIGINT, SI
 checkpoint at one agreed step and exit 75. After a failure or a forwarded signal, processes
 still alive `--grace_seconds` later are killed and named: this supervisor never waits forever.
 The processes die with it: each gets SIGTERM (and saves) if the supervisor itself is killed.
+
+`--slices=N` groups consecutive processes into N simulated TPU slices (multislice): each process
+is told its slice as a TPU host is, by MEGASCALE_NUM_SLICES and MEGASCALE_SLICE_ID.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from launch.status import ExitStatus, describe
 flags.DEFINE_integer("num_processes", 2, "Launcher processes to start.")
 flags.DEFINE_integer("devices_per_process", 2, "Simulated CPU devices per process.")
 flags.DEFINE_string("module", "launch.main", "Python module each process runs.")
+flags.DEFINE_integer("slices", 1, "Slices the processes are grouped into (simulated multislice).")
 flags.DEFINE_float(
     "grace_seconds",
     30,
@@ -48,8 +52,14 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _child_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
+def _slice_env(index: int, num_processes: int, slices: int) -> dict[str, str]:
+    """Process `index`'s slice, numbered as JAX numbers TPU hosts: slice by slice."""
+    slice_id = index // (num_processes // slices)
+    return {"MEGASCALE_NUM_SLICES": str(slices), "MEGASCALE_SLICE_ID": str(slice_id)}
+
+
+def _child_env(devices: int, slice_env: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ, **slice_env)
     xla_flags = [
         f
         for f in env.get("XLA_FLAGS", "").split()
@@ -96,13 +106,15 @@ def _shell_status(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 
-def _start(index: int, cmd: list[str], devices: int, preexec) -> subprocess.Popen:
+def _start(
+    index: int, cmd: list[str], devices: int, preexec, slice_env: dict[str, str]
+) -> subprocess.Popen:
     # A session of its own: a terminal's Ctrl-C or hang-up reaches only this supervisor,
     # which turns it into the SIGTERM that makes every launcher save and stop at one step.
     # preexec_fn is safe here: no other thread runs while the processes start.
     return subprocess.Popen(
         cmd,
-        env=_child_env(devices),
+        env=_child_env(devices, slice_env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -116,6 +128,7 @@ def run(
     launcher_args: list[str],
     module: str = "launch.main",
     grace_seconds: float = 30,
+    slices: int = 1,
 ) -> int:
     """Runs the cluster to completion; returns the exit status (first failure wins)."""
     address = f"localhost:{portpicker.pick_unused_port()}"
@@ -147,7 +160,8 @@ def run(
             f"--num_processes={num_processes}",
             f"--process_id={index}",
         ]
-        procs.append(_start(index, cmd, devices_per_process, preexec))
+        slice_env = _slice_env(index, num_processes, slices)
+        procs.append(_start(index, cmd, devices_per_process, preexec, slice_env))
 
     exits: queue.Queue[tuple[int, int]] = queue.Queue()  # (index, returncode) as they end
     threads = []
@@ -222,6 +236,11 @@ def main(argv):
         _fail("--num_processes and --devices_per_process must be at least 1")
     if FLAGS.grace_seconds < 0:
         _fail(f"--grace_seconds={FLAGS.grace_seconds:g} must be 0 or more")
+    if FLAGS.slices < 1 or FLAGS.num_processes % FLAGS.slices:
+        _fail(
+            f"--slices={FLAGS.slices} must divide --num_processes={FLAGS.num_processes}: "
+            "every slice has the same number of processes"
+        )
     sys.exit(
         run(
             FLAGS.num_processes,
@@ -229,6 +248,7 @@ def main(argv):
             argv[1:],
             FLAGS.module,
             FLAGS.grace_seconds,
+            FLAGS.slices,
         )
     )
 
