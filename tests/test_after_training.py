@@ -17,6 +17,7 @@ from launch import inference, train
 from launch.status import ExitStatus
 from pipeline import dataset, records, transforms
 from tests import helpers, torch_reference
+from tests.hostile.harness import tree_digest
 from tools import import_torchvision
 
 pytestmark = pytest.mark.slow
@@ -54,8 +55,13 @@ def _tool(*args) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("processes, devices", [(1, 4), (2, 2)])
 def test_evaluate_reproduces_the_finished_figures(data, finished, processes, devices):
     args = helpers.tiny_run_args(*data, finished)
+    before = tree_digest(finished)
     run = helpers.launch(args, processes=processes, devices=devices, module="launch.evaluate")
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    after = tree_digest(finished)
+    after.pop("eval-step-8.json")
+    before.pop("eval-step-8.json", None)
+    assert after == before  # only the figures: no compilation cache entry, lock or events
     line = [x for x in run.stdout.splitlines() if '"eval/loss"' in x][-1]
     figures = json.loads(line[line.index("{") :])
     reported = json.load(open(os.path.join(finished, train.FINISHED_MARKER)))["eval"]
