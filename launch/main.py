@@ -33,8 +33,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string(
     "workdir",
     None,
-    "Checkpoints, TensorBoard events and converted demo "
-    "data go here; a local path or gs://bucket/path.",
+    "Checkpoints, TensorBoard events and the compilation cache go here; a local path or "
+    "gs://bucket/path.",
 )
 flags.DEFINE_string(
     "coordinator_address",

@@ -43,10 +43,9 @@ def run_once(async_save: bool, workdir: str, extra: list[str]) -> list[float]:
 def main(argv):
     extra = argv[1:]
     with tempfile.TemporaryDirectory() as root:
-        data = os.path.join(root, "async")  # converts the demo data once; sync reuses it
-        stalls = {"async": run_once(True, data, extra)}
-        extra_data = ["--config.data.embedded=", *_data_flags(data)]
-        stalls["sync"] = run_once(False, os.path.join(root, "sync"), extra_data + extra)
+        # The demo data is converted once, into its cache: the second run reads it there.
+        stalls = {"async": run_once(True, os.path.join(root, "async"), extra)}
+        stalls["sync"] = run_once(False, os.path.join(root, "sync"), extra)
     print(f"{FLAGS.config}, {FLAGS.steps} steps, a save every {FLAGS.every} steps")
     for mode, values in stalls.items():
         rest = values[1:] or values
@@ -56,14 +55,6 @@ def main(argv):
         )
     ratio = statistics.median(stalls["sync"][1:]) / statistics.median(stalls["async"][1:])
     print(f"  a synchronous save stalls the loop {ratio:.1f}x longer than an async one")
-
-
-def _data_flags(workdir: str) -> list[str]:
-    root = os.path.join(workdir, "data", "mnist-t10k")
-    return [
-        f"--config.data.train_dir={os.path.join(root, 'train')}",
-        f"--config.data.eval_dir={os.path.join(root, 'eval')}",
-    ]
 
 
 if __name__ == "__main__":
