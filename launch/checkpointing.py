@@ -423,7 +423,7 @@ def read_trusted(directory: str, step: int | None = None) -> tuple[dict, dict, i
             "checkpoints folder"
         )
     found = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
-    if not found and root == epath.Path(directory):
+    if not found and root.name != "checkpoints":
         raise NoUsableCheckpoint(
             f"{directory} has no checkpoints folder and no step folders: no run has saved a "
             "checkpoint there"
