@@ -70,9 +70,12 @@ class _KeepNewest:
 
 
 def retention_policy(max_to_keep: int):
-    """Keep the newest `max_to_keep` steps, and whatever that says, the newest step."""
+    """Keep the newest `max_to_keep` steps, and whatever that says, the newest step.
+
+    (Orbax's LatestN answers a list of the wrong length for a negative n: clamped to 0.)"""
     policies = ocp.checkpoint_managers
-    return policies.AnyPreservationPolicy([policies.LatestN(n=max_to_keep), _KeepNewest()])
+    latest = policies.LatestN(n=max(int(max_to_keep), 0))
+    return policies.AnyPreservationPolicy([latest, _KeepNewest()])
 
 
 def _words(x: jax.Array) -> jax.Array:

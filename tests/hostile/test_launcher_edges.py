@@ -346,7 +346,9 @@ def _abstract_state():
     )
 
 
-@pytest.mark.parametrize("max_to_keep, kept", [(0, [3]), (1, [3]), (2, [2, 3]), (5, [1, 2, 3])])
+@pytest.mark.parametrize(
+    "max_to_keep, kept", [(-1, [3]), (0, [3]), (1, [3]), (2, [2, 3]), (5, [1, 2, 3])]
+)
 def test_retention_never_deletes_the_newest_step(tmp_path, max_to_keep, kept):
     ckpt = checkpointing.Checkpointer(
         str(tmp_path / "checkpoints"),
