@@ -51,6 +51,7 @@ Paths are local file system paths; `save` runs in one process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -184,7 +185,7 @@ def array_sha256(array: np.ndarray) -> str:
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.byteswap().view(array.dtype.newbyteorder("<"))
-    return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
+    return hashlib.sha256(array.reshape(-1).view(np.uint8).data).hexdigest()
 
 
 def _check_sha256(sha256: Any, where: str) -> dict[str, str]:
@@ -407,10 +408,10 @@ def save(
         raise ValueError(f"save: metadata is not JSON-serialisable: {e}") from None
 
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    made = _make_folders(parent)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    os.mkdir(tmp)
     try:
+        os.mkdir(tmp)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, ARRAYS), tree)
             checkpointer.wait_until_finished()
@@ -419,7 +420,21 @@ def save(
         _rename_to_new(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):  # a failed save leaves no trace
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise
+
+
+def _make_folders(folder: str) -> list[str]:
+    """Creates `folder` and missing parents; returns those it created, outermost first."""
+    missing = []
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for f in reversed(missing):
+        os.makedirs(f, exist_ok=True)
+    return missing[::-1]
 
 
 def _rename_to_new(source: str, path: str) -> None:
