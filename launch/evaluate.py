@@ -70,9 +70,23 @@ def output_problem(path: str) -> str | None:
         return f"--output={path} is a folder: give a file name"
     if not target.parent.is_dir():
         return f"--output={path}: the folder {target.parent} does not exist"
+    if target.exists() and not _is_figures_file(target):
+        return (
+            f"--output={path} exists and is not a figures file of launch.evaluate: not "
+            "overwriting it"
+        )
     if "://" not in path and not os.access(target.parent, os.W_OK):
         return f"cannot write {path}: {target.parent} is not writable; pass --output=FILE"
     return None
+
+
+def _is_figures_file(path: epath.Path) -> bool:
+    """Whether `path` holds figures this command wrote (which a new evaluation may replace)."""
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(figures, dict) and {"step", "eval/loss", "eval_dir"} <= figures.keys()
 
 
 def _compilation_cache_outside(config, workdir: str) -> None:
@@ -91,27 +105,20 @@ def _compilation_cache_outside(config, workdir: str) -> None:
         config.train.compilation_cache_dir = ""
 
 
-def _load_eval_info(eval_dir: str, config):
-    """The eval set's DatasetInfo, checked against the input settings."""
+def _load_eval_info(eval_dir: str):
     # pylint: disable=g-import-not-at-top
     import pipeline
     from launch.plan import ConfigError
 
     try:
-        info = pipeline.load_info(eval_dir)
+        return pipeline.load_info(eval_dir)
     except pipeline.DatasetError as e:
         raise ConfigError(f"config.data.eval_dir: {e}") from None
-    for field in ("mean", "std"):
-        if len(config.data[field]) != info.channels:
-            raise ConfigError(
-                f"config.data.{field} has {len(config.data[field])} values for the "
-                f"{info.channels}-channel images of {eval_dir}"
-            )
-    return info
 
 
 def check_eval_data(meta: dict, eval_info, config) -> None:
-    """The eval set's labels mean what the model's outputs mean, or a ConfigError.
+    """The eval set's labels mean what the model's outputs mean, and the input settings fit
+    its images; or a ConfigError.
 
     Labels are positions in the sorted class names: an eval set whose names differ from the
     training data's would be scored against the wrong classes.
@@ -137,6 +144,12 @@ def check_eval_data(meta: dict, eval_info, config) -> None:
             f"class {diff} is {eval_info.class_names[diff]!r} there and {trained[diff]!r} in "
             "the checkpoint"
         )
+    for field in ("mean", "std"):
+        if len(config.data[field]) != eval_info.channels:
+            raise ConfigError(
+                f"config.data.{field} has {len(config.data[field])} values for the "
+                f"{eval_info.channels}-channel images of {eval_info.data_dir}"
+            )
     saved = meta.get("preprocessing") or {}
     for key, value in saved.items():
         ours = config.data.get(key)
@@ -160,7 +173,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
     from launch.plan import ConfigError, eval_batch_size
 
     _, eval_dir = train.data_dirs(config, need_train=False)
-    eval_info = _load_eval_info(eval_dir, config)
+    eval_info = _load_eval_info(eval_dir)
     batch = eval_batch_size(config)
     try:
         distributed.check_batch_size(batch, "eval.global_batch_size")
@@ -230,6 +243,7 @@ def _check_output(path: str | None, workdir: str) -> None:
 
     problem = None
     if jax.process_index() == 0:
+        # Without --output the step, and so the file name, is known only after the restore.
         problem = output_problem(path or str(epath.Path(workdir) / "eval-step-N.json"))
     if distributed.any_host(problem is not None):
         raise ConfigError(problem or "process 0 cannot write --output (see its log)")
@@ -258,6 +272,9 @@ def main(argv):
             output = FLAGS.output or str(
                 epath.Path(FLAGS.workdir) / f"eval-step-{figures['step']}.json"
             )
+            problem = output_problem(output)  # the default's name is known only now
+            if problem:
+                launcher.fail(ExitStatus.BAD_INPUT, f"{problem}; the figures are printed above")
             try:
                 epath.Path(output).write_text(json.dumps(figures, indent=2))
             except OSError as e:

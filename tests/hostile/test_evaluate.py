@@ -127,16 +127,63 @@ def test_evaluate_on_another_eval_set_needs_no_training_data(finished_copy, tmp_
     assert not cache.exists()  # explicit eval data: the demo data is not converted
 
 
+def _in_a_missing_folder(tmp_path, workdir):
+    return str(tmp_path / "no-such-folder" / "figures.json")
+
+
+def _the_runs_finished_record(tmp_path, workdir):
+    return os.path.join(workdir, train.FINISHED_MARKER)
+
+
+def _a_folder(tmp_path, workdir):
+    return str(tmp_path)
+
+
+def _a_users_file(tmp_path, workdir):
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    return str(tmp_path / "notes.json")
+
+
+BAD_OUTPUTS = [
+    pytest.param(_in_a_missing_folder, ("no-such-folder", "does not exist"), id="missing-folder"),
+    pytest.param(
+        _the_runs_finished_record, ("FINISHED exists", "not overwriting it"), id="finished-record"
+    ),
+    pytest.param(_a_folder, ("is a folder",), id="a-folder"),
+    pytest.param(_a_users_file, ("notes.json exists", "not overwriting"), id="a-users-file"),
+]
+
+
+@pytest.mark.parametrize("make, expected", BAD_OUTPUTS)
+def test_output_problem_names_it(tmp_path, make, expected):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / train.FINISHED_MARKER).write_text('{"step": 8}')
+    problem = evaluate.output_problem(make(tmp_path, str(workdir)))
+    for text in expected:
+        assert text in problem, problem
+
+
+def test_earlier_figures_may_be_replaced(tmp_path):
+    earlier = tmp_path / "eval-step-8.json"
+    earlier.write_text(json.dumps({"step": 8, "eval_dir": "/e", "eval/loss": 0.1}))
+    assert evaluate.output_problem(str(earlier)) is None
+
+
 @pytest.mark.slow
-def test_evaluate_refuses_an_output_it_cannot_write_before_evaluating(
-    data, finished_copy, tmp_path
+@pytest.mark.parametrize("make, expected", BAD_OUTPUTS[:2])
+def test_evaluate_refuses_an_output_before_evaluating(
+    data, finished_copy, tmp_path, make, expected
 ):
+    """Refused before anything is restored or compiled; the run's FINISHED is never
+    overwritten."""
     before = tree_digest(finished_copy)
-    output = str(tmp_path / "no-such-folder" / "figures.json")
-    args = helpers.tiny_run_args(*data, finished_copy) + [f"--output={output}"]
+    args = helpers.tiny_run_args(*data, finished_copy) + [
+        f"--output={make(tmp_path, finished_copy)}"
+    ]
     run = helpers.launch(args, module="launch.evaluate", timeout=120)
     assert run.returncode == ExitStatus.BAD_INPUT, run.stderr[-3000:]
-    assert_one_clear_line(run.stderr, "no-such-folder", "does not exist")
+    assert_one_clear_line(run.stderr, *expected)
     assert "eval of step" not in run.stderr  # refused before the evaluation, not after it
     assert tree_digest(finished_copy) == before
 
@@ -185,29 +232,32 @@ def test_data_dirs_names_what_is_missing(tmp_path, monkeypatch, data, need_train
     assert not cache.exists()  # named data, or none: nothing converted
 
 
-def _info(names: tuple[str, ...]) -> dataset.DatasetInfo:
-    return dataset.DatasetInfo("/other", 10, len(names), names, 1, ())
+def _info(names: tuple[str, ...], channels: int = 1) -> dataset.DatasetInfo:
+    return dataset.DatasetInfo("/other", 10, len(names), names, channels, ())
 
 
 DIGITS = tuple(str(i) for i in range(10))
-EVAL_CLASSES = [
-    pytest.param(DIGITS, None, id="same"),
-    pytest.param(DIGITS[:5], "has 5 classes, the checkpoint's training data had 10", id="fewer"),
+EVAL_DATA = [
+    pytest.param(DIGITS, 1, None, id="same"),
+    pytest.param(DIGITS[:5], 1, "has 5 classes, the checkpoint's training data had 10", id="fewer"),
     pytest.param(
-        (*DIGITS[:3], "x", *DIGITS[4:]), "class 3 is 'x' there and '3' in the checkpoint",
+        (*DIGITS[:3], "x", *DIGITS[4:]), 1, "class 3 is 'x' there and '3' in the checkpoint",
         id="renamed",
+    ),
+    pytest.param(
+        DIGITS, 3, "config.data.mean has 1 values for the 3-channel images", id="rgb-images"
     ),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("names, expected", EVAL_CLASSES)
-def test_an_eval_set_whose_labels_mean_other_classes_is_refused(names, expected):
+@pytest.mark.parametrize("names, channels, expected", EVAL_DATA)
+def test_an_eval_set_the_model_cannot_score_is_refused(names, channels, expected):
     meta = {"class_names": list(DIGITS)}
     if expected is None:
-        evaluate.check_eval_data(meta, _info(names), _config())
+        evaluate.check_eval_data(meta, _info(names, channels), _config())
     else:
         with pytest.raises(ConfigError, match=expected):
-            evaluate.check_eval_data(meta, _info(names), _config())
+            evaluate.check_eval_data(meta, _info(names, channels), _config())
 
 
 # --- the embedded demo data's cache ---------------------------------------------------------
