@@ -105,19 +105,18 @@ class Supervisor:
         pod = self.pod
         training = self.training()
         obs = ps.Observation(now, slices=slices)
-        if not training or any(slices[k].state != ps.READY for k in training):
-            return obs
-        launcher = pod.check(training)
-        obs = dataclasses.replace(obs, launcher=launcher)
-        if launcher.kind == "running":
-            return obs
-        if launcher.kind not in ("fatal", "unreachable"):
-            rc, err = pod.finished()  # the run may have finished since the first look
-            if rc == 2:
-                return ps.Observation(
-                    now, failed_call=f"reading {self.opts.workdir}/FINISHED", error=error_text(err)
-                )
-            obs = dataclasses.replace(obs, finished_after_check=rc == 0)
+        if training and all(slices[k].state == ps.READY for k in training):
+            launcher = pod.check(training)
+            obs = dataclasses.replace(obs, launcher=launcher)
+            if launcher.kind == "running":
+                return obs
+            if launcher.kind not in ("fatal", "unreachable"):
+                rc, err = pod.finished()  # the run may have finished since the first look
+                if rc == 2:
+                    failed = f"reading {self.opts.workdir}/FINISHED"
+                    return ps.Observation(now, failed_call=failed, error=error_text(err))
+                obs = dataclasses.replace(obs, finished_after_check=rc == 0)
+        # Something is wrong: the newest checkpoint tells progress and where training resumes.
         step, err = pod.newest_checkpoint()
         if step is None:
             pod.log(f"could not list {self.opts.workdir}/checkpoints/:\n{error_text(err)}")
