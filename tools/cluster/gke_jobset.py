@@ -49,6 +49,7 @@ import math
 import re
 import shlex
 import sys
+from typing import NoReturn
 
 import yaml
 
@@ -366,8 +367,16 @@ def _env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one `error:` line and ExitStatus.BAD_INPUT."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(int(ExitStatus.BAD_INPUT))
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m tools.cluster.gke_jobset",
         description="Print a JobSet manifest that trains on a multi-host TPU slice on GKE.",
         epilog="Arguments after -- go to the launcher (python -m launch.main).",
@@ -444,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         text = render(options, shlex.join(["python", "-m", "tools.cluster.gke_jobset", *argv]))
     except UsageError as e:
-        p.error(str(e))  # exits 2
+        p.error(str(e))
     sys.stdout.write(text)
     return 0
 
