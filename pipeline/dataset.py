@@ -227,60 +227,39 @@ def _epoch_order(seed: int, epoch: int, num_records: int) -> np.ndarray:
     return np.random.default_rng((seed, _SHUFFLE_STREAM, epoch)).permutation(num_records)
 
 
-class _TrainExample:
-    """Maps a flat (step, row) index to an augmented example. Picklable for workers."""
+class _StoredExample:
+    """Maps a flat (step, row) index to a stored image, unaugmented, at the fixed stored size
+    with the requested channels (the hand-over for augmentation on the device). Picklable."""
 
     def __init__(
-        self,
-        info: DatasetInfo,
-        rows: np.ndarray,
-        global_batch_size: int,
-        seed: int,
-        augmentation: transforms.Augmentation,
-        augment: bool = True,
+        self, info: DatasetInfo, rows: np.ndarray, global_batch_size: int, seed: int, channels: int
     ):
-        # What an unaugmented hand-over gives: the fixed stored size, the requested channels.
-        self._shape: tuple[int, int, int] | None = None
-        if not augment:
-            if info.image_shape is None:
-                raise ValueError(
-                    f"{info.data_dir!r} has no fixed image_shape: its images cannot be handed "
-                    "over unaugmented as one array; convert it with --encoding=raw"
-                )
-            self._shape = (*info.image_shape[:2], augmentation.channels)
+        if info.image_shape is None:
+            raise ValueError(
+                f"{info.data_dir!r} has no fixed image_shape: its images cannot be handed "
+                "over unaugmented as one array; convert it with --encoding=raw"
+            )
+        self._shape = (*info.image_shape[:2], channels)
         self._records = _Records(info)
-        self._augment = augment
         self._rows = rows
         self._global_batch = global_batch_size
         self._steps_per_epoch = steps_per_epoch(info.num_examples, global_batch_size)
         self._num_records = info.num_examples
         self._seed = seed
-        self._aug = augmentation
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return _epoch_order(self._seed, epoch, self._num_records)
 
     def __call__(self, index: int) -> dict[str, np.ndarray | np.generic]:
         step, row = divmod(int(index), len(self._rows))
         epoch, step_in_epoch = divmod(step, self._steps_per_epoch)
         position = step_in_epoch * self._global_batch + int(self._rows[row])
-        record = int(self._order(epoch)[position])
+        record = int(_epoch_order(self._seed, epoch, self._num_records)[position])
         example = self._records.example(record)
         try:
-            if self._augment:
-                rng = np.random.default_rng(
-                    (self._seed, _AUGMENT_STREAM, epoch, example.example_id)
+            image = transforms.stored_pixels(example.image, self._shape[2])
+            if image.shape != self._shape:
+                raise ValueError(
+                    f"image is {'x'.join(map(str, image.shape))}, metadata.json says "
+                    f"{'x'.join(map(str, self._shape))}"
                 )
-                pil_image = transforms.open_image(example.image)
-                image = transforms.random_resized_crop(pil_image, self._aug, rng)
-            else:
-                assert self._shape is not None  # set whenever augment is off
-                image = transforms.stored_pixels(example.image, self._aug.channels)
-                if image.shape != self._shape:
-                    raise ValueError(
-                        f"image is {'x'.join(map(str, image.shape))}, metadata.json says "
-                        f"{'x'.join(map(str, self._shape))}"
-                    )
         except Exception as e:  # PIL raises many types for bad bytes; PIL decodes lazily
             raise self._records.image_error(record, example, e) from None
         return {
@@ -335,7 +314,7 @@ class _RawTrainBatch:
     """Maps a step to this host's unaugmented batch of a raw dataset, read and copied per
     batch rather than per example (the cheap hand-over for augmentation on the device).
 
-    The same batches as _TrainExample(augment=False) through Grain's batching."""
+    The same batches as _StoredExample through Grain's batching."""
 
     def __init__(self, info: DatasetInfo, rows: np.ndarray, global_batch_size: int, seed: int):
         self._records = _Records(info)
@@ -464,11 +443,10 @@ def train_dataset(
         batches = grain.MapDataset.range(start_step, num_steps).map(batch)
         return _prefetched(batches, num_workers, num_threads)
     if augment:  # a batch per Grain element: no per-example Grain overhead, no np.stack
-        steps_per_epoch(info.num_examples, global_batch_size)
         augmented = _AugmentedTrainBatch(info, rows, global_batch_size, seed, augmentation)
         batches = grain.MapDataset.range(start_step, num_steps).map(augmented)
         return _prefetched(batches, num_workers, num_threads)
-    example = _TrainExample(info, rows, global_batch_size, seed, augmentation, augment)
+    example = _StoredExample(info, rows, global_batch_size, seed, augmentation.channels)
     flat = grain.MapDataset.range(start_step * len(rows), num_steps * len(rows)).map(example)
     return _batched(flat, len(rows), num_workers, num_threads)
 
