@@ -28,8 +28,9 @@ from absl import logging
 from etils import epath
 
 import pipeline
+import resnet.from_weights
 import resnet.weights
-from launch import checkpointing, distributed, inference, liveness
+from launch import checkpoint_weights, checkpointing, distributed, liveness
 from launch import metrics as metrics_lib
 from launch import plan as plan_lib
 from launch import program as program_lib
@@ -425,7 +426,7 @@ def _initial_state(config, program: program_lib.Program):
         return program.init()
     step = config.model.init_from_step if config.model.init_from_step >= 0 else None
     try:
-        weights = inference.load_weights(source, step)
+        weights = checkpoint_weights.load_weights(source, step)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"config.model.init_from={source}: {e}") from None
     for key, ours in (("name", config.model.name), ("in_channels", program.channels)):
@@ -445,7 +446,7 @@ def _initial_state(config, program: program_lib.Program):
             config.model.num_classes,
         )
     try:
-        resnet.weights.assign(model, weights, skip=skip)
+        resnet.from_weights.assign(model, weights, skip=skip)
     except ValueError as e:
         raise ConfigError(f"config.model.init_from={source}: {e}") from None
     logging.info("Parameters and BatchNorm statistics initialised from %s.", source)

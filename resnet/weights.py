@@ -1,4 +1,4 @@
-"""A portable format for a trained model's inference variables, and loading it back.
+"""A portable format for a trained model's inference variables: writing, reading, checking.
 
 A weights directory holds everything needed to run a model, and nothing about how it was
 trained:
@@ -32,21 +32,18 @@ model's answers without any error.
 `model` lists every constructor option that changes the computed function. Options that only
 change how training runs or how the same numbers are computed (`bn_momentum`,
 `zero_init_residual`, `batch_norm`, `max_pool`, the compute dtype) are not stored; pass them to
-`build` or `assign`. `mean`/`std` are per channel on the 0..255 pixel scale, as
-`resnet.steps.normalize` uses them; `image_size` and `eval_crop_fraction` describe the eval
-transform of `pipeline.transforms` (centre crop of that fraction of the short side, resized to
-`image_size`).
+`resnet.from_weights.build` or `assign`. `mean`/`std` are per channel on the 0..255 pixel
+scale, as `resnet.steps.normalize` uses them; `image_size` and `eval_crop_fraction` describe
+the eval transform of `pipeline.transforms` (centre crop of that fraction of the short side,
+resized to `image_size`).
 
 Use:
 
-    predict = resnet.weights.load_for_inference(path)       # jitted, eval mode
-    logits = predict(images_uint8_nhwc)                      # float32 (N, num_classes)
+    resnet.weights.save(path, model=..., params=..., batch_stats=..., preprocessing=...)
+    weights = resnet.weights.load(path)          # arrays (verified) and description
 
-    weights = resnet.weights.load(path)                      # arrays and description
-    model = resnet.weights.build(weights, dtype=jnp.bfloat16)
-    resnet.weights.assign(model, weights, skip=("head",))   # fine-tuning: keep a new head
-
-Paths are local file system paths; `save` runs in one process.
+and `resnet.from_weights` to run them (build a model, assign them into one, predict). Paths
+are local file system paths; `save` runs in one process.
 """
 
 from __future__ import annotations
@@ -57,11 +54,10 @@ import errno
 import hashlib
 import inspect
 import json
-import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -71,9 +67,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import resnet
-from resnet import steps
-from resnet.batch_norm import BatchNorm
-from resnet.model import ProjectionShortcut, ZeroPadShortcut
+from resnet.model import ZeroPadShortcut
 
 FORMAT = "resnet-multihost-weights"
 VERSION = 1
@@ -145,12 +139,8 @@ def unflatten(flat: Mapping[str, Any]) -> Tree:
     return out
 
 
-def _state_paths(state: nnx.State) -> dict[str, tuple]:
-    """Flat path ("stages/0/1/conv1/kernel") -> the state's own key path (int list indices)."""
-    return {"/".join(map(str, path)): path for path, _ in nnx.to_flat_state(state)}
-
-
-def _shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
+def variable_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
+    """Flat path ("stages/0/1/conv1/kernel") -> shape of every variable in `state`."""
     return {"/".join(map(str, path)): tuple(var.shape) for path, var in nnx.to_flat_state(state)}
 
 
@@ -223,7 +213,8 @@ def _constructor_default(option: str) -> Any:
     return inspect.signature(resnet.ResNet.__init__).parameters[option].default
 
 
-def _abstract_model(spec: Mapping[str, Any], dtype: Any = jnp.float32, **options) -> nnx.Module:
+def abstract_model(spec: Mapping[str, Any], dtype: Any = jnp.float32, **options) -> nnx.Module:
+    """The model `spec` (model.json's `model`) describes, shapes only (nothing allocated)."""
     kwargs = {k: spec[k] for k in MODEL_OPTIONS if k in spec}
     return nnx.eval_shape(
         lambda: resnet.create_model(
@@ -237,7 +228,8 @@ def _abstract_model(spec: Mapping[str, Any], dtype: Any = jnp.float32, **options
     )
 
 
-def _modules(model: nnx.Module, kind) -> list:
+def modules_of(model: nnx.Module, kind) -> list:
+    """Every submodule of `model` that is an instance of `kind`."""
     return [node for _, node in nnx.iter_graph(model) if isinstance(node, kind)]
 
 
@@ -277,7 +269,7 @@ def _complete_model_spec(spec: dict[str, Any], abstract: nnx.Module) -> dict[str
     spec.setdefault("in_channels", _constructor_default("in_channels"))
     spec.setdefault("bn_epsilon", float(_constructor_default("bn_epsilon")))
     if "shortcut" not in spec:  # the family's default (projection for ImageNet, zero_pad CIFAR)
-        spec["shortcut"] = "zero_pad" if _modules(abstract, ZeroPadShortcut) else "projection"
+        spec["shortcut"] = "zero_pad" if modules_of(abstract, ZeroPadShortcut) else "projection"
     return {k: spec[k] for k in MODEL_KEYS}
 
 
@@ -286,7 +278,7 @@ def model_spec(name: str, num_classes: int, **options) -> dict[str, Any]:
     the stored options (those that change the function), defaults written out."""
     stored = {k: options[k] for k in MODEL_OPTIONS if k in options}
     spec = _check_model_spec({"name": name, "num_classes": num_classes, **stored}, "model_spec")
-    return _complete_model_spec(spec, _abstract_model(spec))
+    return _complete_model_spec(spec, abstract_model(spec))
 
 
 def _check_preprocessing(pre: Any, in_channels: int, where: str) -> dict[str, Any]:
@@ -371,7 +363,7 @@ def save(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     spec = _check_model_spec(model, "save")
-    abstract = _abstract_model(spec)
+    abstract = abstract_model(spec)
     spec = _complete_model_spec(spec, abstract)
     pre = _check_preprocessing(preprocessing, spec["in_channels"], "save")
     names = _check_class_names(
@@ -385,7 +377,7 @@ def save(
         ("batch_stats", batch_stats, stat_state),
     ):
         flat = flatten(_pure(given))
-        check_variables(_shapes(state), flat, f"save: {name}")
+        check_variables(variable_shapes(state), flat, f"save: {name}")
         tree[name] = unflatten(
             {
                 p: np.asarray(jax.device_get(v), np.float32).astype(DTYPES[dtype])
@@ -522,130 +514,24 @@ def load(path: str | os.PathLike) -> Weights:
     )
 
 
-# --- into a model -----------------------------------------------------------------------------
-
-
-def _check_options(weights: Weights, options: Mapping[str, Any]) -> None:
-    fixed = sorted(set(options) & set(MODEL_KEYS))
-    if fixed:
-        raise ValueError(f"{fixed} are fixed by the weights ({weights.model}); do not pass them")
-
-
-def _fill(state: nnx.State, given: Tree, what: str, skip: tuple[str, ...] = ()) -> None:
-    """Checks `given` against `state` and replaces the state's values with it, as float32
-    (the model's variable dtype), leaving paths under the `skip` prefixes untouched."""
-    skipped = lambda p: any(p == s or p.startswith(s + "/") for s in skip)
-    paths = {p: k for p, k in _state_paths(state).items() if not skipped(p)}
-    shapes = {p: s for p, s in _shapes(state).items() if p in paths}
-    flat = {p: v for p, v in flatten(given).items() if not skipped(p)}
-    check_variables(shapes, flat, what)
-    dtypes = {"/".join(map(str, path)): var.dtype for path, var in nnx.to_flat_state(state)}
-    values: dict = {}
-    for p, v in flat.items():
-        node = values
-        *parents, leaf = paths[p]
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = jnp.asarray(np.asarray(v, np.float32), dtypes[p])
-    nnx.replace_by_pure_dict(state, values)
-
-
-def build(weights: Weights, dtype: Any = jnp.float32, **options) -> nnx.Module:
-    """The model described by `weights` with its variables in place.
-
-    `dtype` is the compute dtype (variables stay float32). `options` are constructor options
-    that do not change the function (`batch_norm`, `max_pool`, `bn_momentum`, ...); the ones
-    stored with the weights cannot be overridden. Raises ValueError naming the first variable
-    that is missing, extra or of the wrong shape.
-    """
-    _check_options(weights, options)
-    abstract = _abstract_model(weights.model, dtype, **options)
-    # Flax types split() with filters as variadic; it returns one State per filter.
-    graphdef, params, batch_stats, rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)  # type: ignore[misc]
-    if jax.tree.leaves(rest):
-        raise ValueError(f"the model has variables the weights format does not hold: {rest}")
-    _fill(params, weights.params, "params")
-    _fill(batch_stats, weights.batch_stats, "batch_stats")
-    return nnx.merge(graphdef, params, batch_stats, rest)
-
-
-def assign(model: nnx.Module, weights: Weights, *, skip: Iterable[str] = ()) -> None:
-    """Writes the stored variables into an existing model, in place (for fine-tuning).
-
-    `skip` lists path prefixes to leave as they are, e.g. ("head",) to keep a freshly
-    initialised classifier for a different number of classes. Every other variable must be
-    present with its shape, and the model's BatchNorm epsilon must be the stored one.
-    """
-    skip = tuple(skip)
-    eps = weights.model["bn_epsilon"]
-    for bn in _modules(model, (BatchNorm, nnx.BatchNorm)):
-        if not math.isclose(bn.epsilon, eps, rel_tol=1e-6):
-            raise ValueError(f"the model's BatchNorm epsilon is {bn.epsilon}, the weights' {eps}")
-    has_projection = bool(_modules(model, ProjectionShortcut))
-    if has_projection != (weights.model["shortcut"] == "projection"):
-        raise ValueError(
-            f"the model's shortcuts differ from the weights' {weights.model['shortcut']!r}"
-        )
-    params = nnx.state(model, nnx.Param)
-    batch_stats = nnx.state(model, nnx.BatchStat)
-    _fill(params, weights.params, "params", skip)
-    _fill(batch_stats, weights.batch_stats, "batch_stats", skip)
-    nnx.update(model, params, batch_stats)
-
-
-class Predictor:
-    """`predictor(images) -> logits`: uint8 (N, H, W, C) pixels in, float32 (N, classes) out.
-
-    Normalises with the stored mean/std (as `resnet.steps.normalize`), runs the model in eval
-    mode, jitted (one compile per input shape). Images should be prepared like the eval
-    transform (`preprocessing["image_size"]`, `eval_crop_fraction`); any size runs.
-    """
-
-    def __init__(self, weights: Weights, dtype: Any = jnp.float32, **options):
-        self.weights = weights
-        self.class_names = weights.class_names
-        self.preprocessing = weights.preprocessing
-        model = build(weights, dtype, **options)
-        graphdef, self._state = nnx.split(model)
-        mean = tuple(weights.preprocessing["mean"])
-        std = tuple(weights.preprocessing["std"])
-
-        def forward(state, images):
-            net = steps.merge(graphdef, state)
-            return net(steps.normalize(images, mean, std, dtype), training=False)
-
-        self._forward = jax.jit(forward)
-
-    def __call__(self, images) -> jax.Array:
-        images = jnp.asarray(images)
-        channels = self.weights.model["in_channels"]
-        if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != channels:
-            raise ValueError(
-                f"expected uint8 images shaped (N, H, W, {channels}), "
-                f"got {images.dtype} {tuple(images.shape)}"
-            )
-        return self._forward(self._state, images)
-
-
-def load_for_inference(path: str | os.PathLike, dtype: Any = jnp.float32, **options) -> Callable:
-    """`load` + `build` as a jitted uint8-images-to-logits function (a `Predictor`)."""
-    return Predictor(load(path), dtype, **options)
-
-
 __all__ = [
+    "ARRAYS",
+    "DTYPES",
     "DigestMismatch",
     "FORMAT",
-    "model_spec",
+    "MODEL_JSON",
+    "MODEL_KEYS",
     "VERSION",
-    "Predictor",
-    "array_sha256",
     "Weights",
-    "assign",
-    "build",
+    "abstract_model",
+    "array_sha256",
     "check_variables",
     "flatten",
-    "unflatten",
     "load",
-    "load_for_inference",
+    "model_spec",
+    "modules_of",
+    "not_weights_message",
     "save",
+    "unflatten",
+    "variable_shapes",
 ]

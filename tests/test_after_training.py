@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+import resnet.from_weights
 import resnet.weights
-from launch import inference, train
+from launch import checkpoint_weights, train
 from launch.status import ExitStatus
 from pipeline import dataset, records, transforms
 from tests import helpers, torch_reference
@@ -103,9 +104,9 @@ def test_an_exported_model_computes_what_the_checkpoint_computes(data, finished,
     assert run.returncode == 0, run.stderr[-3000:]
     images, _ = _eval_images(data[1], 16, 1)
     direct = np.asarray(
-        resnet.weights.Predictor(inference.weights_from_checkpoint(finished))(images)
+        resnet.from_weights.Predictor(checkpoint_weights.weights_from_checkpoint(finished))(images)
     )
-    exported = np.asarray(resnet.weights.load_for_inference(out)(images))
+    exported = np.asarray(resnet.from_weights.load_for_inference(out)(images))
     if dtype == "float32":
         np.testing.assert_array_equal(exported, direct)
     else:  # the arrays were rounded to bfloat16
@@ -179,7 +180,7 @@ def test_fine_tuning_starts_from_the_imported_weights(data, tmp_path):
     assert first["step"] == 0
     # The imported model evaluated directly, the plain way.
     images, labels = _eval_images(rgb[1], 32, 3)
-    logits = np.asarray(resnet.weights.load_for_inference(weights)(images), np.float64)
+    logits = np.asarray(resnet.from_weights.load_for_inference(weights)(images), np.float64)
     log_probs = logits - logits.max(1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
     assert first["eval/top1"] == np.mean(logits.argmax(1) == labels)
@@ -199,7 +200,7 @@ def test_a_head_of_another_size_is_replaced(data, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "has 1000 classes, this run 10: it is initialised afresh" in run.stderr
     imported = resnet.weights.flatten(resnet.weights.load(weights).params)
-    trained = resnet.weights.flatten(inference.weights_from_checkpoint(workdir).params)
+    trained = resnet.weights.flatten(checkpoint_weights.weights_from_checkpoint(workdir).params)
     assert trained["head/kernel"].shape == (512, 10)
     for path, value in imported.items():  # a zero learning rate leaves the parameters as given
         if not path.startswith("head/"):

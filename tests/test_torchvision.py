@@ -38,6 +38,7 @@ import torch
 from flax import nnx
 
 import resnet
+import resnet.from_weights
 import resnet.weights
 from resnet import steps
 from tests import torch_reference as ref
@@ -60,7 +61,7 @@ class Imported:
     torch_model: torch.nn.Module
     state_dict_file: str
     directory: str  # written by the importer
-    model: resnet.ResNet  # resnet.weights.build of it
+    model: resnet.ResNet  # resnet.from_weights.build of it
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def imported(tmp_path_factory):
         torch.save(torch_model.state_dict(), file)
         directory = str(root / name)
         tv_import.import_torchvision(name, file, directory)
-        model = resnet.weights.build(resnet.weights.load(directory))
+        model = resnet.from_weights.build(resnet.weights.load(directory))
         return Imported(torch_model, file, directory, model)
 
     return make
@@ -93,7 +94,7 @@ def check_eval(case: Imported, images: np.ndarray = IMAGES, per_module: bool = T
 
     `per_module`: also every module on torchvision's inputs (always done to explain a failure).
     """
-    predict = resnet.weights.load_for_inference(case.directory)
+    predict = resnet.from_weights.load_for_inference(case.directory)
     ours = np.asarray(predict(images))
     logits, records, _ = ref.run(case.torch_model, ref.torch_input(images), training=False)
     rel = ref.relative_difference(ours, logits)
@@ -446,7 +447,7 @@ def test_round_trip(small_model, tmp_path):
         "/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)
     }
 
-    built = resnet.weights.build(weights)
+    built = resnet.from_weights.build(weights)
     pixels = _pixels()
     np.testing.assert_array_equal(_direct(built, pixels), _direct(small_model, pixels))
     for (path_a, a), (path_b, b) in zip(
@@ -456,17 +457,17 @@ def test_round_trip(small_model, tmp_path):
         np.testing.assert_array_equal(a[...], b[...])
 
     # Other implementations of the same function load the same weights.
-    flax_bn = resnet.weights.build(weights, batch_norm="flax", max_pool="xla")
+    flax_bn = resnet.from_weights.build(weights, batch_norm="flax", max_pool="xla")
     np.testing.assert_allclose(
         _direct(flax_bn, pixels), _direct(small_model, pixels), rtol=1e-5, atol=1e-5
     )
     with pytest.raises(ValueError, match="fixed by the weights"):
-        resnet.weights.build(weights, bn_epsilon=1e-3)
+        resnet.from_weights.build(weights, bn_epsilon=1e-3)
 
 
 def test_load_for_inference(small_model, tmp_path):
     path = _save(tmp_path / "w", small_model)
-    predict = resnet.weights.load_for_inference(path)
+    predict = resnet.from_weights.load_for_inference(path)
     pixels = _pixels(shape=(2, 16, 12, 1))
     logits = predict(pixels)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 4)
@@ -489,7 +490,7 @@ def test_bfloat16_storage(small_model, tmp_path):
     np.testing.assert_array_equal(
         kernel, np.asarray(small_model.stages[1][0].conv1.kernel[...]).astype(jnp.bfloat16)
     )
-    built = resnet.weights.build(weights, dtype=jnp.bfloat16)
+    built = resnet.from_weights.build(weights, dtype=jnp.bfloat16)
     assert built.stages[1][0].conv1.kernel[...].dtype == jnp.float32  # variables stay float32
     np.testing.assert_array_equal(built.stages[1][0].conv1.kernel[...], kernel.astype(np.float32))
 
@@ -507,15 +508,15 @@ def test_build_checks_every_variable(small_model, tmp_path):
         match=r"stages/1/0/conv1/kernel has shape \(3, 3, 16, 31\), "
         r"the model needs \(3, 3, 16, 32\)",
     ):
-        resnet.weights.build(with_params(wrong))
+        resnet.from_weights.build(with_params(wrong))
     missing = {k: v for k, v in flat.items() if k != "stages/2/1/bn2/bias"}
     with pytest.raises(
         ValueError, match="params do not match the model: missing 1: stages/2/1/bn2/bias$"
     ):
-        resnet.weights.build(with_params(missing))
+        resnet.from_weights.build(with_params(missing))
     extra = dict(flat, **{"stages/2/1/shortcut/conv/kernel": np.zeros((1, 1, 64, 64))})
     with pytest.raises(ValueError, match="unexpected 1: stages/2/1/shortcut/conv/kernel$"):
-        resnet.weights.build(with_params(extra))
+        resnet.from_weights.build(with_params(extra))
 
 
 def test_assign_for_fine_tuning(small_model, tmp_path):
@@ -525,8 +526,8 @@ def test_assign_for_fine_tuning(small_model, tmp_path):
     with pytest.raises(
         ValueError, match=r"params: head/bias has shape \(4,\), the model needs \(7,\)"
     ):
-        resnet.weights.assign(model, weights)
-    resnet.weights.assign(model, weights, skip=("head",))
+        resnet.from_weights.assign(model, weights)
+    resnet.from_weights.assign(model, weights, skip=("head",))
     np.testing.assert_array_equal(model.head.kernel[...], head)
     np.testing.assert_array_equal(
         model.stages[2][2].bn2.var[...], small_model.stages[2][2].bn2.var[...]
@@ -534,7 +535,7 @@ def test_assign_for_fine_tuning(small_model, tmp_path):
     np.testing.assert_array_equal(model.stem_conv.kernel[...], small_model.stem_conv.kernel[...])
     other_eps = resnet.resnet20(num_classes=4, rngs=nnx.Rngs(3), in_channels=1, bn_epsilon=1e-3)
     with pytest.raises(ValueError, match="epsilon"):
-        resnet.weights.assign(other_eps, weights)
+        resnet.from_weights.assign(other_eps, weights)
 
 
 def test_save_refuses_existing_path_and_bad_arguments(small_model, tmp_path):

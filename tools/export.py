@@ -6,8 +6,8 @@ Reads the newest trustworthy checkpoint of the run (or `--step`), checked agains
 as a resume would, and writes a `resnet.weights` directory: model.json (the model, its input
 preprocessing and class names) and the arrays. Use it from Python:
 
-    import resnet.weights
-    predict = resnet.weights.load_for_inference("/models/r50")
+    import resnet.from_weights
+    predict = resnet.from_weights.load_for_inference("/models/r50")
     logits = predict(images)  # uint8 (N, H, W, C), prepared like the eval transform
 
 or with `python -m tools.predict --weights=/models/r50 IMAGE...`. The output must be a new
@@ -35,11 +35,11 @@ def _define_flags() -> None:
 
 def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32") -> int:
     """The command: exports, prints what it wrote or one error line; returns the exit status."""
-    from launch import checkpointing, inference  # pylint: disable=g-import-not-at-top
+    from launch import checkpoint_weights, checkpointing  # pylint: disable=g-import-not-at-top
 
     with cli.quiet_libraries():
         try:
-            weights = inference.export(workdir, output, step, dtype)
+            weights = checkpoint_weights.export(workdir, output, step, dtype)
         except (
             checkpointing.NoUsableCheckpoint,
             checkpointing.IncompatibleCheckpoint,

@@ -134,7 +134,7 @@ def convert_state_dict(
     if num_classes is not None and num_classes != found_classes:
         raise ConversionError(
             f"--num_classes={num_classes} but fc.weight has {found_classes} classes "
-            "(a new head belongs to fine-tuning: resnet.weights.assign(..., skip=('head',)))"
+            "(a new head belongs to fine-tuning: resnet.from_weights.assign(..., skip=('head',)))"
         )
     spec = {
         "name": model_name,

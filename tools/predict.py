@@ -110,12 +110,12 @@ def predict(weights, files: list[str], top: int, batch_size: int):
     # pylint: disable=g-import-not-at-top
     import numpy as np
 
-    import resnet.weights
+    import resnet.from_weights
 
     good, failures = _prepared(files, weights)
     if not good:
         return [], failures
-    predictor = resnet.weights.Predictor(weights)
+    predictor = resnet.from_weights.Predictor(weights)
     names = weights.class_names or tuple(str(i) for i in range(weights.model["num_classes"]))
     results = []
     for start in range(0, len(good), batch_size):
@@ -141,10 +141,10 @@ def _load(path: str, is_workdir: bool, step: int | None):
     """The weights of `--weights`, or of `--workdir` (its checkpoint, or a weights folder)."""
     # pylint: disable=g-import-not-at-top
     import resnet.weights
-    from launch import inference
+    from launch import checkpoint_weights
 
     if is_workdir:
-        return inference.load_weights(path, step)
+        return checkpoint_weights.load_weights(path, step)
     if step is not None:
         raise ValueError("--step chooses a checkpoint of --workdir; a weights folder has one")
     return resnet.weights.load(path)

@@ -26,6 +26,7 @@ from flax import nnx
 from PIL import Image
 
 import resnet
+import resnet.from_weights
 import resnet.weights
 from launch import checkpointing, distributed, train
 from launch import main as launcher
@@ -137,7 +138,7 @@ def test_a_flipped_bit_names_the_array_it_changed(weights_dir, tmp_path):
     path = _copy(weights_dir, tmp_path)
     _flip_one_bit(path)
     with pytest.raises(resnet.weights.DigestMismatch) as info:
-        resnet.weights.load_for_inference(path)
+        resnet.from_weights.load_for_inference(path)
     original = resnet.weights.flatten(checkpointing.read_numpy(os.path.join(weights_dir, "arrays")))
     tampered = resnet.weights.flatten(checkpointing.read_numpy(os.path.join(path, "arrays")))
     changed = [p for p in original if not np.array_equal(original[p], tampered[p])]

@@ -1,4 +1,5 @@
-"""From a run's checkpoint to inference weights (`resnet.weights`), and back into a new run.
+"""A run's checkpoint as weights (`resnet.weights`): exported to a weights folder, or read for
+`tools.predict` and a new run's `model.init_from`, which also take a weights folder.
 
 Every checkpoint's meta describes its model, preprocessing and class names, so a workdir alone
 is enough to export, predict or fine-tune from; the arrays are checked against their digest
