@@ -57,8 +57,8 @@ def _both(blob: bytes, aug: transforms.Augmentation, seed) -> tuple[np.ndarray, 
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_the_window_of_the_reduced_decode_matches_the_full_decode_within_the_bar(photos, channels):
-    """Decode fidelity: at scale 1 the window is the full decode's crop (bit for bit in RGB);
-    a reduced decode's window, resampled as PIL resamples the full decode, is within the bar."""
+    """Decode fidelity: at scale 1 the decode is PIL's to within 40 dB (the fast IDCT); a
+    reduced decode's window, resampled as PIL resamples the full decode, is within the bar."""
     aug = transforms.Augmentation(image_size=224, channels=channels, random_flip=False)
     full = dataclasses.replace(aug, scaled_decode=False)
     worst, reduced = np.inf, 0
@@ -70,11 +70,8 @@ def test_the_window_of_the_reduced_decode_matches_the_full_decode_within_the_bar
             box = transforms.random_box(*size, aug, np.random.default_rng((i, k)))
             scale = transforms.dct_scale((box[2] - box[0], box[3] - box[1]), 224)
             pixels = transforms.decode_scaled(blob, size, scale, channels)
-            if scale == 1 and channels == 3:
-                np.testing.assert_array_equal(pixels, whole)
-                continue
-            if scale == 1:  # libjpeg's luma against PIL's RGB-to-L: rounding apart
-                assert _psnr(pixels, whole) >= 45.0, _psnr(pixels, whole)
+            if scale == 1:  # the fast IDCT (and, in gray, libjpeg's luma against PIL's L)
+                assert _psnr(pixels, whole) >= 40.0, _psnr(pixels, whole)
                 continue
             reduced += 1
             window = transforms.resize_fractional(pixels, box, size[0] / pixels.shape[1], 224)
