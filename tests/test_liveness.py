@@ -181,6 +181,72 @@ def test_local_cluster_kills_what_outlives_its_grace_after_a_signal(data, tmp_pa
     assert proc.returncode != 0
 
 
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie left for a reaper that never comes does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster_cache(tmp_path_factory) -> str:
+    """One compilation cache for the local_cluster runs below: only the first compiles."""
+    return str(tmp_path_factory.mktemp("cluster-xla-cache"))
+
+
+def _cluster_mid_run(data, tmp_path, cache: str, grace_seconds: float):
+    """local_cluster with 2 launchers, training (400 steps: it does not end by itself)."""
+    workdir = str(tmp_path / "w")
+    overrides = {
+        "train.num_steps": 400,
+        "distributed.preemption_grace_seconds": 20,
+        "train.compilation_cache_dir": cache,
+    }
+    args = helpers.tiny_run_args(*data, workdir, **overrides)
+    proc = helpers.start(
+        args, processes=2, devices=2, cluster_flags=(f"--grace_seconds={grace_seconds}",)
+    )
+    seen = []
+    assert helpers.wait_for_line(proc, "step 4/400", seen), "".join(seen)[-3000:]
+    return proc, seen, [helpers.host_pid(workdir, i) for i in range(2)]
+
+
+def test_local_cluster_stops_the_others_when_process_1_dies_and_keeps_its_status(
+    data, tmp_path, cluster_cache
+):
+    grace = 8
+    proc, seen, pids = _cluster_mid_run(data, tmp_path, cluster_cache, grace)
+    os.kill(pids[1], signal.SIGKILL)
+    took = _drain(proc, seen)
+    log = "".join(seen)
+    assert proc.returncode == 128 + signal.SIGKILL, log[-3000:]  # 137: the first failure
+    assert took < grace + 10, took
+    assert f"error: process 1 (pid {pids[1]}) failed first, with status 137 (killed by" in log
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_local_cluster_forwards_sighup_and_leaves_no_process_behind(data, tmp_path, cluster_cache):
+    proc, seen, pids = _cluster_mid_run(data, tmp_path, cluster_cache, grace_seconds=60)
+    proc.send_signal(signal.SIGHUP)  # the terminal closed
+    _drain(proc, seen)
+    log = "".join(seen)
+    assert proc.returncode == ExitStatus.PREEMPTED, log[-3000:]
+    assert "exit statuses [75, 75]" in log and "Traceback" not in log
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_launchers_die_with_a_killed_local_cluster(data, tmp_path, cluster_cache):
+    proc, _, pids = _cluster_mid_run(data, tmp_path, cluster_cache, grace_seconds=60)
+    proc.kill()  # no handler runs: only the parent-death signal can reach the launchers
+    proc.wait()
+    deadline = time.monotonic() + 60  # SIGTERM: they agree on a step and save (or give up)
+    while [pid for pid in pids if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in pids if _alive(pid)], pids
+
+
 def test_local_cluster_refuses_zero_processes():
     run = subprocess.run(
         [sys.executable, "-m", "launch.local_cluster", "--num_processes=0", "--", "--workdir=x"],
