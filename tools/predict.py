@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import warnings
-from typing import Any
 
 from absl import app, flags
 
@@ -67,10 +66,10 @@ def _open_image(path: str, channels: int):
         with warnings.catch_warnings():
             # Above PIL's pixel limit decoding could take gigabytes: refuse it for that image.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image = image.convert("L" if channels == 1 else "RGB")
-            image.load()
-            return image
+            with Image.open(path) as opened:
+                image = opened.convert("L" if channels == 1 else "RGB")
+                image.load()
+                return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"too many pixels to decode safely ({e})") from None
     except Image.UnidentifiedImageError:
@@ -93,15 +92,30 @@ def prepare(path: str, preprocessing: dict, channels: int):
     )
 
 
-def _prepared(files: list[str], weights) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
-    """(path, pixels) of every image that decodes, and (path, why) of every one that does not."""
-    good, bad = [], []
+def _batches(files: list[str], weights, batch_size: int, failures: list[tuple[str, str]]):
+    """Batches of (path, pixels) of the images that decode, in `files` order; each one that does
+    not is appended to `failures` as (path, why)."""
+    batch = []
     for path in files:
         try:
-            good.append((path, prepare(path, weights.preprocessing, weights.model["in_channels"])))
+            batch.append((path, prepare(path, weights.preprocessing, weights.model["in_channels"])))
         except ImageError as e:
-            bad.append((path, str(e)))
-    return good, bad
+            failures.append((path, str(e)))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _top_classes(path: str, probs, names, top: int) -> dict:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    best = np.argsort(-probs, kind="stable")[:top]
+    return {
+        "image": path,
+        "top": [{"class": names[i], "index": int(i), "probability": float(probs[i])} for i in best],
+    }
 
 
 def predict(weights, files: list[str], top: int, batch_size: int):
@@ -112,28 +126,17 @@ def predict(weights, files: list[str], top: int, batch_size: int):
 
     import resnet.from_weights
 
-    good, failures = _prepared(files, weights)
-    if not good:
-        return [], failures
-    predictor = resnet.from_weights.Predictor(weights)
     names = weights.class_names or tuple(str(i) for i in range(weights.model["num_classes"]))
-    results = []
-    for start in range(0, len(good), batch_size):
-        chunk = good[start : start + batch_size]
-        logits = np.asarray(predictor(np.stack([pixels for _, pixels in chunk])), np.float64)
+    predictor = None  # built (and compiled) once an image has decoded
+    results: list[dict] = []
+    failures: list[tuple[str, str]] = []
+    for batch in _batches(files, weights, batch_size, failures):
+        if predictor is None:
+            predictor = resnet.from_weights.Predictor(weights)
+        logits = np.asarray(predictor(np.stack([pixels for _, pixels in batch])), np.float64)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
-        for (path, _), p in zip(chunk, probs):
-            best = np.argsort(-p, kind="stable")[:top]
-            results.append(
-                {
-                    "image": path,
-                    "top": [
-                        {"class": names[i], "index": int(i), "probability": float(p[i])}
-                        for i in best
-                    ],
-                }
-            )
+        results += [_top_classes(path, p, names, top) for (path, _), p in zip(batch, probs)]
     return results, failures
 
 
