@@ -4,7 +4,8 @@ r"""Exports a run's parameters for inference: no optimizer state, float32 or bfl
 
 Reads the newest trustworthy checkpoint of the run (or `--step`), checked against its digest
 as a resume would, and writes a `resnet.weights` directory: model.json (the model, its input
-preprocessing and class names) and the arrays. Use it from Python:
+preprocessing, class names and a SHA-256 of every array, checked on every load) and the
+arrays. Use it from Python:
 
     import resnet.from_weights
     predict = resnet.from_weights.load_for_inference("/models/r50")
