@@ -202,7 +202,8 @@ def answer(args, state_dir):
     if args[:2] == ["storage", "ls"]:
         return storage_ls(state_dir, args)
     if args[3] == "create" and pop(state_dir, "create_results", args[4], "OK") == "QUOTA":
-        return 1, "", "ERROR: (gcloud.compute.tpus.tpu-vm.create) Quota 'TPUV4sPodPerProjectPerZoneForTPUAPI' exhausted.\n"
+        return 1, "", ("ERROR: (gcloud.compute.tpus.tpu-vm.create) Quota "
+                       "'TPUV4sPodPerProjectPerZoneForTPUAPI' exhausted.\n")
     if args[:4] == ["compute", "tpus", "tpu-vm", "scp"]:
         os.makedirs(os.path.join(state_dir, "scp"), exist_ok=True)
         shutil.copy(args[4], os.path.join(state_dir, "scp", args[5].split(":", 1)[1]))
@@ -711,8 +712,14 @@ def test_create_on_demand_default_runtime(gcloud, accelerator, runtime):
 def test_create_explicit_runtime_and_extra_args(gcloud):
     assert_ok(
         gcloud.run(
-            "create", *BASE, "--accelerator-type", "v4-8", "--runtime-version", "tpu-vm-custom",
-            "--service-account=sa@p.iam.gserviceaccount.com", "--create-arg=--network=my-net",
+            "create",
+            *BASE,
+            "--accelerator-type",
+            "v4-8",
+            "--runtime-version",
+            "tpu-vm-custom",
+            "--service-account=sa@p.iam.gserviceaccount.com",
+            "--create-arg=--network=my-net",
             "--create-arg=--internal-ips",
         )  # fmt: skip
     )
@@ -923,7 +930,9 @@ def test_env_reaches_the_launcher_on_every_worker(gcloud):
     lines = cmd.splitlines()
     exports = [i for i, line in enumerate(lines) if line.startswith("export ")]
     # Exported after the venv is activated and before the launcher starts (it inherits them).
-    activate = next(i for i, line in enumerate(lines) if line.startswith(". ") and "activate" in line)
+    activate = next(
+        i for i, line in enumerate(lines) if line.startswith(". ") and "activate" in line
+    )
     nohup = next(i for i, line in enumerate(lines) if "nohup" in line)
     assert activate < min(exports) and max(exports) < nohup
     assert exported(cmd) == ENV  # the quoting survives a real shell
@@ -1260,9 +1269,12 @@ def test_supervise_queued_keeps_waiting_request(gcloud):
     gcloud.script("qr_states", ["WAITING_FOR_RESOURCES"])
     gcloud.script("finished_rcs", [1, 1, 0])
     assert_ok(supervise(gcloud, "--queued"))
-    assert gcloud.kinds() == ["workdir?"] + ["finished?", "describe", "qr-describe", "ckpts?"] * 2 + [
-        "finished?"
-    ]
+    assert gcloud.kinds() == ["workdir?"] + [
+        "finished?",
+        "describe",
+        "qr-describe",
+        "ckpts?",
+    ] * 2 + ["finished?"]
 
 
 def test_supervise_queued_permission_error_is_not_missing(gcloud):
@@ -1285,7 +1297,9 @@ def test_every_ssh_and_scp_is_bounded_and_carries_the_ssh_options(gcloud, tmp_pa
         "--setup-timeout=456", "--stop-timeout=7",
     )  # fmt: skip
     assert_ok(proc)
-    pairs = [(c, limit) for c, limit in gcloud.limits if c[0] == "compute" and c[3] in ("ssh", "scp")]
+    pairs = [
+        (c, limit) for c, limit in gcloud.limits if c[0] == "compute" and c[3] in ("ssh", "scp")
+    ]
     assert {kind(c) for c, _ in pairs} == {
         "scp", "ssh:setup", "ssh:train", "ssh:check", "ssh:log", "ssh:stop",
     }  # fmt: skip
@@ -1406,6 +1420,346 @@ def test_elastic_unit_shrinks_then_grows_back(gcloud):
     assert [c[4] for c in requeue] == ["my-tpu-1"] and "--node-id=my-tpu-1" in requeue[0]
     trains = [c for c in gcloud.calls if kind(c) == "ssh:train"]
     envs = [(c[4], exported(remote_command(c))) for c in trains]
-    assert [(node, env["MEGASCALE_NUM_SLICES"], env["MEGASCALE_SLICE_ID"]) for node, env in envs] == [
+    slice_ids = [
+        (node, env["MEGASCALE_NUM_SLICES"], env["MEGASCALE_SLICE_ID"]) for node, env in envs
+    ]
+    assert slice_ids == [
         ("my-tpu-0", "1", "0"), ("my-tpu-0", "2", "0"), ("my-tpu-1", "2", "1"),
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------------ secrets --
+
+TOKEN = "ghp_S3cr3tT0k3nValue"
+SECRET_URL = f"https://build-bot:{TOKEN}@github.com/me/resnet.git"
+
+
+def test_repo_url_token_never_printed(gcloud):
+    runs = [
+        gcloud.run("setup", *BASE, f"--repo-url={SECRET_URL}", "--ref=v1"),
+        gcloud.run("setup", *BASE, f"--repo-url={SECRET_URL}", "--dry-run"),
+        gcloud.run(
+            "supervise",
+            *BASE,
+            "--accelerator-type=v4-8",
+            f"--workdir={WORKDIR}",
+            f"--repo-url={SECRET_URL}",
+            "--dry-run",
+        ),  # fmt: skip
+    ]
+    # A real supervise run that recreates the slice, with the URL from the environment.
+    gcloud.script("describe_states", ["MISSING", "READY"])
+    gcloud.script("finished_rcs", [1, 1, 0])
+    runs.append(
+        gcloud.run(
+            "supervise",
+            *BASE,
+            "--accelerator-type=v4-8",
+            f"--workdir={WORKDIR}",
+            env=gcloud.env(TPU_REPO_URL=SECRET_URL),
+        )  # fmt: skip
+    )
+    assert_ok(runs[0])
+    assert_ok(runs[3])
+    assert gcloud.kinds()[2:] == [
+        "workdir?", "finished?", "describe", "ckpts?", "create", "scp", "ssh:setup", "ssh:train",
+        "finished?", "describe", "ssh:check", "finished?",
+    ]  # fmt: skip
+    for proc in runs:
+        assert TOKEN not in proc.stdout + proc.stderr
+    assert "https://***@github.com/me/resnet.git" in runs[0].stderr
+    # Not on any command line either (ps shows those): the workers get it in a file.
+    assert gcloud.calls and all(TOKEN not in arg for call in gcloud.calls for arg in call)
+    scp = gcloud.calls[0]
+    assert kind(scp) == "scp" and scp[5] == "my-tpu:.resnet-repo-url" and worker_flag(scp) == "all"
+    assert (gcloud.dir / "scp" / ".resnet-repo-url").read_text() == SECRET_URL + "\n"
+    cmd = remote_command(gcloud.calls[1])
+    assert 'url=$(cat "$HOME/.resnet-repo-url")' in cmd
+    assert 'rm -f "$HOME/.resnet-repo-url"' in cmd
+    # The clone does not keep the token in .git/config.
+    assert "remote set-url origin https://github.com/me/resnet.git" in cmd
+
+
+def test_remote_setup_masks_credentials_in_git_errors(gcloud, tmp_path):
+    # Run the real remote setup script with a git that fails the way git does, quoting the URL.
+    assert_ok(gcloud.run("setup", *BASE, f"--repo-url={SECRET_URL}"))
+    script = remote_command(gcloud.calls[1])
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".resnet-repo-url").write_text(SECRET_URL + "\n")
+    fake_bin = tmp_path / "git-bin"
+    fake_bin.mkdir()
+    (fake_bin / "git").write_text(
+        "#!/bin/sh\n"
+        "echo \"fatal: unable to access '$3': Could not resolve host: github.com\" >&2\n"
+        "exit 128\n"
+    )
+    (fake_bin / "git").chmod(0o755)
+    env = dict(os.environ, HOME=str(home), PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([BASH, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "fatal: unable to access 'https://***@github.com/me/resnet.git'" in proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert not (home / ".resnet-repo-url").exists()  # read once, then deleted
+
+
+# ------------------------------------------------------- tools/cluster/tpu_pod.sh, end to end --
+
+
+@pytest.mark.slow
+def test_script_supervises_a_preempted_slice_end_to_end(gcloud):
+    """tpu_pod.sh in a subprocess, every gcloud call a process of the fake on PATH."""
+    gcloud.script("describe_states", ["PREEMPTED", "READY"])
+    gcloud.script("finished_rcs", [1, 1, 0])
+    proc = gcloud.run_script(
+        "supervise", *BASE, "--accelerator-type=v4-8", f"--workdir={WORKDIR}",
+        "--poll-seconds=0", "--repo-url=https://example.com/resnet.git",
+    )  # fmt: skip
+    assert_ok(proc)
+    assert gcloud.kinds() == [
+        "workdir?", "finished?", "describe", "ckpts?", "delete", "create", "ssh:setup",
+        "ssh:train", "finished?", "describe", "ssh:check", "finished?",
+    ]  # fmt: skip
+    assert "run finished" in proc.stderr
+
+
+@pytest.mark.slow
+def test_script_refusals_and_missing_gcloud(gcloud, tmp_path):
+    proc = gcloud.run_script("create", *BASE, "--slices=two", "--accelerator-type=v4-8")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == (
+        "error: tpu_pod.sh: --slices must be a positive integer, got 'two'"
+    )
+    only_dirname = tmp_path / "no-gcloud"  # what the script itself needs, and no gcloud
+    only_dirname.mkdir()
+    (only_dirname / "dirname").symlink_to(shutil.which("dirname") or "/usr/bin/dirname")
+    env = gcloud.env(PATH=str(only_dirname), TPU_POD_PYTHON=sys.executable)
+    proc = gcloud.run_script("create", *BASE, "--accelerator-type=v4-8", env=env)
+    assert proc.returncode == 127 and "gcloud not found on PATH" in proc.stderr
+
+
+@pytest.mark.slow
+def test_script_ends_a_hanging_setup_at_its_time_limit(gcloud):
+    # A slice preempted during setup: the ssh connection hangs; the time limit ends it (and
+    # its process group) and the next poll carries on.
+    gcloud.script("describe_states", ["MISSING", "READY"])
+    gcloud.script("setup_results", ["HANG", "OK"])
+    gcloud.script("finished_rcs", [1, 1, 0])
+    start = time.monotonic()
+    proc = gcloud.run_script(
+        "supervise", *BASE, "--accelerator-type=v4-8", f"--workdir={WORKDIR}",
+        "--poll-seconds=0", "--repo-url=https://example.com/resnet.git", "--setup-timeout=2",
+    )  # fmt: skip
+    assert_ok(proc)
+    assert time.monotonic() - start < 40
+    assert "timed out after 2s: gcloud compute tpus tpu-vm ssh" in proc.stderr
+    assert gcloud.kinds()[4:6] == ["create", "ssh:setup"] and gcloud.kinds()[6] != "ssh:train"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_supervise_and_the_call_in_flight(gcloud):
+    # The bounded ssh runs in its own process group: the signal must reach it.
+    gcloud.script("describe_states", ["MISSING"])
+    gcloud.script("setup_results", ["HANG"])
+    env = gcloud.env(TPU_POD_PYTHON=sys.executable)
+    proc = subprocess.Popen(
+        [BASH, TPU_POD, "supervise", *BASE, "--accelerator-type=v4-8", f"--workdir={WORKDIR}",
+         "--poll-seconds=0", "--repo-url=https://example.com/resnet.git"],
+        env=env, cwd=gcloud.tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while "ssh:setup" not in gcloud.kinds():
+            assert time.monotonic() < deadline, "setup did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # only this test's own process group
+    assert proc.returncode == -signal.SIGTERM
+    if shutil.which("ps"):  # no fake gcloud of this test is left running
+        time.sleep(0.5)
+        leftovers = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert str(gcloud.bin / "gcloud") not in leftovers
+
+
+# ----------------------------------------------------------- the real gcloud --
+
+needs_real_gcloud = pytest.mark.skipif(
+    REAL_GCLOUD is None, reason="the Google Cloud CLI (gcloud) is not installed"
+)
+
+
+def real_gcloud_env(tmp_path) -> dict[str, str]:
+    """The real gcloud, with an empty configuration: no account, no project.
+
+    Checked with strace: with these settings the calls below open no network connection and
+    send no DNS query.
+    """
+    config = tmp_path / "gcloud-config"
+    config.mkdir(exist_ok=True)
+    # gcloud's cached answer to "is this a GCE VM?": without it, the first call looks up
+    # metadata.google.internal in DNS.
+    (config / "gce").write_text("False")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDSDK_")}
+    env.update(
+        CLOUDSDK_CONFIG=str(config),
+        CLOUDSDK_CORE_DISABLE_PROMPTS="1",
+        CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK="1",
+        CLOUDSDK_CORE_DISABLE_USAGE_REPORTING="1",
+        CLOUDSDK_CORE_CHECK_GCE_METADATA="false",  # no lookup of the GCE metadata server
+        PATH=f"{os.path.dirname(REAL_GCLOUD)}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+@pytest.mark.slow
+@needs_real_gcloud
+def test_dry_run_commands_parse_with_the_real_gcloud(gcloud, tmp_path):
+    """Every command line tpu_pod prints is accepted by the real gcloud's parser.
+
+    With no account configured, gcloud parses the whole command line (flags, positionals,
+    the TPU resource) and only then stops with "You do not currently have an active account
+    selected"; a flag it does not know fails earlier, with "unrecognized arguments" (exit 2).
+    """
+    tarball = tmp_path / "src.tar.gz"
+    tarball.write_bytes(b"x")
+    sup = [*BASE, f"--workdir={WORKDIR}", "--dry-run", "--env=A=b c"]
+    unit = ["--slices=2", "--node-prefix=pod"]
+    invocations = [
+        ["create", *BASE, "--accelerator-type=v4-32", "--spot", "--service-account=s@p.iam",
+         "--dry-run"],
+        ["create", *BASE, "--accelerator-type=v5litepod-16", "--queued", "--dry-run"],
+        ["create", *BASE, "--accelerator-type=v5litepod-16", *unit, "--spot", "--dry-run"],
+        ["setup", *BASE, f"--tarball={tarball}", "--dry-run"],
+        ["setup", *BASE, f"--repo-url={SECRET_URL}", "--dry-run"],
+        ["setup", *BASE, *unit, f"--tarball={tarball}", "--dry-run"],
+        ["train", *sup],
+        ["train", *sup, *unit],
+        ["status", *BASE, "--queued", f"--workdir={WORKDIR}", "--dry-run"],
+        ["status", *BASE, *unit, "--dry-run"],
+        ["logs", *BASE, "--worker=1", "--dry-run"],
+        ["logs", *BASE, "--all-workers", "--dry-run"],
+        ["logs", *BASE, *unit, "--all-workers", "--dry-run"],
+        ["stop", *BASE, "--dry-run"],
+        ["delete", *BASE, "--dry-run"],
+        ["delete", *BASE, "--queued", "--dry-run"],
+        ["delete", *BASE, *unit, "--elastic", "--dry-run"],
+        ["supervise", *sup, "--accelerator-type=v4-32", f"--tarball={tarball}"],
+        ["supervise", *sup, "--accelerator-type=v5litepod-16", *unit, f"--tarball={tarball}"],
+        ["create", *BASE, "--accelerator-type=v5litepod-16", *unit, "--elastic", "--dry-run"],
+    ]  # fmt: skip
+    lines = []
+    for args in invocations:
+        proc = gcloud.run(*args)
+        assert_ok(proc)
+        lines += [line for line in dry_run_lines(proc.stdout) if line.startswith("gcloud ")]
+    unique = list(dict.fromkeys(lines))
+    assert len(unique) >= 25
+    assert any("--node-count=2 --node-prefix=pod" in line for line in unique)
+    env = real_gcloud_env(tmp_path)
+
+    def parse(line: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [BASH, "-c", line], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(parse, unique))
+    for line, proc in zip(unique, results):
+        assert proc.returncode == 1 and "do not currently have an active account" in proc.stderr, (
+            f"{line[:300]}\nexit {proc.returncode}\n{proc.stderr[-2000:]}"
+        )
+
+
+@pytest.mark.slow
+@needs_real_gcloud
+def test_describe_formats_with_the_real_gcloud_formatter(gcloud, tmp_path):
+    """The --format strings, applied by gcloud's own resource printer to TPU API v2 messages.
+
+    The Node, Symptom and QueuedResource messages come from the API client that gcloud ships
+    (so the field names are the API's), and the printed line is fed back to tpu_pod.
+    """
+    env = real_gcloud_env(tmp_path)
+    info = subprocess.run(
+        [REAL_GCLOUD, "info", "--format=value(installation.sdk_root,basic.python_location)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert info.returncode == 0, info.stderr
+    sdk_root, python = info.stdout.strip().split("\t")
+    formats = set()
+    for args in (
+        ["status", *BASE, "--queued", "--dry-run"],
+        ["logs", *BASE, "--all-workers", "--dry-run"],
+        ["train", *BASE, "--slices=2", f"--workdir={WORKDIR}", "--dry-run"],
+    ):
+        for line in dry_run_lines(gcloud.run(*args).stdout):
+            if "--command=" in line:  # remote scripts: no --format there
+                continue
+            formats.update(
+                a[len("--format=") :] for a in shlex.split(line) if a.startswith("--format=")
+            )
+    assert len(formats) == 4
+    program = (
+        "import sys\n"
+        "sys.path[:0] = [sys.argv[1] + '/lib', sys.argv[1] + '/lib/third_party']\n"
+        "from googlecloudsdk.core.resource import resource_printer\n"
+        "from googlecloudsdk.generated_clients.apis.tpu.v2 import tpu_v2_messages as m\n"
+        "S = m.Symptom.SymptomTypeValueValuesEnum\n"
+        "node = m.Node(\n"
+        "    state=m.Node.StateValueValuesEnum.READY,\n"
+        "    health=m.Node.HealthValueValuesEnum.TIMEOUT,\n"
+        "    healthDescription='worker 1 unresponsive | retrying',\n"
+        "    symptoms=[m.Symptom(symptomType=S.EXECUTE_TIMED_OUT, workerId='1'),\n"
+        "              m.Symptom(symptomType=S.LOW_MEMORY, workerId='2')],\n"
+        "    networkEndpoints=[m.NetworkEndpoint(ipAddress='10.0.0.%d' % i) for i in range(4)])\n"
+        "qr = m.QueuedResource(state=m.QueuedResourceState(\n"
+        "    state=m.QueuedResourceState.StateValueValuesEnum.WAITING_FOR_RESOURCES))\n"
+        "for fmt in sys.argv[2:]:\n"
+        "    print('=== ' + fmt)\n"
+        "    resource_printer.Print([qr if 'state.state' in fmt else node], fmt)\n"
+    )
+    clean = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
+    out = subprocess.run(
+        [python, "-c", program, sdk_root, *sorted(formats)],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = dict(re.findall(r"^=== (.*)\n(.*)$", out.stdout, re.M))
+    assert printed["value(networkEndpoints.len())"] == "4"
+    assert printed["value(networkEndpoints[0].ipAddress)"] == "10.0.0.0"
+    assert printed["value(state.state)"] == "WAITING_FOR_RESOURCES"
+    (describe,) = [f for f in formats if f.startswith("value[")]
+    assert (
+        printed[describe]
+        == "READY|TIMEOUT|EXECUTE_TIMED_OUT,LOW_MEMORY|worker 1 unresponsive | retrying"
+    )
+    # tpu_pod reads that line as gcloud prints it.
+    (gcloud.dir / "node.txt").write_text(printed[describe] + "\n")
+    gcloud.script("describe_states", ["@node.txt"])
+    proc = gcloud.run("status", *BASE)
+    assert_ok(proc)
+    assert proc.stdout.strip() == (
+        "TPU my-tpu (us-central2-b): READY (health TIMEOUT, symptoms EXECUTE_TIMED_OUT,LOW_MEMORY:"
+        " worker 1 unresponsive | retrying)"
+    )
+
+
+# ------------------------------------------------------------------ shellcheck --
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.parametrize(
+    "script", [TPU_POD, SBATCH, os.path.join(REPO, "tools", "bench", "offline_wheels.sh")]
+)
+def test_shellcheck(script):
+    proc = subprocess.run(["shellcheck", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

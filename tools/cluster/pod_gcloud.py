@@ -52,6 +52,20 @@ class Result:
         return "matched no objects" in self.err
 
 
+def shell_word(arg: str) -> str:
+    """`arg` quoted for bash on one line: $'...' when it holds a newline or control character,
+    so that each printed command is one line that bash reads back as `arg`."""
+    if all(ch.isprintable() for ch in arg):
+        return shlex.quote(arg)
+    escapes = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    body = "".join(escapes.get(ch, ch if ch.isprintable() else _code(ch)) for ch in arg)
+    return f"$'{body}'"
+
+
+def _code(ch: str) -> str:
+    return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\U{ord(ch):08x}"
+
+
 def error_text(err: str) -> str:
     """The last non-blank lines of a call's stderr, indented."""
     lines = [line for line in err.splitlines() if line.strip()][-15:]
@@ -62,12 +76,10 @@ class Gcloud:
     """Runs commands in their own process group, each bounded when given a limit; with
     --dry-run only prints them (`+ CMD` on stdout). Ctrl-C/SIGTERM end the call in flight."""
 
-    def __init__(self, dry_run: bool, log: Callable[[str], None], stdout=None, stderr=None):
+    def __init__(self, dry_run: bool, log: Callable[[str], None], env: dict[str, str]):
         self.dry_run = dry_run
         self.log = log
-        self.stdout = stdout or sys.stdout
-        self.stderr = stderr or sys.stderr
-        self.child: subprocess.Popen | None = None
+        self.env = env
 
     def call(
         self,
@@ -79,12 +91,12 @@ class Gcloud:
         err_path: str = "",
     ) -> Result:
         """Runs argv; `show` prints it first (stderr); `capture` keeps its output."""
-        line = "+ " + shlex.join(argv)
+        line = "+ " + " ".join(shell_word(a) for a in argv)
         if self.dry_run:
-            print(line, file=self.stdout, flush=True)
+            print(line, flush=True)
             return Result(0)
         if show:
-            print(line, file=self.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
         result = self.execute(list(argv), limit, capture, out_path, err_path)
         if result.rc in (124, 137) and limit is not None:
             self.log(f"timed out after {limit:g}s: {' '.join(argv[:5])}")
@@ -100,9 +112,9 @@ class Gcloud:
                 stdout=out,
                 stderr=err,
                 text=True,
+                env=self.env,
                 start_new_session=True,
             )
-            self.child = proc
             try:
                 stdout, stderr = proc.communicate(timeout=limit)
                 return Result(proc.returncode, stdout or "", stderr or "")
@@ -111,8 +123,6 @@ class Gcloud:
             except BaseException:
                 _end_group(proc)
                 raise
-            finally:
-                self.child = None
 
 
 class _output:
