@@ -1,4 +1,4 @@
-"""One table of exit statuses: the shell supervisors and the docs agree with launch.status."""
+"""One table of exit statuses: the supervisors and the docs agree with launch.status."""
 
 import os
 import re
@@ -8,7 +8,8 @@ import pytest
 from launch.status import ExitStatus
 from tests import helpers
 
-SCRIPTS = ["tools/cluster/tpu_pod.sh", "tools/slurm_train.sbatch"]
+SCRIPTS = ["tools/slurm_train.sbatch"]
+TPU_POD_MODULES = ["pod_supervisor", "pod_driver", "pod_gcloud", "tpu_pod"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -21,6 +22,21 @@ def test_shell_constants_equal_the_enum(script):
     # Literal statuses must not creep back in beside the constants.
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert not re.search(r"(==|-eq|!=|-ne)\s*\(?(75|5)\b", code), script
+
+
+def test_tpu_pod_reads_the_enum():
+    from tools.cluster import pod_supervisor
+
+    assert pod_supervisor.RETRIABLE == {s for s in ExitStatus if s.retriable}
+    assert set(pod_supervisor.FATAL) == {ExitStatus.BAD_INPUT, ExitStatus.DIVERGED}
+    assert pod_supervisor.combine(["75", "running"]).kind == "retriable"
+    assert pod_supervisor.combine([str(int(ExitStatus.STALLED))]).kind == "retriable"
+    assert pod_supervisor.combine([str(int(ExitStatus.SAVE_FAILED))]).kind == "failed"
+    for module in TPU_POD_MODULES:
+        path = os.path.join(helpers.REPO, "tools", "cluster", module + ".py")
+        code = "\n".join(line.split("#", 1)[0] for line in open(path).read().splitlines())
+        # Launcher statuses come from ExitStatus, not from literals.
+        assert not re.search(r"(==|!=)\s*\(?(75|5)\b", code), module
 
 
 def test_every_status_is_documented():
