@@ -225,7 +225,7 @@ class Supervisor:
         if opts.delete_when_finished:
             pod.delete()
         else:
-            pod.log(f"the TPU still exists and is billed; run '{PROG} delete' when done")
+            pod.log(f"the TPU still exists and is billed; run '{delete_command(opts)}' when done")
         return ExitStatus.FINISHED
 
 

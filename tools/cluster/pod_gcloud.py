@@ -277,41 +277,38 @@ class Pod:
     # ----------------------------------------------------------- creating and deleting --
 
     def create(self) -> None:
+        """The TPU, or the unit's queued resource (--elastic: one per slice)."""
         opts = self.opts
-        common = [*self.gflags, f"--accelerator-type={opts.accelerator}"]
-        extra = (["--spot"] if opts.spot else []) + (
-            [f"--service-account={opts.service_account}"] if opts.service_account else []
-        )
         if opts.elastic:
             for k in range(opts.slice_count):
                 self.create_slice(k)
             return
         if not opts.queued:
-            argv = ["compute", "tpus", "tpu-vm", "create", opts.name, *common]
-            argv.append(f"--version={opts.runtime}")
-        elif opts.slice_count == 1:
-            argv = ["compute", "tpus", "queued-resources", "create", opts.name]
-            argv += [f"--node-id={opts.name}", *common, f"--runtime-version={opts.runtime}"]
+            argv = ["compute", "tpus", "tpu-vm", "create", opts.name, *self.gflags]
+            self.run([*argv, *self.capacity_flags(f"--version={opts.runtime}")], "create")
+            return
+        argv = ["compute", "tpus", "queued-resources", "create", opts.name]
+        if opts.slice_count == 1:
+            argv.append(f"--node-id={opts.name}")
         else:
-            argv = ["compute", "tpus", "queued-resources", "create", opts.name]
-            argv += [
-                f"--node-count={opts.slice_count}",
-                f"--node-prefix={opts.node_prefix or opts.name}",
-            ]
-            argv += [*common, f"--runtime-version={opts.runtime}"]
-        self.run(argv + extra + opts.create_args, "create")
+            argv.append(f"--node-count={opts.slice_count}")
+            argv.append(f"--node-prefix={opts.node_prefix or opts.name}")
+        argv += [*self.gflags, *self.capacity_flags(f"--runtime-version={opts.runtime}")]
+        self.run(argv, "create")
 
     def create_slice(self, k: int) -> None:
-        """--elastic: slice k as its own queued resource."""
-        opts = self.opts
-        node = opts.nodes()[k]
+        """--elastic: slice k as its own queued resource, named as its node."""
+        node = self.opts.nodes()[k]
         argv = ["compute", "tpus", "queued-resources", "create", node, f"--node-id={node}"]
-        argv += [*self.gflags, f"--accelerator-type={opts.accelerator}"]
-        argv.append(f"--runtime-version={opts.runtime}")
-        argv += (["--spot"] if opts.spot else []) + (
-            [f"--service-account={opts.service_account}"] if opts.service_account else []
-        )
-        self.run(argv + opts.create_args, f"create {node}")
+        argv += [*self.gflags, *self.capacity_flags(f"--runtime-version={self.opts.runtime}")]
+        self.run(argv, f"create {node}")
+
+    def capacity_flags(self, runtime: str) -> list[str]:
+        opts = self.opts
+        flags = [f"--accelerator-type={opts.accelerator}", runtime]
+        flags += ["--spot"] if opts.spot else []
+        flags += [f"--service-account={opts.service_account}"] if opts.service_account else []
+        return flags + opts.create_args
 
     def delete(self, resources: Sequence[str] | None = None) -> None:
         if not self.opts.queued:
