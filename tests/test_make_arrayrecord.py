@@ -263,6 +263,18 @@ def test_bad_files_are_skipped_with_warning(tmp_path, monkeypatch):
     ]
 
 
+def test_fifos_and_devices_are_skipped_not_read(tmp_path, monkeypatch):
+    """A FIFO blocks whoever opens it; a link to /dev/zero never ends: neither is an image."""
+    make_imagefolder(tmp_path / "in")
+    os.mkfifo(tmp_path / "in" / "cat" / "pipe.png")
+    os.symlink("/dev/zero", tmp_path / "in" / "dog" / "zero.jpg")
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
+    assert meta["skipped"] == {"count": 2, "files": ["cat/pipe.png", "dog/zero.jpg"]}
+    assert sum("not a regular file" in w for w in warnings) == 2, warnings
+
+
 def test_strict_fails_naming_file_and_leaves_nothing(tmp_path):
     make_imagefolder(tmp_path / "in")
     (tmp_path / "in" / "dog" / "z_garbage.jpg").write_bytes(b"garbage")

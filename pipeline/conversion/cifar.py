@@ -75,7 +75,8 @@ def read_cifar(path: str, split: str | None, fmt: str) -> Source:
     inner = os.path.join(path, "cifar-100-python" if cifar100 else "cifar-10-batches-py")
     if os.path.isdir(inner):  # the folder the archive was extracted into
         path = inner
-    names = set(os.listdir(path))
+    # Plain files only: opening a FIFO named like a batch would wait forever.
+    names = {n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))}
     if cifar100:
         splits = {"train": ["train"], "test": ["test"]}
         expected, meta_file, names_key, labels_key = (

@@ -17,6 +17,7 @@ import dataclasses
 import io
 import math
 import os
+import stat
 import warnings
 from typing import Any, cast
 
@@ -211,6 +212,16 @@ def _encode_image(
     return _png_bytes(_png_compatible(eight)), "png", None, (width, height, channels)
 
 
+def _read_regular_file(path: str) -> bytes | None:
+    """The file's bytes, or None for a FIFO, socket or device: reading one could block or
+    never end (a link to /dev/zero)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO blocks
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read()
+
+
 def encode_file(
     root: str, opts: ImageOptions, payload: str | Skip
 ) -> tuple[bytes | None, str, Any, Any]:
@@ -220,10 +231,11 @@ def encode_file(
     if os.path.splitext(payload)[1].lower() not in IMAGE_EXTENSIONS:
         return None, "not an image file (by extension)", None, None
     try:
-        with open(os.path.join(root, payload), "rb") as f:
-            data = f.read()
+        data = _read_regular_file(os.path.join(root, payload))
     except OSError as e:
         return None, f"cannot read the file ({e.strerror or e})", None, None
+    if data is None:
+        return None, "not a regular file (a FIFO, socket or device)", None, None
     try:
         with warnings.catch_warnings():
             # Images over max_pixels are downscaled here: PIL's warning about size is noise.

@@ -8,6 +8,7 @@ import gzip
 import math
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -22,7 +23,7 @@ def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
     if data[:2] == b"\x1f\x8b":  # gzip, whatever the file name says
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged deflate data
             raise ConversionError(f"{path}: corrupt gzip data ({e})") from None
     header = 4 * (1 + ndim)
     if len(data) < header:

@@ -159,6 +159,46 @@ def test_command_mistakes_are_one_line_and_status_2(tmp_path, capsys, flags, nam
     assert tree_digest(str(tmp_path)) == before
 
 
+def _damaged_gzip(root) -> None:
+    path = root / "in" / "t10k-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[:12] + bytes(b ^ 0x55 for b in data[12:40]) + data[40:])
+
+
+def _truncated_idx(root) -> None:
+    make_mnist(root / "raw", gz=False)
+    path = root / "raw" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+# (id, what is done to the input, the command's flags, what the one line must name)
+DAMAGED_INPUTS = [
+    ("damaged gzip", _damaged_gzip, ["--format=mnist", IN, OUT], "corrupt gzip data"),
+    (
+        "truncated IDX",
+        _truncated_idx,
+        ["--format=mnist", "--input={root}/raw", OUT],
+        "the file holds 15675 bytes",
+    ),
+    ("cifar input is a file", lambda root: None, ["--format=cifar10", "--input={root}/decoy", OUT],
+     "is not a directory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "damage, flags, named", [c[1:] for c in DAMAGED_INPUTS], ids=[c[0] for c in DAMAGED_INPUTS]
+)
+def test_damaged_inputs_are_one_line_and_status_2(tmp_path, capsys, damage, flags, named):
+    make_mnist(tmp_path / "in")
+    (tmp_path / "decoy").write_text("someone's work")
+    damage(tmp_path)
+    before = tree_digest(str(tmp_path))
+    argv = ["make_arrayrecord"] + [f.format(root=tmp_path) for f in flags]
+    assert make_arrayrecord.command(argv) == ExitStatus.BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, named)
+    assert tree_digest(str(tmp_path)) == before
+
+
 # ------------------------------------------------------------------ the Slurm batch script
 
 
