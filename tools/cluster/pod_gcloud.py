@@ -437,14 +437,14 @@ class Pod:
         opts = self.opts
         slices = list(range(opts.slice_count) if slices is None else slices)
         args = [f"--config={opts.config}", f"--workdir={opts.workdir}", *opts.launcher_args]
-        env = [tuple(kv.split("=", 1)) for kv in opts.env]
+        env = [(key, value) for key, _, value in (kv.partition("=") for kv in opts.env)]
         coordinator = self.coordinator(slices) if opts.slice_count > 1 else ""
 
         def script(k: int) -> str:
-            unit = (
-                slice_environment(slices.index(k), len(slices), coordinator) if coordinator else []
-            )
-            return remote.train(args, [(a, b) for a, b in env] + unit)
+            if not coordinator:
+                return remote.train(args, env)
+            unit = slice_environment(slices.index(k), len(slices), coordinator)
+            return remote.train(args, env + unit)
 
         self.ssh_each(slices, opts.number("ssh_timeout"), script, "train")
 
