@@ -94,6 +94,18 @@ def _cpu_delta(start: dict[int, float], end: dict[int, float]) -> float:
     return sum(t - start.get(pid, 0.0) for pid, t in end.items())
 
 
+def _quiesce(timeout: float = 30.0) -> None:
+    """Waits until this process and its children are idle: the work a closed iterator still
+    had in flight (Grain's threads finish the batches they started) must not be charged to the
+    next configuration or stage."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(_cpu_seconds().values())
+        time.sleep(0.2)
+        if sum(_cpu_seconds().values()) - before < 0.01:
+            return
+
+
 def _figures(images: int, wall: float, cpu: float) -> dict:
     return {
         "images": images,
@@ -324,6 +336,7 @@ def stage_breakdown(data_dir: str, args: dict, scaled_decode: bool, sample: int)
         image_size=args["image_size"], channels=info.channels, scaled_decode=scaled_decode
     )
     positions = np.random.default_rng(args["seed"]).permutation(len(source))[:sample]
+    _quiesce()
     clock, batch = _StageClock(), args["batch_size"]
     for start in range(0, len(positions), batch):
         chunk = positions[start : start + batch]
@@ -367,6 +380,7 @@ def run_configs(configs: list, args: dict, worker_counts: list[int], rounds: int
         totals = {c.name: [0, 0.0, 0.0] for c in configs}
         for r in range(rounds):
             for config in configs if r % 2 == 0 else configs[::-1]:
+                _quiesce()
                 images, wall, cpu = config.run(args, workers, args["seconds"] / rounds)
                 total = totals[config.name]
                 total[0] += images
