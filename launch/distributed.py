@@ -315,7 +315,8 @@ def _exchange_declared_slices(
                 f"{_SLICE_KEY}{process}", int(timeout_seconds * 1000)
             )
         except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline
-            raise ClusterError(
+            # A host lost after joining: transient, unlike a wrong declaration.
+            raise HostsNotReady(
                 f"process {process} did not say its slice within {timeout_seconds:.0f}s "
                 f"({str(e).splitlines()[0] if str(e) else 'no details'})"
             ) from None
