@@ -590,7 +590,7 @@ def test_elastic_waits_when_no_ready_set_divides_the_batch():
     policy = ps.replace(ELASTIC, global_batch=96, devices_per_slice=64)
     action, history = elastic([GONE, GONE, READY[0], READY[0]], policy=policy)
     assert action.kind is ps.Kind.RESIZE and action.slices == () and action.requeue == (0, 1)
-    assert "no ready slices divide the global batch 96" in action.reason
+    assert "no set of ready slices divides the global batch 96" in action.reason
     action, _ = elastic([WAITING, WAITING, READY[0], READY[0]], history, policy=policy)
     assert action.kind is ps.Kind.WAIT and "waiting for capacity" in action.notes[-1]
 

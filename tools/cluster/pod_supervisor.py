@@ -449,7 +449,7 @@ def _decide_elastic(obs: Observation, hist: History, policy: Policy) -> tuple[Ac
     best = usable_slices(ready, policy)
     lost = [k for k in active if k not in ready]
     if lost or len(best) > len(active):
-        why = _resize_reason(active, best, lost, policy)
+        why = _resize_reason(active, best, lost, bool(ready), policy)
         action = Action(Kind.RESIZE, reason=why, slices=best, requeue=tuple(requeue))
         return replace(action, notes=tuple(notes)), replace(hist, active=best)
     if requeue:
@@ -463,7 +463,7 @@ def _decide_elastic(obs: Observation, hist: History, policy: Policy) -> tuple[Ac
 
 
 def _resize_reason(
-    active: tuple[int, ...], best: tuple[int, ...], lost: list[int], policy: Policy
+    active: tuple[int, ...], best: tuple[int, ...], lost: list[int], any_ready: bool, policy: Policy
 ) -> str:
     batch = f"global batch {policy.global_batch}"
     if lost:
@@ -471,7 +471,8 @@ def _resize_reason(
     else:
         cause = "capacity returned"
     if not best:
-        return f"{cause}: no ready slices divide the {batch}; training waits for capacity"
+        why = "no set of ready slices divides the " + batch if any_ready else "no slice is ready"
+        return f"{cause}: {why}; training waits for capacity"
     return (
         f"{cause}: training on {len(best)} slice(s) {list(best)} instead of"
         f" {len(active)} ({batch}, {policy.devices_per_slice} devices per slice)"
