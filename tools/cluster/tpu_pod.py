@@ -127,7 +127,14 @@ def execute(opts: Options, gcloud: Gcloud, log: Callable[[str], None], tmp_dir: 
     return ExitStatus.FINISHED
 
 
-def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    environ: dict[str, str] | None = None,
+    runner: type[Gcloud] = Gcloud,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """The command line; `runner`, `sleep` and `clock` are what the tests replace."""
     environ = dict(os.environ if environ is None else environ)
     try:
         opts = parse(sys.argv[1:] if argv is None else argv, environ)
@@ -139,7 +146,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         print(f"error: {PROG}: {e}", file=sys.stderr)
         print(f"Run 'tools/cluster/{PROG} help' for usage.", file=sys.stderr)
         return ExitStatus.BAD_INPUT
-    if not opts.dry_run and not shutil.which("gcloud", path=environ.get("PATH")):
+    if not opts.dry_run and not shutil.which("gcloud", path=environ.get("PATH", "")):
         print(
             f"error: {PROG}: gcloud not found on PATH; install the Google Cloud CLI"
             " (https://cloud.google.com/sdk/docs/install) and run 'gcloud auth login'",
@@ -147,23 +154,23 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         )
         return NO_GCLOUD
     if opts.subcommand == "supervise":
-        os.environ["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
-    gcloud = Gcloud(opts.dry_run, log_line)
+        environ["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"  # nobody answers a prompt
+    gcloud = runner(opts.dry_run, log_line, environ)
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tempfile.TemporaryDirectory(prefix="tpu_pod.") as tmp_dir:
-            return execute(opts, gcloud, log_line, tmp_dir)
+        with tempfile.TemporaryDirectory(prefix="tpu_pod.", dir=environ.get("TMPDIR")) as tmp:
+            return execute(opts, gcloud, log_line, tmp, sleep, clock)
     except Failed as e:
         print(f"error: {PROG}: {e}", file=sys.stderr)
         return ExitStatus.FAILED
     except Interrupted as e:
+        # Ends like the signal would have (the call in flight was ended with its group).
         signal.signal(e.signum, signal.SIG_DFL)
         os.kill(os.getpid(), e.signum)
         return 128 + e.signum
     finally:
         for s, handler in previous.items():
-            if signal.getsignal(s) is _raise_interrupted:
-                signal.signal(s, handler)
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
