@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import resnet
-from launch import distributed
+from launch import distributed, executables
 from launch.plan import ConfigError
 from resnet import augment as augment_lib
 from resnet import steps as steps_lib
@@ -90,6 +90,8 @@ class Program:
     train_step: jax.stages.Wrapped  # (state, batch, stop_votes) -> (state, metrics); donates state
     eval_step: jax.stages.Wrapped  # (state, batch, totals, stop_votes) -> (totals, stop)
     channels: int
+    # What the compiled steps depend on besides their arguments (launch.executables).
+    executable_key: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     _votes: dict[bool, jax.Array] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -132,8 +134,9 @@ class Program:
         votes = jax.ShapeDtypeStruct(
             (self.mesh.devices.size,), jnp.int32, sharding=self.batch_sharding
         )
-        batch = self.abstract_batch(global_batch, image_size)
-        return self.train_step.lower(self.abstract_state, batch, votes).compile()
+        args = (self.abstract_state, self.abstract_batch(global_batch, image_size), votes)
+        lower = lambda: self.train_step.lower(*args)
+        return executables.load_or_compile("train_step", lower, self.executable_key, args)
 
     def compile_eval_step(self, global_batch: int, image_size: int):
         votes = jax.ShapeDtypeStruct(
@@ -144,7 +147,9 @@ class Program:
         totals = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), totals
         )
-        return self.eval_step.lower(self.abstract_state, batch, totals, votes).compile()
+        args = (self.abstract_state, batch, totals, votes)
+        lower = lambda: self.eval_step.lower(*args)
+        return executables.load_or_compile("eval_step", lower, self.executable_key, args)
 
     def shapes_digest(self) -> str:
         return shapes_digest(self.abstract_state.params)
@@ -244,4 +249,9 @@ def build_program(
         train_step=train_step,
         eval_step=eval_step,
         channels=channels,
+        executable_key={
+            "config": config.to_json_best_effort(sort_keys=True),
+            "build": [channels, steps_per_epoch, num_steps, donate],
+            **executables.environment_key(mesh),
+        },
     )
