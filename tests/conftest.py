@@ -11,6 +11,23 @@ flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _demo_data_cache(tmp_path_factory):
+    """The embedded demo data is converted into a per-user cache outside every workdir; the
+    tests (and the launchers they start, which inherit the environment) use their own."""
+    import os  # pylint: disable=g-import-not-at-top
+
+    from pipeline import demo_data  # pylint: disable=g-import-not-at-top
+
+    before = os.environ.get(demo_data.CACHE_ENV)
+    os.environ[demo_data.CACHE_ENV] = str(tmp_path_factory.mktemp("demo-data-cache"))
+    yield
+    if before is None:
+        os.environ.pop(demo_data.CACHE_ENV, None)
+    else:
+        os.environ[demo_data.CACHE_ENV] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
     """One persistent compilation cache for the programs compiled in the test process: the
     in-process tests build the same tiny train and eval steps several times."""
