@@ -1,0 +1,122 @@
+"""Structured events: what each process of a run did and when, as JSON lines in the workdir.
+
+Every launcher process appends to `WORKDIR/events/p<process>.jsonl` (local workdirs; on
+object stores, which cannot append, each attempt keeps its own file, rewritten whole as it
+grows). Each line is one event:
+
+    {"t": 1796414400.12, "event": "save_started", "process": 0, "attempt": "...", "step": 50, ...}
+
+`t` is wall-clock time (time.time()), `attempt` identifies one launcher start (the same on
+every process of it), and the other fields depend on the event:
+
+| event              | fields                                                              |
+|--------------------|---------------------------------------------------------------------|
+| `attempt_started`  | `topology` ("PxD"), `pid`                                           |
+| `phase_started`    | `phase` (data, restore, compile_train_step, compile_eval_step, ...) |
+| `phase_ended`      | `phase`, `seconds`                                                  |
+| `startup`          | `figures` ({"startup/..._s": seconds}): every host is training      |
+| `resumed`          | `step` (0 for a fresh start), `from_topology` or null               |
+| `progress`         | `step`: the loop completed this step                                |
+| `save_started`     | `step`, `blocked_s`: how long the loop waited for the save to start |
+| `save_committed`   | `step`, `seconds`: from start to commit                             |
+| `stop_agreed`      | `step`, `reason` (preemption, stall, ...)                           |
+| `eval`             | `step` and the eval figures                                         |
+| `checkpoint_rejected` | `step`, `reason`                                                 |
+| `fault`            | `kind` (sigterm, sigint, ...) when the process learns of one        |
+| `attempt_ended`    | `status` (an ExitStatus value), `outcome`, `step`                   |
+
+An attempt with no `attempt_ended` was killed (SIGKILL, a lost host): its last event bounds
+when. These files are the contract between the launcher and the tools that measure it
+(goodput, benchmarks, tests); the log's wording is free to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from etils import epath
+
+FOLDER = "events"
+
+
+def new_attempt_id() -> str:
+    """One id for a launcher start; process 0 makes it and the others receive it."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+class EventLog:
+    """Appends this process's events; safe to call from any thread."""
+
+    def __init__(self, workdir: str, process: int, attempt: str):
+        self._folder = epath.Path(workdir) / FOLDER
+        self._process = process
+        self._attempt = attempt
+        self._lock = threading.Lock()
+        self._local = "://" not in workdir
+        name = f"p{process}.jsonl" if self._local else f"p{process}-{attempt}.jsonl"
+        self.path = self._folder / name
+        self._lines: list[str] = []  # object stores: the whole file, rewritten
+
+    def emit(self, event: str, **fields: Any) -> None:
+        record = {"t": time.time(), "event": event, "process": self._process}
+        record["attempt"] = self._attempt
+        record.update(fields)
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with self._lock:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            if self._local:
+                with open(self.path, "a") as f:
+                    f.write(line)
+                    f.flush()
+            else:
+                self._lines.append(line)
+                self.path.write_text("".join(self._lines))
+
+
+class NullLog:
+    """Records nothing: for callers with no workdir (benchmarks, in-process tests)."""
+
+    path = None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        del event, fields
+
+
+def read(workdir: str) -> list[dict[str, Any]]:
+    """Every event of every process and attempt in `workdir`, in time order.
+
+    A torn last line (a process killed mid-write) is skipped.
+    """
+    folder = epath.Path(workdir) / FOLDER
+    if not folder.exists():
+        return []
+    records = [r for path in sorted(folder.glob("p*.jsonl")) for r in _lines(path)]
+    return sorted(records, key=lambda r: (r["t"], r["process"]))
+
+
+def _lines(path: epath.Path) -> Iterator[dict[str, Any]]:
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "t" in record and "event" in record:
+            yield record
+
+
+def attempts(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Events grouped by attempt, attempts in the order they started."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        grouped.setdefault(record.get("attempt", ""), []).append(record)
+    return grouped
+
+
+def local_path(workdir: str, process: int) -> str:
+    return os.path.join(workdir, FOLDER, f"p{process}.jsonl")
