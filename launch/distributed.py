@@ -61,8 +61,8 @@ def slurm_devices(env: dict[str, str]) -> SlurmDevices | None:
       SLURM_GPUS_ON_NODE    the step's GPU count on this node
       CUDA_VISIBLE_DEVICES  what this task's CUDA sees, so the ordinals are 0..n-1 (the IDs
                             listed are global unless the cluster constrains devices by cgroup)
-    Layouts: one task per node (tools/slurm_train.sbatch) uses every GPU it sees; tasks bound to
-    their own GPUs use theirs; several tasks that all see the node's GPUs split them evenly
+    Layouts: one task per node (tools/cluster/slurm_train.sbatch) uses every GPU it sees; tasks
+    bound to their own GPUs use theirs; several tasks that all see the node's GPUs split them evenly
     (one each with one task per GPU, as JAX itself does). No GPUs allocated: JAX's choice,
     unchanged.
     """

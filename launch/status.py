@@ -1,7 +1,8 @@
 """The launcher's exit statuses: the one table that every supervisor reads.
 
-`tools/slurm_train.sbatch`, `tools/cluster/tpu_pod.sh` and `launch.local_cluster` act on these
-numbers; a test checks that the shell scripts' `STATUS_*` constants equal the values here.
+The supervisors act on these numbers: `launch.local_cluster`, `tools/cluster/slurm_train.sbatch`,
+`tools/cluster/tpu_pod.sh` and the GKE JobSet of `tools/cluster/gke_jobset.py`; the tests check
+that their constants equal the values here.
 """
 
 from __future__ import annotations

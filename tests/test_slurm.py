@@ -1,4 +1,4 @@
-"""tools/slurm_train.sbatch and launch.distributed's Slurm support, against a real Slurm.
+"""tools/cluster/slurm_train.sbatch and launch.distributed's Slurm support, against a real Slurm.
 
 The `slow` tests run the real script with the real launcher (configs/demo.py on CPU) as jobs
 of a real one-node Slurm 22.05 (munged, slurmctld, slurmd: tests/slurm_cluster.py), and read
@@ -46,7 +46,7 @@ from launch.checkpointing import committed_steps
 from tests import helpers, slurm_cluster
 
 REPO = helpers.REPO
-SBATCH = os.path.join(REPO, "tools", "slurm_train.sbatch")
+SBATCH = os.path.join(REPO, "tools", "cluster", "slurm_train.sbatch")
 # About 70 s of training on 2 idle cores (about 10 steps/s), so that the first run of the
 # time-limit test is still training when the warning comes, 30 to 60 s after it starts.
 STEPS = 900

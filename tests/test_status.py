@@ -8,7 +8,7 @@ import pytest
 from launch.status import ExitStatus
 from tests import helpers
 
-SCRIPTS = ["tools/slurm_train.sbatch"]
+SCRIPTS = ["tools/cluster/slurm_train.sbatch"]
 TPU_POD_MODULES = ["pod_supervisor", "pod_driver", "pod_gcloud", "tpu_pod"]
 
 

@@ -47,7 +47,7 @@ from tools.cluster import remote_scripts as remote
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_POD = os.path.join(REPO, "tools", "cluster", "tpu_pod.sh")
-SBATCH = os.path.join(REPO, "tools", "slurm_train.sbatch")
+SBATCH = os.path.join(REPO, "tools", "cluster", "slurm_train.sbatch")
 BASH = shutil.which("bash") or "/bin/bash"
 REAL_GCLOUD = shutil.which("gcloud")  # looked up before any fake is put on PATH
 

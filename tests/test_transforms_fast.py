@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline import conversion, dataset, transforms
 from tools import photo_like
 
-PSNR_BAR = 35.0  # dB against the full decode through PIL (docs/benchmarks.md)
+PSNR_BAR = 35.0  # dB against the full decode through PIL (docs/measurements.md)
 
 pytestmark = pytest.mark.skipif(
     not transforms.fast_path_available(), reason="simplejpeg/OpenCV not installed"

@@ -205,7 +205,7 @@ def test_damaged_inputs_are_one_line_and_status_2(tmp_path, capsys, damage, flag
 def _bash_sbatch(cwd, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     return subprocess.run(
-        ["bash", os.path.join(helpers.REPO, "tools", "slurm_train.sbatch")],
+        ["bash", os.path.join(helpers.REPO, "tools", "cluster", "slurm_train.sbatch")],
         cwd=cwd, env={**clean, **env}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
