@@ -214,6 +214,8 @@ def answer(args, state_dir):
             return ssh_check(state_dir, args, node, command)
         if first_line == "# tpu_pod.sh:log":
             worker = int(flag(args, "--worker"))
+            if pop(state_dir, "log_results", node, "OK") == "SSH_ERROR":
+                return 255, "", "ssh: connect to host 203.0.113.7 port 22: Connection refused\n"
 
             def setup(home, worker=worker):
                 with open(os.path.join(home, "resnet-train.log"), "w") as f:
@@ -961,6 +963,17 @@ def test_logs_all_workers(gcloud):
     for i in range(3):
         assert (folder / f"worker-{i}.log").read_text() == f"first line\nline from worker {i}\n"
     assert str(folder) in proc.stderr
+
+
+def test_logs_all_workers_fails_when_a_log_is_missing(gcloud):
+    gcloud.script("log_results", ["OK", "SSH_ERROR"])
+    proc = gcloud.run("logs", *BASE, "--all-workers", f"--logs-dir={gcloud.logs}")
+    assert proc.returncode == 1
+    (folder,) = gcloud.logs.iterdir()
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["worker-0.log", "worker-1.log", "worker-1.ssh-errors"]  # what came, and why
+    assert "Connection refused" in (folder / "worker-1.ssh-errors").read_text()
+    assert "saved the logs of 1 of 2 workers" in proc.stderr
 
 
 # -------------------------------------------------------------------- dry run --

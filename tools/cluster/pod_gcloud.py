@@ -482,7 +482,8 @@ class Pod:
         return dataclasses.replace(launcher, error="\n".join(e for e in errors if e))
 
     def collect_logs(self, why: str, slices: Sequence[int] | None = None) -> str:
-        """Saves the end of every worker's log under LOGS_DIR/NAME-TIME-WHY/; returns the folder."""
+        """Saves the end of every worker's log under LOGS_DIR/NAME-TIME-WHY/; returns the folder,
+        or "" unless every worker's log was saved."""
         opts = self.opts
         slices = range(opts.slice_count) if slices is None else slices
         folder = os.path.join(
@@ -508,7 +509,7 @@ class Pod:
         if not self.gcloud.dry_run and total:
             self.log(f"saved the logs of {saved} of {total} workers in {folder}")
             self.last_logs = folder
-        return folder if saved else ""
+        return folder if total and saved == total else ""
 
     def _save_log(self, node: str, worker: int, base: str) -> int:
         script = remote.log(self.opts.number("log_lines"))

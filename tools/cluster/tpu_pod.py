@@ -76,8 +76,8 @@ def do_status(pod: Pod) -> int:
 def do_logs(pod: Pod) -> int:
     opts = pod.opts
     if opts.all_workers:
-        pod.collect_logs("logs")
-        return ExitStatus.FINISHED if pod.last_logs or opts.dry_run else ExitStatus.FAILED
+        complete = pod.collect_logs("logs")
+        return ExitStatus.FINISHED if complete or opts.dry_run else ExitStatus.FAILED
     node = opts.nodes()[int(opts.slice)]
     return pod.ssh(node, opts.worker, None, remote.follow(), capture=False).rc
 

@@ -117,7 +117,9 @@ Options (defaults from the environment variables in brackets):
   -- LAUNCHER_ARGS...       passed to the launcher (train, supervise), e.g.
                             -- --config.train.num_epochs=1
 
-Multi-worker ssh needs your key in an agent: ssh-add ~/.ssh/google_compute_engine
+Needs on this machine: gcloud, python3 (3.8 or newer; standard library only), and
+git for the default setup. Multi-worker ssh needs your key in an agent:
+ssh-add ~/.ssh/google_compute_engine
 
 Examples:
   export TPU_NAME=resnet-v4-32 TPU_ZONE=us-central2-b TPU_PROJECT=my-project
