@@ -1357,8 +1357,7 @@ def test_unit_setup_train_status_logs_delete(gcloud, tmp_path):
             "A": "b",
             "MEGASCALE_NUM_SLICES": "2",
             "MEGASCALE_SLICE_ID": str(k),
-            "MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8081",
-            "MEGASCALE_PORT": "8081",
+            "MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2",
         }
     gcloud.script("describe_states.my-tpu-1", ["PREEMPTED"])
     gcloud.script("qr_states", ["SUSPENDED"])

@@ -30,7 +30,6 @@ DESCRIBE_FORMAT = 'value[separator="|"](state,health,symptoms.symptomType.list()
 WORKERS_FORMAT = "value(networkEndpoints.len())"
 ADDRESS_FORMAT = "value(networkEndpoints[0].ipAddress)"
 QUEUED_FORMAT = "value(state.state)"
-MEGASCALE_PORT = "8081"  # the multislice coordinator's port on worker 0 of the first slice
 
 
 class Failed(Exception):
@@ -534,10 +533,10 @@ class Pod:
 
 
 def slice_environment(slice_id: int, slices: int, coordinator: str) -> list[tuple[str, str]]:
-    """What TPU multislice reads on each host of slice `slice_id`."""
+    """What TPU multislice reads on each host of slice `slice_id`: the coordinator is worker 0
+    of the first slice, by address, on libtpu's default port (as the GKE JobSet names it)."""
     return [
         ("MEGASCALE_NUM_SLICES", str(slices)),
         ("MEGASCALE_SLICE_ID", str(slice_id)),
-        ("MEGASCALE_COORDINATOR_ADDRESS", f"{coordinator}:{MEGASCALE_PORT}"),
-        ("MEGASCALE_PORT", MEGASCALE_PORT),
+        ("MEGASCALE_COORDINATOR_ADDRESS", coordinator),
     ]
