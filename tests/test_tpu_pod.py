@@ -976,6 +976,15 @@ def test_logs_all_workers_fails_when_a_log_is_missing(gcloud):
     assert "saved the logs of 1 of 2 workers" in proc.stderr
 
 
+def test_logs_into_a_file_is_one_error_line(gcloud):
+    gcloud.logs.write_text("not a folder")
+    proc = gcloud.run("logs", *BASE, "--all-workers", f"--logs-dir={gcloud.logs}")
+    assert proc.returncode == 1
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert f"cannot save logs in {gcloud.logs}/my-tpu-" in line and "Traceback" not in proc.stderr
+    assert gcloud.logs.read_text() == "not a folder"
+
+
 # -------------------------------------------------------------------- dry run --
 
 

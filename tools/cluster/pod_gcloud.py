@@ -500,7 +500,10 @@ class Pod:
                 self.log(f"TPU {node} reports no workers; no logs collected from it")
                 continue
             if not self.gcloud.dry_run:
-                os.makedirs(folder, exist_ok=True)
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as e:
+                    raise Failed(f"cannot save logs in {folder}: {e.strerror}") from e
             prefix = f"slice-{k}-" if opts.slice_count > 1 else ""
             for i in range(workers):
                 total += 1

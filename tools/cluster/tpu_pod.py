@@ -155,20 +155,26 @@ def main(
         return NO_GCLOUD
     if opts.subcommand == "supervise":
         environ["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"  # nobody answers a prompt
+    try:  # the tarball and a credentials file live here while tpu_pod runs
+        tmp_dir = tempfile.mkdtemp(prefix="tpu_pod.", dir=environ.get("TMPDIR"))
+    except OSError as e:
+        print(f"error: {PROG}: cannot make a temporary folder: {e}", file=sys.stderr)
+        return ExitStatus.FAILED
     gcloud = runner(opts.dry_run, log_line, environ)
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tempfile.TemporaryDirectory(prefix="tpu_pod.", dir=environ.get("TMPDIR")) as tmp:
-            return execute(opts, gcloud, log_line, tmp, sleep, clock)
+        return execute(opts, gcloud, log_line, tmp_dir, sleep, clock)
     except Failed as e:
         print(f"error: {PROG}: {e}", file=sys.stderr)
         return ExitStatus.FAILED
     except Interrupted as e:
         # Ends like the signal would have (the call in flight was ended with its group).
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         signal.signal(e.signum, signal.SIG_DFL)
         os.kill(os.getpid(), e.signum)
         return 128 + e.signum
     finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
