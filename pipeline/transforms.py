@@ -269,10 +269,18 @@ def crop_into(
     if size is None:
         out[...] = random_resized_crop(open_image(image_bytes), aug, rng)
         return
+    draws = rng.bit_generator.state
     box = random_box(*size, aug, rng)
     scale = dct_scale((box[2] - box[0], box[3] - box[1]), aug.image_size)
     scale = scale if aug.scaled_decode else 1
-    pixels = decode_scaled(image_bytes, size, scale, aug.channels)
+    try:
+        pixels = decode_scaled(image_bytes, size, scale, aug.channels)
+    except ValueError:
+        # A damaged JPEG: PIL decides, with the same draws, as it does everywhere else (it
+        # refuses a truncated file, for one, and says so).
+        rng.bit_generator.state = draws
+        out[...] = random_resized_crop(open_image(image_bytes), aug, rng)
+        return
     if pixels.shape[1] == size[0]:
         resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
     else:  # a reduced decode: the box has fractional bounds there, which only PIL resamples
