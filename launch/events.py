@@ -11,19 +11,22 @@ every process of it), and the other fields depend on the event:
 
 | event              | fields                                                              |
 |--------------------|---------------------------------------------------------------------|
-| `attempt_started`  | `topology` ("PxD"), `pid`                                           |
+| `attempt_started`  | `topology` ("PxD"), `pid`, `process_start` (wall time the process   |
+|                    | began: start-up counts from there)                                  |
 | `phase_started`    | `phase` (data, restore, compile_train_step, compile_eval_step, ...) |
 | `phase_ended`      | `phase`, `seconds`                                                  |
 | `startup`          | `figures` ({"startup/..._s": seconds}): every host is training      |
 | `resumed`          | `step` (0 for a fresh start), `from_topology` or null               |
-| `progress`         | `step`: the loop completed this step                                |
+| `progress`         | `step`: the loop completed this step (at log intervals)             |
 | `save_started`     | `step`, `blocked_s`: how long the loop waited for the save to start |
-| `save_committed`   | `step`, `seconds`: from start to commit                             |
+| `save_committed`   | `step`, `seconds`: from start to commit (as the loop first saw it)  |
+| `interval`         | `step`, `steps` (the automatic checkpoint interval from here),      |
+|                    | `seconds`, `optimum_s`, `bounds_s` and its inputs (`launch.interval`)|
 | `stop_agreed`      | `step`, `reason` (preemption, stall, ...)                           |
 | `eval`             | `step` and the eval figures                                         |
 | `checkpoint_rejected` | `step`, `reason`                                                 |
 | `fault`            | `kind` (sigterm, sigint, ...) when the process learns of one        |
-| `attempt_ended`    | `status` (an ExitStatus value), `outcome`, `step`                   |
+| `attempt_ended`    | `status` (an ExitStatus value), `outcome`, `step` (when known)      |
 
 An attempt with no `attempt_ended` was killed (SIGKILL, a lost host): its last event bounds
 when. These files are the contract between the launcher and the tools that measure it
@@ -62,6 +65,7 @@ class EventLog:
         name = f"p{process}.jsonl" if self._local else f"p{process}-{attempt}.jsonl"
         self.path = self._folder / name
         self._lines: list[str] = []  # object stores: the whole file, rewritten
+        self.records: list[dict[str, Any]] = []  # this process's events of this attempt
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"t": time.time(), "event": event, "process": self._process}
@@ -69,6 +73,7 @@ class EventLog:
         record.update(fields)
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
+            self.records.append(record)
             self._folder.mkdir(parents=True, exist_ok=True)
             if self._local:
                 with open(self.path, "a") as f:
@@ -83,6 +88,7 @@ class NullLog:
     """Records nothing: for callers with no workdir (benchmarks, in-process tests)."""
 
     path = None
+    records: list[dict[str, Any]] = []
 
     def emit(self, event: str, **fields: Any) -> None:
         del event, fields
@@ -120,3 +126,47 @@ def attempts(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def local_path(workdir: str, process: int) -> str:
     return os.path.join(workdir, FOLDER, f"p{process}.jsonl")
+
+
+def process_start_time() -> float:
+    """Wall time at which this process started (Linux: from /proc), else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+class Tail:
+    """The events appended to a local workdir's files since the previous call: for a watcher
+    (tools.faults.storm) that acts on them as they happen. Only whole lines are returned."""
+
+    def __init__(self, workdir: str):
+        self._folder = os.path.join(workdir, FOLDER)
+        self._offsets: dict[str, int] = {}
+
+    def read(self) -> list[dict[str, Any]]:
+        if not os.path.isdir(self._folder):
+            return []
+        records = []
+        for name in sorted(os.listdir(self._folder)):
+            if name.startswith("p") and name.endswith(".jsonl"):
+                records.extend(self._new(os.path.join(self._folder, name)))
+        return sorted(records, key=lambda r: (r["t"], r["process"]))
+
+    def _new(self, path: str) -> Iterator[dict[str, Any]]:
+        with open(path, "rb") as f:
+            f.seek(self._offsets.get(path, 0))
+            data = f.read()
+        whole = data[: data.rfind(b"\n") + 1]
+        self._offsets[path] = self._offsets.get(path, 0) + len(whole)
+        for line in whole.decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "t" in record and "event" in record:
+                yield record

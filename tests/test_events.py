@@ -1,0 +1,35 @@
+"""launch.events: the per-process writer, the reader, and the tail that watchers use."""
+
+import time
+
+from launch import events
+
+
+def test_events_of_every_process_come_back_in_time_order(tmp_path):
+    first = events.EventLog(str(tmp_path), process=1, attempt="a")
+    zero = events.EventLog(str(tmp_path), process=0, attempt="a")
+    first.emit("progress", step=1)
+    zero.emit("save_started", step=2, blocked_s=0.1)
+    records = events.read(str(tmp_path))
+    assert [(r["event"], r["process"]) for r in records] == [("progress", 1), ("save_started", 0)]
+    assert records[1]["blocked_s"] == 0.1 and records[1]["attempt"] == "a"
+    assert list(events.attempts(records)) == ["a"]
+
+
+def test_the_tail_returns_each_whole_line_once(tmp_path):
+    log = events.EventLog(str(tmp_path), process=0, attempt="a")
+    tail = events.Tail(str(tmp_path))
+    assert tail.read() == []
+    log.emit("progress", step=1)
+    path = events.local_path(str(tmp_path), 0)
+    with open(path, "a") as f:
+        f.write('{"t": 1.0, "event": "save_st')  # a line still being written
+    assert [r["step"] for r in tail.read()] == [1]
+    with open(path, "a") as f:
+        f.write('arted", "process": 0, "step": 2}\n')
+    assert [r["event"] for r in tail.read()] == ["save_started"]
+    assert tail.read() == []
+
+
+def test_the_process_start_is_before_now():
+    assert time.time() - 600 < events.process_start_time() <= time.time()

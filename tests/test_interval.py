@@ -1,0 +1,67 @@
+"""launch.interval: Daly's interval from measured figures, its bounds, and the save schedule."""
+
+import math
+
+import pytest
+
+from launch import interval
+
+FIGURES = interval.Figures(step_s=0.5, stall_s=0.4, save_s=1.5, restore_s=2.0, mtbf_s=120.0)
+
+
+def test_the_optimum_is_dalys_first_order_interval():
+    # sqrt(2 x 0.4 x (120 + 2)) = 9.88 s: 20 steps of 0.5 s.
+    decision = interval.decide(FIGURES)
+    assert decision.optimum_s == pytest.approx(math.sqrt(2 * 0.4 * 122))
+    assert decision.steps == 20
+    assert decision.seconds == pytest.approx(decision.optimum_s)
+    assert "every 20 steps" in decision.describe()
+    assert decision.fields()["steps"] == 20 and decision.fields()["mtbf_s"] == 120.0
+
+
+@pytest.mark.parametrize(
+    "change, steps, why",
+    [
+        # A save that takes 30 s to commit: the next may not start before it is done.
+        ({"save_s": 30.0}, 61, "lower: stall + save duration"),
+        # Free saves: still at least MIN_STEPS steps apart.
+        ({"stall_s": 0.0, "save_s": 0.0}, interval.MIN_STEPS, "lower: a few steps"),
+        # Costly saves and frequent faults: never longer than a fault takes to come.
+        ({"stall_s": 40.0, "mtbf_s": 60.0}, 120, "upper: the MTBF"),
+        # Rare faults: at most MAX_SECONDS of work at risk.
+        ({"stall_s": 50.0, "mtbf_s": 1e9}, int(interval.MAX_SECONDS / 0.5), "upper: the cap"),
+    ],
+)
+def test_the_interval_is_clamped_to_its_bounds(change, steps, why):
+    values = {**FIGURES.__dict__, **change}
+    assert interval.decide(interval.Figures(**values)).steps == steps, why
+
+
+def test_the_mtbf_is_observed_once_a_fault_is_seen_else_the_prior():
+    assert interval.mtbf_seconds(0, 100.0, 3600.0) == 3600.0
+    assert interval.mtbf_seconds(0, 7200.0, 3600.0) == 7200.0  # survived longer than the prior
+    assert interval.mtbf_seconds(3, 360.0, 3600.0) == 120.0
+
+
+def test_a_fixed_schedule_saves_at_multiples_and_never_at_the_end():
+    schedule = interval.Schedule(fixed=4, start_step=0, num_steps=12)
+    assert [s for s in range(1, 13) if schedule.due(s)] == [4, 8]
+    assert schedule.saved(4, FIGURES) is None
+    never = interval.Schedule(fixed=0, start_step=0, num_steps=12)
+    assert not any(never.due(s) for s in range(1, 13))
+
+
+def test_the_auto_schedule_saves_early_then_at_the_decided_interval():
+    schedule = interval.Schedule(fixed=None, start_step=30, num_steps=1000)
+    first = 30 + interval.FIRST_SAVE_STEPS
+    assert [s for s in range(31, 100) if schedule.due(s)] == [first]
+    decision = schedule.saved(first, FIGURES)
+    assert decision is not None and decision.steps == 20  # a change: to be logged
+    assert schedule.due(first + 20) and not schedule.due(first + 19)
+    assert schedule.saved(first + 20, FIGURES) is None  # the same interval: nothing to log
+    slower = interval.Figures(**{**FIGURES.__dict__, "mtbf_s": 3600.0})
+    assert schedule.saved(first + 40, slower).steps > 20
+
+
+def test_figures_travel_as_a_list_and_come_back_equal():
+    assert interval.Figures.from_list(FIGURES.as_list()) == FIGURES
