@@ -81,77 +81,88 @@ def test_a_storm_of_every_fault_kind_finishes_right(tmp_path):
     assert 0 < report["goodput"] < 1
     total = report["productive_s"] + sum(report["badput_s"].values())
     assert total == pytest.approx(report["wall_s"], abs=0.05)
-    assert report["badput_s"]["startup"] > 0 and report["badput_s"]["restore"] > 0
+    assert report["badput_s"]["program_startup"] > 0
+    assert report["badput_s"]["unproductive_checkpoint_restore_time"] > 0
     assert (root / "fault_storm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- the accounting and the checks, on recorded lines and small checkpoints ---------------
+# --- the accounting and the checks, on recorded events and small checkpoints --------------
 
 
-def _attempt(index, spawn, lines, end, status, fault_t=None, resume_next=None):
+def _event(t, event, attempt, process=0, **fields):
+    return {"t": t, "event": event, "process": process, "attempt": attempt, **fields}
+
+
+def _attempt(index, spawn, records, end, status, fault_t=None, resume_next=None):
+    """A storm attempt record fed with `records` (times already on the storm's clock)."""
     attempt = goodput.new_attempt(index, (2, 2), spawn)
-    for t, line in lines:
-        goodput.feed(attempt, t, line)
+    for record in records:
+        goodput.feed(attempt, record["t"], record)
     attempt.update(end=end, status=status, resume_next=resume_next)
     if fault_t is not None:
         attempt["fault"] = {"t": fault_t, "kind": "x", "label": "x"}
     return attempt
 
 
-def _line(process, text):
-    return f"[p{process}] I1129 04:48:16.977260 140404196895616 train.py:486] {text}"
+def _startup(t, attempt, restore):
+    return [
+        _event(t - 5, "attempt_started", attempt, process_start=t - 6, topology="2x2"),
+        _event(t - 1, "phase_ended", attempt, phase="restore", seconds=restore),
+        _event(t, "startup", attempt, figures={"startup/restore_s": restore}),
+    ]
 
 
 def test_the_accounting_splits_wall_time_into_buckets_that_add_up():
-    startup = "Start-up: distributed 0.1s, data 1.0s, restore {r}s, compile 6.0s, first_step 9.0s"
-    lost = _attempt(0, 0.0, [
-        (10.0, _line(0, startup.format(r=0.5))),
-        (10.1, _line(1, startup.format(r=0.5))),  # the other process: same events, ignored
-        (12.0, _line(0, "step 10/100  loss 2.3")),
-        (12.1, _line(0, "checkpoint of step 10 started; the loop was blocked 0.050s")),
-        (14.0, _line(0, "step 20/100  loss 2.1")),
-    ], end=16.0, status=137, fault_t=15.0, resume_next=10)  # fmt: skip
-    preempted = _attempt(1, 17.0, [
-        (20.0, _line(0, "Resumed from the checkpoint of step 10.")),
-        (25.0, _line(0, startup.format(r=2.0))),
-        (26.0, _line(0, "step 20/100  loss 2.0")),
-        (27.5, _line(0, "Stop agreed by every host: saving step 22, then exiting")),
-        (27.6, _line(0, "checkpoint of step 22 started; the loop was blocked 0.050s")),
-    ], end=29.0, status=75, fault_t=27.0, resume_next=22)  # fmt: skip
-    final = _attempt(2, 30.0, [
-        (31.0, _line(0, "Resumed from the checkpoint of step 22.")),
-        (36.0, _line(0, startup.format(r=1.0))),
-        (50.0, _line(0, "step 100/100  loss 0.2")),
-    ], end=52.0, status=0)  # fmt: skip
-    reference = _attempt(0, 100.0, [(110.0, _line(0, startup.format(r=0.1)))], 140.0, 0)
-
-    totals, rows = goodput.account([lost, preempted, final])
-    assert lost["loop_start"] == 10.0 and lost["resumed_from"] == 0
-    assert rows[0]["startup"] == pytest.approx(10.0) and rows[0]["restore"] == 0  # nothing read
-    assert rows[0]["kept"] == pytest.approx(2.1)  # to the save of step 10
-    assert rows[0]["wasted_progress"] == pytest.approx(2.9)  # steps 10..~20, re-done later
-    assert rows[0]["recovery"] == pytest.approx(2.0)  # dying 1 s, restarted 1 s later
-    assert rows[1]["restore"] == 2.0 and rows[1]["startup"] == pytest.approx(6.0)
-    assert rows[1]["wasted_progress"] == 0  # the agreed step was saved
-    assert rows[1]["kept"] == pytest.approx(2.6) and rows[1]["recovery"] == pytest.approx(2.4)
-    assert rows[2]["kept"] == pytest.approx(16.0) and rows[2]["recovery"] == 0
-    assert sum(v for k, v in totals.items() if k not in ("shutdown", "supervisor")) == (
-        pytest.approx(52.0)
+    a = _startup(10.0, "a", 0.5) + [
+        _event(10.1, "startup", "a", process=1, figures={}),  # another process: ignored
+        _event(12.0, "progress", "a", step=10),
+        _event(12.1, "save_started", "a", step=10, blocked_s=0.05),
+        _event(14.0, "progress", "a", step=20),
+    ]
+    b = (
+        [_event(20.0, "resumed", "b", step=10)]
+        + _startup(25.0, "b", 2.0)
+        + [
+            _event(26.0, "progress", "b", step=20),
+            _event(27.5, "stop_agreed", "b", step=22, reason="preemption"),
+            _event(27.6, "save_started", "b", step=22, blocked_s=0.05),
+        ]
     )
+    c = [_event(31.0, "resumed", "c", step=22)] + _startup(36.0, "c", 1.0)
+    c.append(_event(50.0, "progress", "c", step=100))
+    attempts = [
+        _attempt(0, 0.0, a, end=16.0, status=137, fault_t=15.0, resume_next=10),
+        _attempt(1, 17.0, b, end=29.0, status=75, fault_t=27.0, resume_next=22),
+        _attempt(2, 30.0, c, end=52.0, status=0),
+    ]
+    ref = _startup(110.0, "r", 0.1) + [_event(120.0, "save_started", "r", step=50, blocked_s=1)]
+    reference = _attempt(0, 100.0, ref, 140.0, 0)
+    assert attempts[0]["loop_start"] == 10.0 and attempts[1]["resumed_from"] == 10
+    assert attempts[1]["agreed_stop"] == [27.5, 22] and attempts[0]["ids"] == ["a"]
 
-    summary = goodput.summarize([lost, preempted, final], reference)
-    assert summary["productive_s"] == pytest.approx(30.0)  # the reference's loop to its exit
-    assert summary["goodput"] == pytest.approx(30.0 / 52.0)
-    assert summary["badput_s"]["other"] == pytest.approx(2.1 + 2.6 + 16.0 - 30.0)
+    summary = goodput.summarize(attempts, reference, a + b + c, ref)
+    rows = summary["per_attempt"]
+    assert rows[0]["program_startup"] == pytest.approx(9.5) and rows[0][goodput.BUCKETS[1]] == 0.5
+    assert rows[0]["productive"] == pytest.approx(2.05)  # to the save of step 10, less its stall
+    assert rows[0]["wasted_progress_from_disruption"] == pytest.approx(2.9)  # re-done later
+    assert rows[0]["infrastructure_recovery_from_disruption"] == pytest.approx(2.0)
+    assert rows[1]["wasted_progress_from_disruption"] == 0  # the agreed step was saved
+    assert rows[2]["productive"] == pytest.approx(16.0)
+    assert summary["productive_s"] == pytest.approx(29.0)  # the reference's loop, less a save
+    assert summary["goodput"] == pytest.approx(29.0 / 52.0)
+    assert summary["badput_s"]["other"] == pytest.approx(2.05 + 2.55 + 16.0 - 29.0)
     total = summary["productive_s"] + sum(summary["badput_s"].values())
     assert total == pytest.approx(summary["wall_s"], abs=0.01)
 
 
 def test_an_attempt_stopped_during_start_up_is_start_up_then_recovery():
     early = _attempt(0, 0.0, [], end=8.0, status=137, fault_t=5.0, resume_next=0)
-    final = _attempt(1, 9.0, [(20.0, _line(0, "Start-up: first_step 1.0s"))], 30.0, 0)
-    _, rows = goodput.account([early, final])
-    assert rows[0]["startup"] == 5.0 and rows[0]["kept"] == 0 and rows[0]["recovery"] == 4.0
+    final = _attempt(1, 9.0, _startup(20.0, "f", 1.0), 30.0, 0)
+    reference = _attempt(0, 0.0, _startup(5.0, "r", 1.0), 10.0, 0)
+    summary = goodput.summarize([early, final], reference, _startup(20.0, "f", 1.0), [])
+    row = summary["per_attempt"][0]
+    assert row["program_startup"] == 5.0 and row["productive"] == 0
+    assert row["infrastructure_recovery_from_disruption"] == 4.0
 
 
 def test_the_schedule_is_seeded_and_brings_every_kind_once_per_round():

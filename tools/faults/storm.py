@@ -10,13 +10,15 @@ run in WORKDIR/storm, and the report lands in WORKDIR/fault_storm.json and .png.
 1. The reference: the same config once without faults, on the first `--topologies` entry.
 2. The storm: the same command, with faults from a seeded schedule. A fault is due
    `--fault_interval` seconds (uniform in [lo, hi]) of wall time after the previous one, and
-   is injected once the running attempt has reached its training loop (so every attempt
-   trains). The kinds, drawn in shuffled rounds so that every kind comes once per round:
+   is injected once the running attempt has reached its training loop (its `startup` event:
+   every attempt trains). The storm follows the launcher through its structured events,
+   tailed from the workdir as they are written; the output goes to logs/ only. The kinds,
+   drawn in shuffled rounds so that every kind comes once per round:
      preempt    SIGTERM to one process: the hosts agree on a step, save it, exit 75
      host_loss  SIGKILL to one process: local_cluster stops the others (SIGTERM, then SIGKILL
                 after --grace_seconds); the heartbeat (10 s here) ends the rest
-     save_kill  SIGKILL to one process right after a "checkpoint of step N started" line, the
-                asynchronous save still in flight; the torn step must never be restored
+     save_kill  SIGKILL to one process right after its `save_started` event (launch.events),
+                the asynchronous save still in flight; the torn step must never be restored
      resize     SIGTERM to every process (a scheduler draining the job); the restart uses the
                 next topology of the cycle, e.g. 2x2 -> 1x4 -> 4x1 -> 2x2
    After every fault the same command is started again until it exits 0. An attempt still
@@ -47,7 +49,7 @@ from typing import Any
 
 from absl import app, flags
 
-from launch import checkpointing
+from launch import checkpointing, events
 from tools.faults import goodput
 
 flags.DEFINE_string("workdir", None, "Root: reference/, storm/, logs/ and the report go here.")
@@ -145,7 +147,7 @@ class Storm:
     """Shared by the attempts: the clock, the next planned fault, the topology cycle."""
 
     def __init__(self, schedule: Schedule | None, topologies: list[tuple[int, int]]):
-        self.origin = time.monotonic()
+        self.origin = time.time()  # wall time: the events' clock
         self.schedule = schedule
         self.topologies = topologies
         self.topology_index = 0
@@ -155,7 +157,7 @@ class Storm:
             self._plan_next(0.0)
 
     def clock(self) -> float:
-        return time.monotonic() - self.origin
+        return time.time() - self.origin
 
     def _plan_next(self, after: float) -> None:
         self.plan = self.schedule.next()
@@ -183,12 +185,14 @@ class Attempt:
         launcher_args: list[str],
         log_path: str,
         faults: bool,
+        tail: events.Tail,
     ):
         self.storm = storm
         self.processes = topology[0]
         self.record = goodput.new_attempt(index, topology, storm.clock())
         self.record.update(trouble=None, error=None)
         self.faults = faults
+        self._tail = tail
         self._lock = threading.Lock()
         self._armed: dict[str, Any] | None = None  # a save_kill waiting for the next save
         self._children: dict[int, tuple[int, int]] = {}  # process id -> (pid, start time)
@@ -223,7 +227,12 @@ class Attempt:
                     self.record["trouble"] = [t, line]  # kill_after counts from here too
                 if self.record["error"] is None and _ERROR.match(line):
                     self.record["error"] = line
-                save = goodput.feed(self.record, t, line)
+
+    def _follow_events(self) -> None:
+        """Feeds the launcher's new events to the record; a save_kill fires on a save start."""
+        for record in self._tail.read():
+            with self._lock:
+                save = goodput.feed(self.record, record["t"] - self.storm.origin, record)
                 if save and self._armed and self.record["fault"] is None:
                     self._inject(self._armed, save["step"])
 
@@ -321,6 +330,7 @@ class Attempt:
     def run(self) -> dict[str, Any]:
         while self.proc.poll() is None:
             self._discover()
+            self._follow_events()
             if self.faults:
                 self._maybe_fault()
             fault, trouble = self.record["fault"], self.record["trouble"]
@@ -337,6 +347,7 @@ class Attempt:
         if leftovers:
             self.record["forced_kill"] = True
         self._reader.join(timeout=30)
+        self._follow_events()
         self._log.close()
         code = self.proc.returncode
         self.record["status"] = 128 - code if code < 0 else code
@@ -526,6 +537,7 @@ def run_until_finished(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    tail = events.Tail(workdir)
     while True:
         if len(attempts) >= FLAGS.max_attempts:
             _fail(3, f"{name}: no success in {FLAGS.max_attempts} attempts")
@@ -534,7 +546,7 @@ def run_until_finished(
         index = len(attempts)
         log = os.path.join(logs, f"{name}-{index:02d}.log")
         _say(f"{name} attempt {index} on {topology[0]}x{topology[1]} (log {log})")
-        attempt = Attempt(storm, index, topology, args, log, faults)
+        attempt = Attempt(storm, index, topology, args, log, faults, tail)
         current[:] = [attempt]
         record = attempt.run()
         record["committed_at_spawn"] = committed
@@ -625,7 +637,12 @@ def main(argv):
     load_storm = load.summary()
 
     # 3. The report.
-    summary = goodput.summarize(attempts, reference[0])
+    summary = goodput.summarize(
+        attempts,
+        reference[0],
+        goodput.on_storm_clock(events.read(dirs["storm"]), storm.origin),
+        goodput.on_storm_clock(events.read(dirs["reference"]), quiet.origin),
+    )
     counts = {k: sum(f["kind"] == k for f in storm.faults) for k in KINDS}
     first = f"{topologies[0][0]}x{topologies[0][1]}"
     correct = check(
