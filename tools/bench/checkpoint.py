@@ -3,14 +3,13 @@ r"""Training-loop stall per checkpoint save: asynchronous against synchronous, s
     python -m tools.bench.checkpoint [--steps=60 --every=10] [-- EXTRA_LAUNCHER_FLAGS...]
 
 Runs the real launcher on the demo config twice in a row, once with `checkpoint.async_save`
-on and once off, saving every `--every` steps, and reads the stall the loop logs for each save
-("the loop was blocked X s"). With async saves the stall is the device-to-host copy and the
-pre-save checks; with sync saves it is the whole write. The first save of each run is reported
-separately (it also pays one-off set-up).
+on and once off, saving every `--every` steps, and reads the stall of each save from the
+launcher's events (`save_started` `blocked_s`, process 0; launch.events). With async saves
+the stall is the device-to-host copy and the pre-save checks; with sync saves it is the whole
+write. The first save of each run is reported separately (it also pays one-off set-up).
 """
 
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -18,12 +17,12 @@ import tempfile
 
 from absl import app, flags
 
+from launch import events
+
 flags.DEFINE_integer("steps", 60, "Training steps per run.")
 flags.DEFINE_integer("every", 10, "Save every this many steps.")
 flags.DEFINE_string("config", "configs/demo.py", "Launcher config.")
 FLAGS = flags.FLAGS
-
-_STALL = re.compile(r"checkpoint of step (\d+) started; the loop was blocked ([0-9.]+)s")
 
 
 def run_once(async_save: bool, workdir: str, extra: list[str]) -> list[float]:
@@ -37,7 +36,8 @@ def run_once(async_save: bool, workdir: str, extra: list[str]) -> list[float]:
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         sys.exit(f"launcher failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    return [float(seconds) for _, seconds in _STALL.findall(run.stderr)]
+    saves = [r for r in events.read(workdir) if r["event"] == "save_started"]
+    return [float(r["blocked_s"]) for r in saves if r["process"] == 0]
 
 
 def main(argv):

@@ -6,9 +6,9 @@ r"""Restart time after a preemption, cold against warm compilation cache, in one
 Runs the real launcher on the demo config through `launch.local_cluster`: a first run (no
 cache) is preempted with SIGTERM at `--preempt_at`; then, `--repeats` times, a restart with an
 empty compilation cache (cold) and a restart with the cache that the cold one filled (warm),
-each stopped with SIGTERM once its first step has completed. The figure is the wall time from
-starting the processes to the first completed step after the restore, with the launcher's own
-start-up breakdown (metrics.jsonl). The last line printed is JSON.
+each stopped with SIGTERM once every host is training (the launcher's `startup` event,
+launch.events). The figure is the wall time from starting the processes to that event, with
+the launcher's own start-up breakdown (the event's figures). The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import tempfile
 import time
 
 from absl import app, flags
+
+from launch import events
 
 flags.DEFINE_integer("processes", 2, "Launcher processes.")
 flags.DEFINE_integer("devices", 2, "CPU devices per process.")
@@ -40,33 +42,38 @@ def _start(workdir: str, cache: str, extra: list[str]) -> subprocess.Popen:
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        cmd, stdout=tempfile.TemporaryFile(), stderr=subprocess.STDOUT, env=env,
         start_new_session=True,
     )  # fmt: skip
 
 
-def _run_until(workdir: str, cache: str, extra: list[str], needle: str) -> tuple[float, str]:
-    """Starts a run, SIGTERMs it when `needle` appears; (seconds to needle, its log)."""
-    start = time.perf_counter()
+def _run_until(workdir: str, cache: str, extra: list[str], until) -> tuple[float, dict]:
+    """Starts a run, SIGTERMs it at the first event for which `until` is true; (seconds from
+    the start to that event, the event)."""
+    tail = events.Tail(workdir)
+    tail.read()  # the events of earlier runs
+    start = time.time()
     proc = _start(workdir, cache, extra)
-    seen, took = [], None
-    for line in proc.stdout:
-        seen.append(line)
-        if took is None and needle in line:
-            took = time.perf_counter() - start
-            proc.send_signal(signal.SIGTERM)  # local_cluster forwards it: save, exit 75
-    proc.wait()
-    log = "".join(seen)
-    if took is None or proc.returncode != 75:
-        sys.exit(f"run ended with status {proc.returncode} before '{needle}':\n{log[-3000:]}")
-    return took, log
+    seen = None
+    while proc.poll() is None:
+        if seen is None:
+            seen = next((r for r in tail.read() if until(r)), None)
+            if seen is not None:
+                proc.send_signal(signal.SIGTERM)  # local_cluster forwards it: save, exit 75
+        time.sleep(0.05)
+    proc.stdout.seek(0)
+    log = proc.stdout.read().decode(errors="replace")
+    if seen is None or proc.returncode != 75:
+        sys.exit(f"run ended with status {proc.returncode} first:\n{log[-3000:]}")
+    return seen["t"] - start, seen
 
 
-def _startup(workdir: str) -> dict[str, float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    last = [r for r in records if r["kind"] == "startup"][-1]
-    return {k.split("/")[1]: round(v, 2) for k, v in last.items() if k.startswith("startup/")}
+def _is_step(step: int):
+    return lambda r: r["event"] == "progress" and r["step"] >= step
+
+
+def _is_startup(record: dict) -> bool:
+    return record["event"] == "startup"
 
 
 def main(argv):
@@ -74,12 +81,13 @@ def main(argv):
     results = {"cold": [], "warm": []}
     with tempfile.TemporaryDirectory() as root:
         workdir = os.path.join(root, "run")
-        _run_until(workdir, "", extra, f"step {FLAGS.preempt_at}/")
+        _run_until(workdir, "", extra, _is_step(FLAGS.preempt_at))
         for repeat in range(FLAGS.repeats):
             cache = os.path.join(root, f"cache-{repeat}")
             for kind in ("cold", "warm"):
-                seconds, _ = _run_until(workdir, cache, extra, "Start-up:")
-                results[kind].append({"seconds": round(seconds, 2), "startup": _startup(workdir)})
+                seconds, event = _run_until(workdir, cache, extra, _is_startup)
+                startup = {k.split("/")[1]: round(v, 2) for k, v in event["figures"].items()}
+                results[kind].append({"seconds": round(seconds, 2), "startup": startup})
                 print(f"{kind} restart: first step after {seconds:.1f}s  {results[kind][-1]}")
     cold = sorted(r["seconds"] for r in results["cold"])[len(results["cold"]) // 2]
     warm = sorted(r["seconds"] for r in results["warm"])[len(results["warm"]) // 2]
