@@ -237,8 +237,12 @@ def decode_scaled(image_bytes: bytes, size: tuple[int, int], scale: int, channel
     )
 
 
-def resize_fractional(pixels: np.ndarray, box, scale: float, image_size: int) -> np.ndarray:
-    """`box` (full-resolution pixels) of `pixels` (decoded at 1/scale), resized by PIL."""
+def resize_fractional(pixels: np.ndarray, box, scale: int, image_size: int) -> np.ndarray:
+    """`box` (full-resolution pixels) of `pixels` (decoded at 1/scale), resized by PIL.
+
+    Reduced pixel i covers full-resolution pixels [i * scale, (i + 1) * scale) (the last one
+    a partial block), so the box maps by `scale` itself and stays inside the reduced image.
+    """
     image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
     reduced = tuple(v / scale for v in box)
     out = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=reduced)
@@ -284,7 +288,7 @@ def crop_into(
     if pixels.shape[1] == size[0]:
         resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
     else:  # a reduced decode: the box has fractional bounds there, which only PIL resamples
-        out[...] = resize_fractional(pixels, box, size[0] / pixels.shape[1], aug.image_size)
+        out[...] = resize_fractional(pixels, box, scale, aug.image_size)
     if aug.random_flip and rng.random() < 0.5:
         cv2.flip(out, 1, dst=out)
 

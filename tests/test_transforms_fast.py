@@ -74,7 +74,7 @@ def test_the_window_of_the_reduced_decode_matches_the_full_decode_within_the_bar
                 assert _psnr(pixels, whole) >= 40.0, _psnr(pixels, whole)
                 continue
             reduced += 1
-            window = transforms.resize_fractional(pixels, box, size[0] / pixels.shape[1], 224)
+            window = transforms.resize_fractional(pixels, box, scale, 224)
             rng = np.random.default_rng((i, k))
             reference = transforms.random_resized_crop(transforms.open_image(blob), full, rng)
             worst = min(worst, _psnr(window, reference))
@@ -95,6 +95,17 @@ def test_the_batch_path_keeps_the_draws_and_is_close_to_pils_crop(photos, channe
             assert out.shape == reference.shape == (224, 224, channels)
             scores.append(_psnr(out, reference))
     assert min(scores) >= 33.0 and np.median(scores) >= 40.0, (min(scores), np.median(scores))
+
+
+@pytest.mark.parametrize("size", [(1001, 750), (750, 1001), (1795, 1347)])
+def test_a_reduced_decode_of_a_size_the_scale_does_not_divide_keeps_the_box_inside(size):
+    """The reduced image is ceil(size / scale): the whole image as the box must map inside."""
+    blob = _jpeg(Image.new("RGB", size, (90, 140, 200)))
+    whole = transforms.Augmentation(image_size=224, crop_scale=(1.0, 1.0), random_flip=False)
+    assert transforms.dct_scale(size, 224) > 1
+    out = np.empty((224, 224, 3), np.uint8)
+    transforms.crop_into(out, blob, whole, np.random.default_rng(0))
+    assert np.abs(out.astype(int) - (90, 140, 200)).max() <= 2
 
 
 def test_the_crop_geometry_is_random_resized_crops(photos):

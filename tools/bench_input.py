@@ -318,9 +318,7 @@ def _crop_in_stages(clock, out, image, aug, rng) -> None:
     if pixels.shape[1] == size[0]:
         transforms.resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
     else:
-        out[...] = transforms.resize_fractional(
-            pixels, box, size[0] / pixels.shape[1], aug.image_size
-        )
+        out[...] = transforms.resize_fractional(pixels, box, scale, aug.image_size)
     clock.lap("crop_and_resize")
     if aug.random_flip and rng.random() < 0.5:
         transforms.cv2.flip(out, 1, dst=out)
