@@ -30,7 +30,8 @@ from etils import epath
 import pipeline
 import resnet.from_weights
 import resnet.weights
-from launch import checkpoint_weights, checkpointing, distributed, liveness
+from launch import checkpoint_weights, checkpointing, distributed, executables, liveness
+from launch import events as events_lib
 from launch import metrics as metrics_lib
 from launch import plan as plan_lib
 from launch import program as program_lib
@@ -355,10 +356,15 @@ _RUN_FILES = {
 
 def _run_folders() -> dict[str, str]:
     """The folders the run writes besides the workdir (relative: under it)."""
-    folders = {"checkpoints": "the checkpoints", "tensorboard": "the TensorBoard events"}
+    folders = {
+        "checkpoints": "the checkpoints",
+        "tensorboard": "the TensorBoard events",
+        events_lib.FOLDER: "the structured events",
+    }
     cache = getattr(jax.config, "jax_compilation_cache_dir", None)  # set by launch.main
     if cache:
         folders[cache] = "JAX's compilation cache"
+        folders[executables.cache_folder() or cache] = "the compiled steps"
     return folders
 
 

@@ -135,6 +135,7 @@ PATH_CASES = [
         lambda w: os.makedirs(f"{w}/metrics.jsonl"),
         ["metrics.jsonl", "a folder"],
     ),
+    ("events is a file", lambda w: _file(f"{w}/events"), ["/events (the structured events)"]),
     ("LOCK is a folder", lambda w: os.makedirs(f"{w}/LOCK"), ["/LOCK", "the workdir lock"]),
     ("FINISHED is a folder", lambda w: os.makedirs(f"{w}/FINISHED"), ["/FINISHED", "a folder"]),
     ("FINISHED is garbage", lambda w: _file(f"{w}/FINISHED"), ["/FINISHED", "not the record"]),
@@ -158,7 +159,7 @@ def test_paths_in_the_way_are_refused_before_the_compile(data, tmp_path, capfd, 
     assert tree_digest(str(tmp_path)) == before
 
 
-@pytest.mark.parametrize("where", ["a file", "a file's child"])
+@pytest.mark.parametrize("where", ["a file", "a file's child", "its executables a file"])
 def test_an_unusable_workdir_or_compilation_cache_is_named(data, tmp_path, capfd, where):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
@@ -166,6 +167,19 @@ def test_an_unusable_workdir_or_compilation_cache_is_named(data, tmp_path, capfd
     if where == "a file":
         status, stderr = _launch_in_process(helpers.tiny_config(*data), str(blocker), capfd)
         assert_one_clear_line(stderr, f"--workdir={blocker} exists and is not a directory")
+    elif where == "its executables a file":
+        cache = jax.config.jax_compilation_cache_dir
+        (tmp_path / "xla").mkdir()
+        (tmp_path / "xla" / "executables").write_text("a file")
+        before = tree_digest(str(tmp_path))
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+        try:
+            status, stderr = _launch_in_process(
+                helpers.tiny_config(*data), str(tmp_path / "w"), capfd
+            )
+        finally:
+            jax.config.update("jax_compilation_cache_dir", cache)
+        assert_one_clear_line(stderr, "xla/executables (the compiled steps) exists and is not")
     else:
         cache = jax.config.jax_compilation_cache_dir
         jax.config.update("jax_compilation_cache_dir", str(blocker / "xla"))
