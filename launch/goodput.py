@@ -30,6 +30,7 @@ import bisect
 import dataclasses
 from typing import Any
 
+from launch import interval
 from launch.status import ExitStatus
 
 STARTUP = "program_startup"
@@ -231,3 +232,24 @@ def interruptions(attempts: list[Attempt], current: str | None = None) -> list[d
         kind = a.faults[0][1] if a.faults else ("killed" if a.status is None else "stalled")
         found.append({"t": a.fault_time, "kind": kind, "attempt": a.id})
     return found
+
+
+class Live:
+    """Process 0's running account: the workdir's earlier attempts (read once, at start-up)
+    and this attempt's own events as they are emitted (`events.EventLog.records`)."""
+
+    def __init__(self, past_records: list[dict[str, Any]], log):
+        self._past = summarize(past_records)
+        self._log = log
+
+    def attempts(self) -> list[Attempt]:
+        return self._past + summarize(list(self._log.records))
+
+    def fractions(self, now: float) -> dict[str, float]:
+        return fractions(account(self.attempts(), now))
+
+    def mtbf_seconds(self, now: float, prior_s: float) -> float:
+        """The observed mean time between the workdir's faults, or the prior (launch.interval)."""
+        attempts = self.attempts()
+        survived = now - attempts[0].start if attempts else 0.0
+        return interval.mtbf_seconds(len(interruptions(self._past)), survived, prior_s)

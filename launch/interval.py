@@ -29,6 +29,7 @@ function of them: every host computes the same one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -146,3 +147,52 @@ class Schedule:
         changed = self.decision is None or decision.steps != self.decision.steps
         self.decision = decision
         return decision if changed else None
+
+
+class StepClock:
+    """Process 0's seconds per training step between save points, evals and save stalls out."""
+
+    def __init__(self):
+        self._mark: tuple[int, float] | None = None
+        self._paused = 0.0
+        self.last_s: float | None = None
+
+    def start(self, step: int, now: float) -> None:
+        self._mark, self._paused = (step, now), 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Time the loop spent on something else: an eval, a save's stall."""
+        self._paused += seconds
+
+    def lap(self, step: int, now: float) -> float | None:
+        """Seconds per step since the last start or lap (None before the first start)."""
+        if self._mark is not None and step > self._mark[0]:
+            busy = now - self._mark[1] - self._paused
+            self.last_s = max(busy, 0.0) / (step - self._mark[0])
+        self.start(step, now)
+        return self.last_s
+
+
+def agree(figures: Figures, step: int, timeout_s: float) -> Figures:
+    """Process 0's figures on every host (through the coordination service, with a deadline):
+    the next save step is then the same everywhere."""
+    import jax  # pylint: disable=g-import-not-at-top  # the pure part needs no devices
+
+    from launch import distributed  # pylint: disable=g-import-not-at-top
+
+    if not distributed.is_distributed():
+        return figures
+    from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+
+    client = multihost.get_jax_distributed_client()
+    key = f"resnet_multihost/checkpoint_interval/{step}"
+    if jax.process_index() == 0:
+        client.key_value_set(key, json.dumps(figures.as_list()))
+    try:
+        text = client.blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline
+        raise distributed.HostsNotReady(
+            f"process 0 did not publish the checkpoint interval at step {step} within "
+            f"{timeout_s:.0f}s ({str(e).splitlines()[0] if str(e) else 'no details'})"
+        ) from None
+    return Figures.from_list(json.loads(text))

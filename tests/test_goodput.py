@@ -102,3 +102,18 @@ def test_the_accounting_reads_the_files_the_launcher_writes(tmp_path):
         f.write('{"t": 1, "event": "prog')  # a process killed mid-write
     (attempt,) = goodput.summarize(events.read(str(tmp_path)))
     assert attempt.status == 0 and attempt.loop is not None and len(log.records) == 3
+
+
+def test_the_live_account_joins_earlier_attempts_with_this_ones_own_events(tmp_path):
+    past = [r for r in _storm_like_run() if r["attempt"] != "c"]
+    log = events.EventLog(str(tmp_path), process=0, attempt="c")
+    log.emit("attempt_started", process_start=30.0)
+    log.emit("resumed", step=22)
+    live = goodput.Live(past, log)
+    assert [a.id for a in live.attempts()] == ["a", "b", "c"]
+    now = log.records[-1]["t"] + 10.0
+    fractions = live.fractions(now)
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    # Two faults (a killed, b preempted) in the run's time so far.
+    assert live.mtbf_seconds(now, prior_s=3600.0) == pytest.approx(now / 2)
+    assert goodput.Live([], log).mtbf_seconds(now, prior_s=1e12) == 1e12

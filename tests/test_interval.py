@@ -65,3 +65,16 @@ def test_the_auto_schedule_saves_early_then_at_the_decided_interval():
 
 def test_figures_travel_as_a_list_and_come_back_equal():
     assert interval.Figures.from_list(FIGURES.as_list()) == FIGURES
+
+
+def test_the_step_clock_leaves_evals_and_stalls_out():
+    clock = interval.StepClock()
+    assert clock.lap(10, 100.0) is None  # not started
+    clock.start(10, 100.0)
+    clock.pause(3.0)  # an eval
+    assert clock.lap(20, 108.0) == pytest.approx(0.5)
+    assert clock.lap(20, 109.0) == pytest.approx(0.5)  # no step since: the last figure
+
+
+def test_figures_are_agreed_as_they_are_on_a_single_process():
+    assert interval.agree(FIGURES, step=10, timeout_s=1.0) == FIGURES
