@@ -31,7 +31,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from typing import Any
+
+from absl import logging
 
 AUTO = "auto"
 FIRST_SAVE_STEPS = 10  # the first save of an attempt, to measure what a save costs
@@ -196,3 +199,49 @@ def agree(figures: Figures, step: int, timeout_s: float) -> Figures:
             f"{timeout_s:.0f}s ({str(e).splitlines()[0] if str(e) else 'no details'})"
         ) from None
     return Figures.from_list(json.loads(text))
+
+
+class Saves:
+    """The loop's save decisions, fixed (`every` > 0, or 0: at the end only) or automatic
+    (`every` < 0): the step clock, the figures agreed at each save, and every change of
+    interval logged with its inputs, emitted as an `interval` event and charted in
+    TensorBoard (`checkpoint/interval_steps`).
+
+    `mtbf` (process 0) gives the mean time between faults at a given wall time; `log` is the
+    process's `events.EventLog`, `writer` its `metrics.Writer`.
+    """
+
+    def __init__(self, every: int, start_step: int, num_steps: int, *, restore_s: float,
+                 mtbf, log, writer, timeout_s: float):  # fmt: skip
+        self.schedule = Schedule(None if every < 0 else every, start_step, num_steps)
+        self.clock = StepClock()
+        self._restore_s, self._mtbf, self._log, self._writer = restore_s, mtbf, log, writer
+        self._timeout_s = timeout_s
+        self._save_s = 0.0
+
+    def training(self, step: int) -> None:
+        """Every host is in the loop: the step clock starts."""
+        self.clock.start(step, time.perf_counter())
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def pause(self, seconds: float) -> None:
+        """The loop evaluated for this long: not step time."""
+        self.clock.pause(seconds)
+
+    def committed(self, seconds: float) -> None:
+        self._save_s = seconds
+
+    def saved(self, step: int, blocked_s: float) -> None:
+        """After the save at `step` that `due` asked for: the next save step, agreed."""
+        self.clock.pause(blocked_s)
+        if not self.schedule.auto:
+            return
+        step_s = self.clock.lap(step, time.perf_counter()) or 0.0
+        mine = Figures(step_s, blocked_s, self._save_s, self._restore_s, self._mtbf(time.time()))
+        decision = self.schedule.saved(step, agree(mine, step, self._timeout_s))
+        if decision is not None:
+            logging.info("Checkpoint interval from step %d: %s", step, decision.describe())
+            self._log.emit("interval", step=step, **decision.fields())
+            self._writer.scalars(step, {"checkpoint/interval_steps": decision.steps}, "checkpoint")

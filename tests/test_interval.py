@@ -1,5 +1,6 @@
 """launch.interval: Daly's interval from measured figures, its bounds, and the save schedule."""
 
+import json
 import math
 
 import pytest
@@ -78,3 +79,30 @@ def test_the_step_clock_leaves_evals_and_stalls_out():
 
 def test_figures_are_agreed_as_they_are_on_a_single_process():
     assert interval.agree(FIGURES, step=10, timeout_s=1.0) == FIGURES
+
+
+def test_the_loop_side_logs_charts_and_emits_every_change_of_interval(tmp_path):
+    from launch import events, metrics  # pylint: disable=g-import-not-at-top
+
+    log = events.EventLog(str(tmp_path), process=0, attempt="a")
+    writer = metrics.Writer(str(tmp_path))
+    saves = interval.Saves(-1, 0, 10_000, restore_s=2.0, mtbf=lambda now: 120.0, log=log,
+                           writer=writer, timeout_s=1.0)  # fmt: skip
+    saves.training(0)
+    first = interval.FIRST_SAVE_STEPS
+    assert [s for s in range(1, 30) if saves.due(s)] == [first]
+    saves.committed(0.5)
+    saves.saved(first, blocked_s=0.2)
+    second = saves.schedule.next_step
+    saves.saved(second, blocked_s=0.2)
+    writer.close()
+    changes = [r for r in events.read(str(tmp_path)) if r["event"] == "interval"]
+    assert changes[0]["step"] == first and changes[0]["steps"] == second - first
+    assert changes[0]["mtbf_s"] == 120.0 and changes[0]["save_s"] == 0.5
+    assert changes[0]["bounds_s"][0] >= 0.7  # the stall and the save's own duration
+    with open(tmp_path / "metrics.jsonl") as f:
+        charted = [json.loads(line) for line in f]
+    assert [r["checkpoint/interval_steps"] for r in charted] == [c["steps"] for c in changes]
+    fixed = interval.Saves(4, 0, 12, restore_s=0.0, mtbf=lambda now: 1.0, log=log,
+                           writer=writer, timeout_s=1.0)  # fmt: skip
+    assert [s for s in range(1, 13) if fixed.due(s)] == [4, 8]
