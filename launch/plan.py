@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 # The step counter and the data position are int32 on the devices.
 MAX_STEPS = 2**31 - 1
+AUTO_SAVES = -1  # Plan.save_every when the interval sets itself (launch.interval)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,13 @@ _RANGES: dict[str, _Range] = {
     "eval.every_steps": _count(0, meaning="0 uses eval.every_epochs"),
     "eval.every_epochs": _real(0.0, meaning="0 evaluates at the end only"),
     "eval.global_batch_size": _count(1, also=(-1,), meaning="-1 uses the training batch size"),
-    "checkpoint.every_steps": _count(0, meaning="0 uses checkpoint.every_epochs"),
-    "checkpoint.every_epochs": _real(0.0, meaning="0 saves at the end and on preemption only"),
+    "checkpoint.every_steps": _count(
+        0, meaning="0 uses checkpoint.every_epochs; 'auto' sets it from the save cost and faults"
+    ),
+    "checkpoint.every_epochs": _real(
+        0.0, meaning="0 saves at the end and on preemption only; 'auto' sets it itself"
+    ),
+    "checkpoint.expected_fault_interval_seconds": _real(0.0, open_low=True),
     "checkpoint.max_to_keep": _count(
         1, meaning="how many checkpoints to keep; a run needs at least its newest to resume"
     ),
@@ -131,7 +137,7 @@ def check_config(config) -> None:
     """
     for key, accepted in _RANGES.items():
         value = _field(config, key)
-        if value is None:
+        if value is None or (key.startswith("checkpoint.every_") and value == "auto"):
             continue
         problem = accepted.problem(value)
         if problem:
@@ -172,11 +178,13 @@ class Plan:
     num_steps: int
     log_every: int
     eval_every: int  # 0: only at the end
-    save_every: int  # 0: only at the end and on preemption
+    save_every: int  # 0: only at the end and on preemption; AUTO_SAVES: launch.interval
 
     def describe(self) -> str:
         every = lambda n: (
-            f"every {n} steps ({n / self.steps_per_epoch:.3g} epochs)" if n else "at the end"
+            f"every {n} steps ({n / self.steps_per_epoch:.3g} epochs)"
+            if n > 0
+            else ("at an interval that sets itself" if n == AUTO_SAVES else "at the end")
         )
         return (
             f"{self.num_steps} steps ({self.num_steps / self.steps_per_epoch:.3g} epochs of "
@@ -186,8 +194,12 @@ class Plan:
 
 
 def interval_steps(section: ml_collections.ConfigDict, what: str, steps_per_epoch: int) -> int:
-    """`section.every_steps` if > 0, else `section.every_epochs` in steps if > 0, else 0."""
+    """`section.every_steps` if > 0, else `section.every_epochs` in steps if > 0, else 0;
+    AUTO_SAVES where the one that applies is "auto"."""
     steps, epochs = section.every_steps, section.every_epochs
+    if steps == "auto" or (epochs == "auto" and not steps):
+        return AUTO_SAVES
+    epochs = 0.0 if epochs == "auto" else epochs  # every_steps > 0 wins
     if steps < 0 or epochs < 0:
         raise ConfigError(f"config.{what}.every_steps/every_epochs must not be negative")
     if steps > 0:
