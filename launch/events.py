@@ -193,3 +193,32 @@ def agree_attempt_id(timeout_s: float) -> str:
             f"process 0 did not publish this start's attempt id within {timeout_s:.0f}s "
             f"({str(e).splitlines()[0] if str(e) else 'no details'})"
         ) from None
+
+
+_current: EventLog | NullLog = NullLog()
+
+
+def start(log: EventLog) -> EventLog:
+    """Makes `log` this process's: `current()` returns it (the exit path emits through it)."""
+    global _current
+    _current = log
+    return log
+
+
+def current() -> EventLog | NullLog:
+    """This process's event log, once the run has started one; else a NullLog."""
+    return _current
+
+
+def begin_attempt(workdir: str, topology: str, timeout_s: float):
+    """This process's log for a new attempt (`attempt_started` emitted), and on process 0 the
+    workdir's earlier events (what the live goodput and the fault rate start from)."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    attempt = agree_attempt_id(timeout_s)
+    past = read(workdir) if jax.process_index() == 0 else []
+    log = start(EventLog(workdir, jax.process_index(), attempt))
+    log.emit(
+        "attempt_started", topology=topology, pid=os.getpid(), process_start=process_start_time()
+    )
+    return log, past

@@ -33,3 +33,13 @@ def test_the_tail_returns_each_whole_line_once(tmp_path):
 
 def test_the_process_start_is_before_now():
     assert time.time() - 600 < events.process_start_time() <= time.time()
+
+
+def test_an_attempt_begins_with_its_start_event_and_the_earlier_ones(tmp_path):
+    before = events.EventLog(str(tmp_path), process=0, attempt="old")
+    before.emit("attempt_ended", status=75, outcome="preempted")
+    log, past = events.begin_attempt(str(tmp_path), "1x1", timeout_s=1.0)
+    assert events.current() is log and [r["attempt"] for r in past] == ["old"]
+    (started,) = log.records
+    assert started["event"] == "attempt_started" and started["topology"] == "1x1"
+    assert started["process_start"] <= started["t"] and started["attempt"] != "old"
