@@ -107,13 +107,21 @@ def read(workdir: str) -> list[dict[str, Any]]:
 
 
 def _lines(path: epath.Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "t" in record and "event" in record:
+    for line in path.read_bytes().decode(errors="replace").splitlines():
+        record = _record(line)
+        if record is not None:
             yield record
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """The event on `line`; None for a torn, damaged or foreign line (skipped, not an error)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("event"), str)
+    timed = ok and isinstance(record.get("t"), (int, float)) and not isinstance(record["t"], bool)
+    return record if timed and isinstance(record.get("process"), int) else None
 
 
 def attempts(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -151,7 +159,7 @@ class Tail:
     def read(self) -> list[dict[str, Any]]:
         if not os.path.isdir(self._folder):
             return []
-        records = []
+        records: list[dict[str, Any]] = []
         for name in sorted(os.listdir(self._folder)):
             if name.startswith("p") and name.endswith(".jsonl"):
                 records.extend(self._new(os.path.join(self._folder, name)))
@@ -164,11 +172,8 @@ class Tail:
         whole = data[: data.rfind(b"\n") + 1]
         self._offsets[path] = self._offsets.get(path, 0) + len(whole)
         for line in whole.decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "t" in record and "event" in record:
+            record = _record(line)
+            if record is not None:
                 yield record
 
 

@@ -86,16 +86,36 @@ class Attempt:
 def summarize(records: list[dict[str, Any]]) -> list[Attempt]:
     """Attempts in the order they started, from every process's events (time-ordered)."""
     grouped: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
+    for record in filter(_well_formed, records):
         grouped.setdefault(str(record.get("attempt", "")), []).append(record)
     attempts = [_attempt(attempt_id, rs) for attempt_id, rs in grouped.items()]
     return sorted(attempts, key=lambda a: a.start)
 
 
+_NEEDS: dict[str, dict[str, Any]] = {
+    "attempt_ended": {"status": int},
+    "phase_ended": {"seconds": (int, float)},
+    "resumed": {"step": int},
+    "progress": {"step": int},
+    "save_started": {"step": int, "blocked_s": (int, float)},
+    "stop_agreed": {"step": int},
+    "save_committed": {"step": int, "seconds": (int, float)},
+}
+
+
+def _well_formed(record: dict[str, Any]) -> bool:
+    """A record with the fields its event needs (a hand-edited or foreign line is skipped)."""
+    if not isinstance(record.get("t"), (int, float)) or not isinstance(record.get("process"), int):
+        return False
+    needs = _NEEDS.get(str(record.get("event")), {})
+    return all(isinstance(record.get(k), kind) for k, kind in needs.items())
+
+
 def _attempt(attempt_id: str, records: list[dict[str, Any]]) -> Attempt:
     starts = [r.get("process_start", r["t"]) for r in records if r["event"] == "attempt_started"]
     a = Attempt(attempt_id, min(starts or [records[0]["t"]]), max(r["t"] for r in records))
-    started, ended = set(), {}
+    started: set[int] = set()
+    ended: dict[int, int] = {}
     for r in records:
         _apply(a, r, started, ended)
     if started and started <= set(ended):
@@ -181,7 +201,7 @@ def account(attempts: list[Attempt], now: float | None = None) -> dict[str, Any]
 
 def _split(a: Attempt, until: float, kept: int | None, last: bool) -> dict[str, Any]:
     """One attempt's time from its start to `until` (the next start, or now)."""
-    row = dict.fromkeys(("productive",) + BUCKETS, 0.0)
+    row: dict[str, Any] = dict.fromkeys(("productive",) + BUCKETS, 0.0)
     row.update(attempt=a.id, topology=a.topology, status=a.status, resumed=a.resumed)
     stop = min(a.fault_time, until) if not last else until
     loop = a.loop

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -212,7 +213,8 @@ class Saves:
     """
 
     def __init__(self, every: int, start_step: int, num_steps: int, *, restore_s: float,
-                 mtbf, log, writer, timeout_s: float):  # fmt: skip
+                 mtbf: Callable[[float], float], log: Any, writer: Any,
+                 timeout_s: float):  # fmt: skip
         self.schedule = Schedule(None if every < 0 else every, start_step, num_steps)
         self.clock = StepClock()
         self._restore_s, self._mtbf, self._log, self._writer = restore_s, mtbf, log, writer

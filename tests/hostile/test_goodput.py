@@ -1,0 +1,62 @@
+"""The hostile suite, goodput side: damaged or foreign lines in WORKDIR/events.
+
+The events are the contract between the launcher and what measures it (the live goodput,
+the automatic checkpoint interval's fault rate, the storm). A line torn by a killed process,
+edited by hand or written by something else must be skipped, never raise, never change the
+figures of the good lines, and never be rewritten. Each row runs the real reader and the real
+accounting (in-process: no subprocess needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from launch import events, goodput
+from tests.hostile.harness import tree_digest
+
+GOOD = [
+    {"t": 1.0, "event": "attempt_started", "process": 0, "attempt": "a", "process_start": 0.0},
+    {"t": 5.0, "event": "startup", "process": 0, "attempt": "a", "figures": {}},
+    {"t": 8.0, "event": "save_started", "process": 0, "attempt": "a", "step": 10, "blocked_s": 1},
+    {"t": 20.0, "event": "attempt_ended", "process": 0, "attempt": "a", "status": 0},
+]
+DAMAGED = [
+    # (case, the line appended among the good ones)
+    ("torn line", '{"t": 9.0, "event": "progr'),
+    ("not JSON", "this is not an event"),
+    ("a JSON list", "[1, 2, 3]"),
+    ("no time", '{"event": "progress", "process": 0, "attempt": "a", "step": 3}'),
+    ("time as text", '{"t": "late", "event": "progress", "process": 0, "step": 3}'),
+    ("step as text", '{"t": 9.0, "event": "progress", "process": 0, "attempt": "a", "step": "x"}'),
+    ("no blocked_s", '{"t": 9.0, "event": "save_started", "process": 0, "step": 12}'),
+    ("status as text", '{"t": 19.0, "event": "attempt_ended", "process": 0, "status": "ok"}'),
+    ("unknown event", '{"t": 9.0, "event": "launch_rocket", "process": 0, "attempt": "a"}'),
+    ("binary junk", "\udcff\udcfe"),
+]
+
+
+def _write(workdir: str, extra: str) -> str:
+    path = events.local_path(workdir, 0)
+    os.makedirs(os.path.dirname(path))
+    lines = [json.dumps(r) for r in GOOD]
+    lines.insert(2, extra)
+    with open(path, "w", errors="surrogateescape") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case, line", DAMAGED, ids=[c[0] for c in DAMAGED])
+def test_a_damaged_event_line_is_skipped_and_left_alone(tmp_path, case, line):
+    workdir = str(tmp_path / "w")
+    _write(workdir, line)
+    before = tree_digest(workdir)
+    attempts = goodput.summarize(events.read(workdir))
+    accounting = goodput.account(attempts)
+    clean = goodput.account(goodput.summarize(GOOD))
+    assert accounting["goodput"] == clean["goodput"], case
+    assert accounting["badput_s"] == clean["badput_s"], case
+    assert goodput.interruptions(attempts) == []  # a finished attempt is not a fault
+    assert tree_digest(workdir) == before
