@@ -1,4 +1,4 @@
-"""tools/bench_input.py runs end to end on tiny images and reports figures; tools/photo_like.py
+"""tools.bench.input runs end to end on tiny images and reports figures; tools.bench.photo_like
 makes the same files for the same seed, with ImageNet's shape."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from pipeline import conversion, dataset, records
-from tools import bench_input, photo_like
+from tools.bench import input as bench_input
+from tools.bench import photo_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _bench(*args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     run = subprocess.run(
-        [sys.executable, "-m", "tools.bench_input", *args],
+        [sys.executable, "-m", "tools.bench.input", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

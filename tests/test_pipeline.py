@@ -534,7 +534,7 @@ def _psnr(a, b):
 @pytest.fixture(scope="module")
 def large_jpegs(tmp_path_factory):
     """Photo-like JPEGs large enough for reduced decoding, in an imagefolder and converted."""
-    from tools import photo_like  # pylint: disable=g-import-not-at-top
+    from tools.bench import photo_like  # pylint: disable=g-import-not-at-top
 
     root = tmp_path_factory.mktemp("jpegs")
     seeds, _ = photo_like.load_seeds(0)

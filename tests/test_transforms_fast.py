@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline import conversion, dataset, transforms
-from tools import photo_like
+from tools.bench import photo_like
 
 PSNR_BAR = 35.0  # dB against the full decode through PIL (docs/measurements.md)
 

@@ -21,7 +21,7 @@ from launch import main as launch_main
 from launch.status import ExitStatus
 from pipeline import conversion, dataset, records, transforms
 from tests.hostile.harness import assert_one_clear_line, tree_digest
-from tools import photo_like
+from tools.bench import photo_like
 
 DAMAGED = 2  # the record replaced in the one shard
 

@@ -1,6 +1,6 @@
 """Photo-like JPEGs with ImageNet's shape, for input benchmarks that need no download.
 
-    python -m tools.photo_like --output=/tmp/photos --count=2000 [--seed=0] [--classes=10]
+    python -m tools.bench.photo_like --output=/tmp/photos --count=2000 [--seed=0] [--classes=10]
 
 Content: crops and rescales of real photographs that ship inside installable packages
 (scikit-image's `skimage/data` and scikit-learn's `load_sample_images` files, read as files,

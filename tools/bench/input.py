@@ -3,13 +3,13 @@
     # photo-like JPEGs with ImageNet's shape: the originals and stores bounded to a 256 and a
     # 320 px shorter side, each against torchvision's loader on the same JPEG bytes, in this
     # one process (0 worker processes), with the per-stage breakdown:
-    python -m tools.bench_input --peer=torchvision
-    python -m tools.bench_input --photo_like=2000 --shorter_side=256,320 --full_decode \\
+    python -m tools.bench.input --peer=torchvision
+    python -m tools.bench.input --photo_like=2000 --shorter_side=256,320 --full_decode \\
         --peer=torchvision --num_workers=2 --seconds=20 --rounds=2
     # CIFAR-sized images: raw records against PNG records
-    python -m tools.bench_input --cifar_like=10000 --image_size=32 --num_workers=1
+    python -m tools.bench.input --cifar_like=10000 --image_size=32 --num_workers=1
     # a converted dataset (and, for the peer, its JPEG folder):
-    python -m tools.bench_input --data_dir=/data/imagenet_ar/train \\
+    python -m tools.bench.input --data_dir=/data/imagenet_ar/train \\
         --source_dir=/data/imagenet/train --peer=torchvision --num_workers=8,16
 
 Every configuration is timed in this one process, on the same images: our train pipeline
@@ -48,7 +48,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from pipeline import conversion, dataset, records, transforms
-from tools import photo_like
+from tools.bench import photo_like
 
 # Commonly cited per-core decode + augment rates for ImageNet JPEGs at 224 px.
 REFERENCES = {"tf.data": 250, "FFCV": 330}
@@ -428,7 +428,7 @@ def _define_flags() -> None:
         "photo_like",
         512,
         "Without --data_dir and --source_dir: photo-like JPEGs with ImageNet's shape "
-        "(tools/photo_like.py) to make and time.",
+        "(tools/bench/photo_like.py) to make and time.",
         lower_bound=1,
     )
     flags.DEFINE_float(
