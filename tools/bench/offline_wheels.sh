@@ -4,11 +4,13 @@
 # optax and orbax), for a benchmark machine that cannot reach a package registry. Copy .whl
 # there and pass --wheels=.whl to tools.bench.suite. What these packages need besides
 # (absl-py, etils, cloudpickle, numpy, protobuf, PyYAML, psutil) comes with such images.
+# OpenCV (a 58 MB wheel) is left out: it would not fit a 64 MiB transfer beside the tree, and
+# without it the input pipeline resizes with PIL (same crops); simplejpeg is small.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 WHEELS=(grain==0.2.18 array-record==0.8.6 tensorboardX==2.6.5 ml-collections==1.1.0
-        portpicker==1.6.0)
+        portpicker==1.6.0 simplejpeg==1.9.0)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64
            manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 
