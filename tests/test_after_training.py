@@ -112,7 +112,7 @@ def test_an_exported_model_computes_what_the_checkpoint_computes(data, finished,
     else:  # the arrays were rounded to bfloat16
         np.testing.assert_allclose(exported, direct, atol=0.05 * np.abs(direct).max())
     again = _tool("tools.export", f"--workdir={finished}", f"--output={out}")
-    assert again.returncode == 1 and "exists" in again.stderr  # never overwrites
+    assert again.returncode == ExitStatus.BAD_INPUT and "exists" in again.stderr  # never overwrites
 
 
 def test_predict_names_the_class_of_training_digits(trained, tmp_path):

@@ -1,7 +1,12 @@
 """What the after-training tools (export, predict, import_torchvision) share on the command line.
 
-A tool's user reads its result, or one `error: ...` line. Two kinds of library output would
-bury that line, so the tools keep them out:
+A tool's user reads its result, or one `error: ...` line, and the exit statuses are the
+launcher's (launch/status.py): 2 (bad input) when the tool cannot work on what it was given
+(flags, a missing or foreign folder, an output that exists), 1 (failed) when the work found
+damage (an array that does not match its SHA-256) or left some of it undone (images that could
+not be classified).
+
+Two kinds of library output would bury the error line, so the tools keep them out:
 
 - Orbax logs every save and restore at INFO, and warns about files it merely looks for.
 - When one array of a restore cannot be read, Orbax ends its event loop at once (the failure
@@ -20,7 +25,9 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from absl import app, logging
+from absl import app, flags, logging
+
+from launch.status import ExitStatus
 
 _LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorstore"))
 
@@ -73,16 +80,38 @@ def quiet_libraries() -> Iterator[None]:
         undo()
 
 
-def fail(error: object) -> int:
-    """Prints `error` as the one `error: ...` line (on one line whatever it holds); returns 1."""
+def fail(error: object, status: ExitStatus | None = None) -> int:
+    """Prints `error` as the one `error: ...` line (on one line whatever it holds); returns
+    `status`, by default 1 (failed) for damage found (`DigestMismatch`), else 2 (bad input)."""
+    from resnet import weights  # pylint: disable=g-import-not-at-top
+
+    if status is None:
+        damaged = isinstance(error, weights.DigestMismatch)
+        status = ExitStatus.FAILED if damaged else ExitStatus.BAD_INPUT
     message = " ".join(str(error).split())
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
-    return 1
+    return int(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag as one `error:` line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(fail(e))
 
 
 def run(main: Callable[[list[str]], int]) -> None:
     """`app.run(main)`, quiet for the whole life of the process: the echoes of a failed read
-    can arrive after `main` has returned, while the interpreter shuts down."""
+    can arrive after `main` has returned, while the interpreter shuts down. Usage errors are
+    one line and exit 2, like the launcher's."""
     _silence()
-    app.run(main)
+
+    def main_with_usage_errors(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            return fail(e)
+
+    app.run(main_with_usage_errors, flags_parser=_parse_flags)

@@ -26,7 +26,7 @@ torchvision's V1 weights; its V2 weights are evaluated at 224 out of 232
 (--eval_crop_fraction=0.9655).
 
 Expected failures (unreadable file, keys or shapes that do not fit the model, an existing
-output) print one line and exit 1.
+output) print one `error: ...` line and exit 2 (bad input).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ classified in batches. Each line names the image and its top classes with probab
 class names from the dataset's metadata; `--json` prints one JSON object per image instead.
 An image that cannot be classified (unreadable, not an image, too many pixels to decode
 safely) is named on stderr with the reason, the others are classified, and the tool exits 1
-at the end. Other expected failures (weights that fail their checks, no trustworthy
-checkpoint) print one `error: ...` line and exit 1.
+(failed) at the end. Other expected failures print one `error: ...` line: an array that does
+not match its SHA-256 exits 1 (failed); no weights folder, no trustworthy checkpoint or bad
+flags exit 2 (bad input).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import warnings
 
 from absl import app, flags
 
+from launch.status import ExitStatus
 from pipeline.conversion.images import IMAGE_EXTENSIONS  # what the converter reads
 from tools import cli
 
@@ -200,7 +202,8 @@ def predict_command(
         more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
         return cli.fail(
             f"{len(failures)} of {len(files)} images could not be classified: {named}{more} "
-            "(why: the lines above)"
+            "(why: the lines above)",
+            ExitStatus.FAILED,
         )
     return 0
 

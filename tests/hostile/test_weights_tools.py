@@ -114,22 +114,24 @@ def _digest_removed(weights_dir, root) -> tuple[str, tuple[str, ...]]:
     return path, ("model.json: 'sha256' is missing",)
 
 
-UNTRUSTED = [
-    pytest.param(_flipped, id="flipped-bit"),
-    pytest.param(_no_model_json, id="no-model-json"),
-    pytest.param(_empty_folder, id="empty-folder"),
-    pytest.param(_digest_removed, id="no-digests"),
+UNTRUSTED = [  # damage found: 1 (failed); not weights at all: 2 (bad input)
+    pytest.param(_flipped, ExitStatus.FAILED, id="flipped-bit"),
+    pytest.param(_no_model_json, ExitStatus.BAD_INPUT, id="no-model-json"),
+    pytest.param(_empty_folder, ExitStatus.BAD_INPUT, id="empty-folder"),
+    pytest.param(_digest_removed, ExitStatus.BAD_INPUT, id="no-digests"),
 ]
 
 
-@pytest.mark.parametrize("make", UNTRUSTED)
-def test_predict_refuses_weights_it_cannot_trust(weights_dir, tmp_path, capfd, make):
+@pytest.mark.parametrize("make, expected_status", UNTRUSTED)
+def test_predict_refuses_weights_it_cannot_trust(
+    weights_dir, tmp_path, capfd, make, expected_status
+):
     path, expected = make(weights_dir, tmp_path)
     image = str(tmp_path / "digit.png")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(image)
     before = tree_digest(str(tmp_path))
     status, out, err = _capture(capfd, lambda: predict.predict_command([image], weights=path))
-    assert status == 1 and out == ""
+    assert status == expected_status and out == ""
     assert_one_clear_line(err, *expected)
     assert tree_digest(str(tmp_path)) == before
 
@@ -199,7 +201,7 @@ def test_export_writes_only_new_folders_outside_checkpoints(tmp_path, capfd, tar
     output = target(workdir, tmp_path)
     before = tree_digest(str(tmp_path))
     status, out, err = _capture(capfd, lambda: export.export(workdir, output))
-    assert status == 1 and out == ""
+    assert status == ExitStatus.BAD_INPUT and out == ""
     assert_one_clear_line(err, output, words)
     assert tree_digest(str(tmp_path)) == before
 
@@ -336,7 +338,7 @@ def test_a_failed_read_prints_one_line_and_no_library_noise(tiny_finished, tmp_p
         run = _tool(tool, f"--workdir={workdir}", f"--output={tmp_path / 'model'}")
     else:
         run = _tool(tool, f"--workdir={workdir}", image)
-    assert run.returncode == 1
+    assert run.returncode == ExitStatus.BAD_INPUT
     assert_one_clear_line(run.stderr, "holds no trustworthy checkpoint")
     assert "Event loop is closed" not in run.stderr and "Task exception" not in run.stderr
     assert not [x for x in run.stderr.splitlines() if x.startswith("I")], run.stderr[-2000:]
@@ -367,3 +369,23 @@ def test_the_digest_is_of_the_stored_bytes():
     assert resnet.weights.array_sha256(np.asarray(jax.device_get(bf16))) != (
         resnet.weights.array_sha256(values)
     )
+
+
+USAGE = [
+    pytest.param(("tools.predict", "--weights=/nowhere", "--bogus=1", "x.png"), "bogus", id="flag"),
+    pytest.param(
+        ("tools.predict", "x.png"), "exactly one of --workdir and --weights", id="neither"
+    ),
+    pytest.param(("tools.export", "--workdir=/w", "--output=/o", "extra"), "unexpected", id="arg"),
+    pytest.param(("tools.import_torchvision", "--nonsense"), "nonsense", id="import-flag"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, words", USAGE)
+def test_a_tool_misused_says_so_in_one_line_with_status_2(tmp_path, args, words):
+    before = tree_digest(str(tmp_path))
+    run = _tool(*args)
+    assert run.returncode == ExitStatus.BAD_INPUT, run.stderr[-2000:]
+    assert_one_clear_line(run.stderr, words)
+    assert tree_digest(str(tmp_path)) == before
