@@ -168,32 +168,23 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
     """{"step": N, "eval/loss": ..., ...} for the restored step of `workdir`."""
     # pylint: disable=g-import-not-at-top
     import pipeline
-    from launch import checkpointing, distributed, liveness, train
-    from launch import program as program_lib
+    from launch import checkpointing, distributed, liveness, setup, train
     from launch.plan import ConfigError, eval_batch_size
 
-    _, eval_dir = train.data_dirs(config, need_train=False)
+    _, eval_dir = setup.data_dirs(config, need_train=False)
     eval_info = _load_eval_info(eval_dir)
     batch = eval_batch_size(config)
     try:
         distributed.check_batch_size(batch, "eval.global_batch_size")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    program = program_lib.build_program(
+    program, ckpt, signature = setup.program_and_checkpoints(
         config,
-        distributed.make_mesh(),
+        workdir,
         channels=eval_info.channels,
-    )
-    ckpt = checkpointing.Checkpointer(
-        str(epath.Path(workdir) / "checkpoints"),
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=False,
-        barrier_timeout_seconds=config.checkpoint.barrier_timeout_seconds,
+        num_examples=0,  # the training's example count, which MODEL_SIGNATURE leaves out
         read_only=True,
     )
-    signature = checkpointing.run_signature(
-        config, 0, eval_info.channels, program.shapes_digest()
-    )  # 0: the training's example count, which MODEL_SIGNATURE leaves out
     try:
         restored = ckpt.restore_latest(
             program.abstract_state, {k: signature[k] for k in MODEL_SIGNATURE}, step=step

@@ -59,7 +59,7 @@ def test_explicit_data_wins_over_the_embedded_demo_data(data, tmp_path):
     finished = json.load(open(os.path.join(workdir, train.FINISHED_MARKER)))
     assert finished["data"]["train"] == {"path": data[0], "examples": 200, "classes": 10}
     assert finished["data"]["eval"] == {"path": data[1], "examples": 37, "classes": 10}
-    assert finished["eval/count"] == 37
+    assert finished["eval"]["eval/count"] == 37
     assert not os.path.exists(os.path.join(workdir, "data"))  # the demo data was never made
 
 

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from launch import evaluate, train
+from launch import evaluate, setup, train
 from launch.plan import ConfigError
 from launch.status import ExitStatus
 from pipeline import conversion, dataset, demo_data
@@ -225,10 +225,10 @@ def test_data_dirs_names_what_is_missing(tmp_path, monkeypatch, data, need_train
     monkeypatch.setenv(demo_data.CACHE_ENV, str(cache))
     config = _config(**data)
     if isinstance(expected, tuple):
-        assert train.data_dirs(config, need_train=need_train) == expected
+        assert setup.data_dirs(config, need_train=need_train) == expected
     else:
         with pytest.raises(ConfigError, match=expected):
-            train.data_dirs(config, need_train=need_train)
+            setup.data_dirs(config, need_train=need_train)
     assert not cache.exists()  # named data, or none: nothing converted
 
 
@@ -322,14 +322,14 @@ def test_the_cache_is_made_once_outside_the_workdir(tmp_path, monkeypatch):
     reads the same files without converting."""
     cache = tmp_path / "cache"
     monkeypatch.setenv(demo_data.CACHE_ENV, str(cache))
-    train_dir, eval_dir = train.data_dirs(_config())
-    assert train.data_dirs(_config(), need_train=False) == (train_dir, eval_dir)
+    train_dir, eval_dir = setup.data_dirs(_config())
+    assert setup.data_dirs(_config(), need_train=False) == (train_dir, eval_dir)
     assert os.path.commonpath([train_dir, str(cache)]) == str(cache)
     _check_converted(train_dir, eval_dir)
     converted = tree_digest(str(cache))
     calls = []
     monkeypatch.setattr(conversion, "convert", lambda *a, **k: calls.append(a))
-    assert train.data_dirs(_config()) == (train_dir, eval_dir)
+    assert setup.data_dirs(_config()) == (train_dir, eval_dir)
     assert calls == [] and tree_digest(str(cache)) == converted
 
 

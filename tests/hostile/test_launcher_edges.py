@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from launch import checkpointing, train
+from launch import checkpointing, setup, train
 from launch import main as launcher
 from launch import workdir as workdir_lib
 from launch.status import ExitStatus
@@ -332,14 +332,14 @@ def test_a_resume_on_other_data_is_refused_unless_allowed(case, saved, now, chan
         "topology_history": [dict(checkpointing.topology(), from_step=0, data=saved)],
     }
     if change is None:
-        assert not train._check_same_data(meta, now, "/w/checkpoints/8", allow_change=False)
+        assert not setup.check_same_data(meta, now, "/w/checkpoints/8", allow_change=False)
         history = checkpointing.topology_history(meta, 8, now)
         assert history == meta["topology_history"]  # nothing new to record
         return
     with pytest.raises(checkpointing.DataChanged) as refused:
-        train._check_same_data(meta, now, "/w/checkpoints/8", allow_change=False)
+        setup.check_same_data(meta, now, "/w/checkpoints/8", allow_change=False)
     assert change in str(refused.value) and "data.allow_change=True" in str(refused.value)
-    assert train._check_same_data(meta, now, "/w/checkpoints/8", allow_change=True)
+    assert setup.check_same_data(meta, now, "/w/checkpoints/8", allow_change=True)
     history = checkpointing.topology_history(meta, 8, now, data_changed=True)
     assert history[:-1] == meta["topology_history"]
     assert history[-1] == dict(

@@ -28,7 +28,7 @@ from PIL import Image
 import resnet
 import resnet.from_weights
 import resnet.weights
-from launch import checkpointing, distributed, train
+from launch import checkpointing, distributed, setup
 from launch import main as launcher
 from launch import program as program_lib
 from launch.status import ExitStatus
@@ -297,7 +297,7 @@ def test_init_from_a_tampered_folder_is_refused_with_status_2(data, weights_dir,
     )
     capfd.readouterr()
     with pytest.raises(SystemExit) as exited:
-        launcher.exit_with_status(lambda: train._initial_state(config, program))
+        launcher.exit_with_status(lambda: setup.initial_state(config, program))
     assert exited.value.code == ExitStatus.BAD_INPUT
     assert_one_clear_line(
         capfd.readouterr().err, f"config.model.init_from={path}", "does not match its SHA-256"
