@@ -25,6 +25,8 @@ so the step a restart resumes from survives any setting.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -135,6 +137,67 @@ def _read_meta(step_dir: epath.Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The one judgement of a step folder, shared by restore, `read_trusted` and listing.
+
+    `reason` is None for a trusted step, else one of REASONS' keys (also the suffix a rejected
+    step is moved aside under: `<step>.rejected-<reason>`).
+    """
+
+    reason: str | None
+    meta: dict | None = None
+    state: Any = None
+    detail: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        return self.reason is None
+
+    def describe(self) -> str:
+        text = REASONS[self.reason] if self.reason else "trusted"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+REASONS = {
+    "uncommitted": "never committed",
+    "unreadable-meta": "its metadata is missing or unreadable",
+    "foreign": "not written by this project (no resnet-multihost meta)",
+    "unreadable": "unreadable",
+    "digest-mismatch": "its arrays do not match their digest",
+}
+
+
+def judge_step(
+    step_dir: epath.Path,
+    read_state: Callable[[], Any] | None = None,
+    check_meta: Callable[[dict], None] | None = None,
+) -> Verdict:
+    """Whether the step in `step_dir` can be trusted: committed (Orbax's marker), with this
+    project's metadata, and, when `read_state` is given, arrays that read back and match their
+    exact digest. `check_meta` runs on the metadata before any array is read (it may raise:
+    a step of another configuration is refused, not judged)."""
+    if not (step_dir / COMMIT_MARKER).exists():
+        return Verdict("uncommitted")
+    meta = _read_meta(step_dir)
+    if meta is None:
+        return Verdict("unreadable-meta")
+    if meta.get("format") != FORMAT:
+        return Verdict("foreign", meta)
+    if check_meta is not None:
+        check_meta(meta)
+    if read_state is None:
+        return Verdict(None, meta)
+    try:
+        state = read_state()
+    except Exception as e:  # pylint: disable=broad-except  # any damage: try an older step
+        logging.warning("Reading %s failed: %s", step_dir, e)
+        return Verdict("unreadable", meta, detail=str(e).splitlines()[0] if str(e) else "")
+    if digest_by_path(state) != meta.get("digest"):
+        return Verdict("digest-mismatch", meta)
+    return Verdict(None, meta, state)
 
 
 class Checkpointer:
@@ -248,10 +311,11 @@ class Checkpointer:
 
     def _reject(self, step: int, reason: str) -> None:
         """Moves a step aside (process 0 only) so that it is neither restored nor overwritten."""
-        logging.warning("Checkpoint step %d is not usable (%s); moving it aside.", step, reason)
+        why = REASONS.get(reason, reason)
+        logging.warning("Checkpoint step %d is not usable (%s); moving it aside.", step, why)
         if jax.process_index() == 0:
             source = self.directory / str(step)
-            target = self.directory / f"{step}.rejected-{reason.split(':')[0].replace(' ', '-')}"
+            target = self.directory / f"{step}.rejected-{reason}"
             suffix = 0
             while target.exists():
                 suffix += 1
@@ -266,18 +330,14 @@ class Checkpointer:
     def _foreign(self, step: int) -> bool:
         """Whether the step folder was written by something other than this project.
 
-        Every step we write has a `meta` item; one whose JSON parses must say it is ours
-        (or, from older versions, hold our signature). A garbled meta is damage, not alien.
+        Every step we write has a `meta` item; one whose JSON parses must say it is ours.
+        A garbled meta is damage, not alien.
         """
         step_dir = self.directory / str(step)
         if not (step_dir / "meta").is_dir():
             return True
         meta = _read_meta(step_dir)
-        return (
-            meta is not None
-            and meta.get("format") != FORMAT
-            and ("train.global_batch_size" not in meta)
-        )
+        return meta is not None and meta.get("format") != FORMAT
 
     def _our_steps(self) -> list[int]:
         """Every step folder, newest first; raises IncompatibleCheckpoint for foreign ones."""
@@ -298,10 +358,10 @@ class Checkpointer:
         Returns (step folder, meta) of the newest committed step, None if there is none."""
         for candidate in self._our_steps():
             step_dir = self.directory / str(candidate)
-            meta = _read_meta(step_dir) if (step_dir / COMMIT_MARKER).exists() else None
-            if meta is not None:
-                _check_compatible(meta, expected_meta, str(step_dir))
-                return str(step_dir), meta
+            verdict = judge_step(step_dir)
+            if verdict.trusted and verdict.meta is not None:
+                _check_compatible(verdict.meta, expected_meta, str(step_dir))
+                return str(step_dir), verdict.meta
         return None
 
     def restore_latest(
@@ -336,7 +396,7 @@ class Checkpointer:
             problem, restored, meta = self._try_restore(candidate, abstract_state, expected_meta)
             if problem:
                 reject(candidate, problem)
-                rejected[str(candidate)] = problem
+                rejected[str(candidate)] = REASONS.get(problem, problem)
                 continue
             if rejected:
                 logging.warning(
@@ -359,31 +419,17 @@ class Checkpointer:
         return None
 
     def _try_restore(self, step: int, abstract_state, expected_meta) -> tuple[str | None, Any, Any]:
-        """(why the step cannot be used or None, its state, its meta); raises
+        """(the reason the step cannot be used or None, its state, its meta); raises
         IncompatibleCheckpoint for a step of another configuration."""
         step_dir = self.directory / str(step)
-        if not (step_dir / COMMIT_MARKER).exists():
-            return "uncommitted", None, None
-        meta = _read_meta(step_dir)
-        if meta is None:
-            return "unreadable meta", None, None
-        _check_compatible(meta, expected_meta, str(step_dir))
-        restored, problem = self._restore_step(step, abstract_state, meta)
-        if distributed.any_host(problem is not None):
-            return problem or "damaged on another host", None, None
-        return None, restored, meta
-
-    def _restore_step(self, step, abstract_state, meta):
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-            )["state"]
-        except Exception as e:  # pylint: disable=broad-except  # any damage: reject the step
-            logging.warning("Restoring step %d failed: %s", step, e)
-            return None, "unreadable"
-        if meta.get("digest") != digest_by_path(restored):
-            return None, "digest mismatch"
-        return restored, None
+        read = lambda: self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )["state"]
+        check = lambda meta: _check_compatible(meta, expected_meta, str(step_dir))
+        verdict = judge_step(step_dir, read, check)
+        if distributed.any_host(not verdict.trusted):
+            return verdict.reason or "damaged-on-another-host", None, None
+        return None, verdict.state, verdict.meta
 
 
 def committed_steps(directory: str) -> list[int]:
@@ -441,30 +487,14 @@ def read_trusted(directory: str, step: int | None = None) -> tuple[dict, dict, i
     rejected: dict[int, str] = {}
     for candidate in candidates:
         step_dir = root / str(candidate)
-        problem, tree, meta = _read_trusted_step(step_dir)
-        if problem:
-            logging.warning("Skipping %s: %s.", step_dir, problem)
-            rejected[candidate] = problem
+        verdict = judge_step(step_dir, functools.partial(read_numpy, step_dir / "state"))
+        if not verdict.trusted:
+            logging.warning("Skipping %s: %s.", step_dir, verdict.describe())
+            rejected[candidate] = verdict.describe()
             continue
-        return tree, meta, candidate
+        return verdict.state, verdict.meta or {}, candidate
     reasons = ", ".join(f"step {s} ({why})" for s, why in rejected.items())
     raise NoUsableCheckpoint(f"{root} holds no trustworthy checkpoint: {reasons}")
-
-
-def _read_trusted_step(step_dir: epath.Path) -> tuple[str | None, Any, Any]:
-    """(why the step cannot be trusted or None, its state, its meta)."""
-    meta = _read_meta(step_dir)
-    if not (step_dir / COMMIT_MARKER).exists():
-        return "never committed", None, None
-    if meta is None or meta.get("format") != FORMAT:
-        return "not written by this project (no resnet-multihost meta)", None, None
-    try:
-        tree = read_numpy(step_dir / "state")
-    except Exception as e:  # pylint: disable=broad-except  # any damage: try an older step
-        return f"unreadable: {e}".splitlines()[0], None, None
-    if digest_by_path(tree) != meta.get("digest"):
-        return "its arrays do not match their digest", None, None
-    return None, tree, meta
 
 
 def _listed(prefix: str, steps: list[int]) -> str:

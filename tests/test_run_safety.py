@@ -157,7 +157,9 @@ def test_one_changed_value_in_a_checkpoint_is_caught(data, finished, tmp_path):
         checkpointer.save(item, state)
     run = helpers.launch(helpers.tiny_run_args(*data, workdir))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"Checkpoint step {STEPS} is not usable (digest mismatch)" in run.stderr
+    assert f"Checkpoint step {STEPS} is not usable (its arrays do not match their digest)" in (
+        run.stderr
+    )
     assert "Resumed from the checkpoint of step 4" in run.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", f"{STEPS}.rejected-digest-mismatch"))
 

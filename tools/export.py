@@ -14,7 +14,7 @@ arrays. Use it from Python:
 or with `python -m tools.predict --weights=/models/r50 IMAGE...`. The output must be a new
 folder outside any run's checkpoints folder. Expected failures (no trustworthy checkpoint, an
 existing output, an output among checkpoints) print one `error: ...` line, write nothing and
-exit 2 (bad input); a checkpoint whose arrays do not match their digests, 1 (failed).
+exit 2 (bad input).
 """
 
 from __future__ import annotations

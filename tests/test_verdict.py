@@ -1,0 +1,125 @@
+"""The one checkpoint verdict (launch.checkpointing.judge_step), in-process on tiny pytrees
+saved by the launcher's own Checkpointer: every way a step can be untrustworthy, and the same
+verdict through restore (moved aside) and through read_trusted (skipped)."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from etils import epath
+
+from launch import checkpointing
+
+STATE = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,), jnp.int32)}
+
+
+def _saved(root, steps=(4,)) -> epath.Path:
+    ckpt = checkpointing.Checkpointer(
+        str(root / "checkpoints"), max_to_keep=10, async_save=False, barrier_timeout_seconds=60
+    )
+    try:
+        for step in steps:
+            ckpt.save(step, STATE, {"model.name": "tiny"})
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return epath.Path(root) / "checkpoints"
+
+
+def _largest_file(folder: str) -> str:
+    files = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names]
+    return max(files, key=os.path.getsize)
+
+
+def _uncommitted(step_dir):
+    (step_dir / checkpointing.COMMIT_MARKER).unlink()
+
+
+def _garbled_meta(step_dir):
+    (step_dir / "meta" / "metadata").write_text("{not json")
+
+
+def _foreign_meta(step_dir):
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    meta["format"] = "someone-else"
+    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+
+
+def _one_value_changed(step_dir):
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    first = next(iter(meta["digest"]))
+    meta["digest"][first] = [x + 1 for x in meta["digest"][first]]
+    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+
+
+def _truncated(step_dir):
+    os.truncate(_largest_file(str(step_dir / "state")), 10)
+
+
+CASES = [
+    pytest.param(_uncommitted, "uncommitted", id="uncommitted"),
+    pytest.param(_garbled_meta, "unreadable-meta", id="garbled-meta"),
+    pytest.param(_foreign_meta, "foreign", id="foreign"),
+    pytest.param(_one_value_changed, "digest-mismatch", id="digest"),
+    pytest.param(_truncated, "unreadable", id="truncated"),
+]
+
+
+def _read(step_dir):
+    return lambda: checkpointing.read_numpy(step_dir / "state")
+
+
+def test_a_saved_step_is_trusted(tmp_path):
+    step_dir = _saved(tmp_path) / "4"
+    verdict = checkpointing.judge_step(step_dir, _read(step_dir))
+    assert verdict.trusted and verdict.meta["model.name"] == "tiny"
+    np.testing.assert_array_equal(verdict.state["w"], STATE["w"])
+    assert checkpointing.judge_step(step_dir).trusted  # metadata alone
+
+
+@pytest.mark.parametrize("damage, reason", CASES)
+def test_every_kind_of_damage_has_one_verdict(tmp_path, damage, reason):
+    step_dir = _saved(tmp_path) / "4"
+    damage(step_dir)
+    verdict = checkpointing.judge_step(step_dir, _read(step_dir))
+    assert verdict.reason == reason and not verdict.trusted
+    assert verdict.describe().startswith(checkpointing.REASONS[reason])
+
+
+@pytest.mark.parametrize("damage, reason", [c for c in CASES if c.id != "foreign"])
+def test_restore_and_read_trusted_agree_and_fall_back(tmp_path, damage, reason):
+    checkpoints = _saved(tmp_path, steps=(4, 8))
+    damage(checkpoints / "8")
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoints, copy / "checkpoints")
+
+    state, meta, step = checkpointing.read_trusted(str(copy))  # skips, moves nothing
+    assert step == 4 and sorted(os.listdir(copy / "checkpoints")) == ["4", "8"]
+
+    ckpt = checkpointing.Checkpointer(
+        str(checkpoints), max_to_keep=10, async_save=False, barrier_timeout_seconds=60
+    )
+    try:
+        abstract = {k: np.zeros(v.shape, v.dtype) for k, v in STATE.items()}
+        restored, restored_step, _ = ckpt.restore_latest(abstract, {"model.name": "tiny"})
+    finally:
+        ckpt.close()
+    assert restored_step == 4
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert sorted(os.listdir(checkpoints)) == ["4", f"8.rejected-{reason}"]
+
+
+def test_a_step_of_another_configuration_is_refused_before_reading(tmp_path):
+    step_dir = _saved(tmp_path) / "4"
+
+    def never():
+        raise AssertionError("read although the configuration differs")
+
+    def other_config(meta):
+        raise checkpointing.IncompatibleCheckpoint("another model")
+
+    with pytest.raises(checkpointing.IncompatibleCheckpoint):
+        checkpointing.judge_step(step_dir, never, other_config)
