@@ -8,7 +8,7 @@ Every ArrayRecord record is one example, laid out as
     12      4     label, int32 little-endian
     16      ...   the image: PNG or JPEG bytes, or raw pixels (below)
 
-Raw pixels (schema version 2, `encoding: raw` in metadata.json) are a 12-byte image header
+Raw pixels (`encoding: raw` in metadata.json) are a 12-byte image header
 followed by the uint8 pixels in row-major height x width x channels order:
 
     offset  size  field
@@ -19,11 +19,9 @@ followed by the uint8 pixels in row-major height x width x channels order:
     9       3     zero
 
 so every record says how its image is stored (PNG starts with b"\x89PNG", JPEG with
-b"\xff\xd8", raw with b"RAW8"), and metadata.json says it for the whole dataset. Version 1
-datasets hold only PNG/JPEG records; version 2 adds raw ones. The reader reads both, and the
-converter writes version 1 unless the records hold raw pixels, so encoded datasets stay
-readable by older code, which refuses a raw dataset by its version instead of failing on
-its first record.
+b"\xff\xd8", raw with b"RAW8"), and metadata.json says it for the whole dataset
+(`encoding`: "encoded" or "raw"). metadata.json also carries `schema_version`; a reader
+refuses any version but its own, by name, instead of failing on the first record.
 
 A fixed binary header keeps decoding to one `struct.unpack` per record and needs no
 serialization library.
@@ -39,9 +37,7 @@ import json
 import os
 import struct
 
-SCHEMA_VERSION = 2  # the newest version this code reads and writes
-ENCODED_SCHEMA_VERSION = 1  # what the converter writes for PNG/JPEG records
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 1  # the one version this code reads and writes
 MAGIC = b"RNR1"
 _HEADER = struct.Struct("<4sQi")
 HEADER_SIZE = _HEADER.size
@@ -137,12 +133,11 @@ def _check_metadata(metadata, where: str) -> None:
     if not isinstance(metadata, dict):
         raise DatasetError(f"{where} holds a JSON {type(metadata).__name__}, not an object")
     version = metadata.get("schema_version")
-    if version not in READABLE_SCHEMA_VERSIONS or isinstance(version, bool):
-        readable = " and ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         raise DatasetError(
-            f"{where} has record schema version {version!r}, this code reads {readable}"
+            f"{where} has record schema version {version!r}, this code reads {SCHEMA_VERSION}"
         )
-    required = ("num_examples", "num_classes", "class_names", "shards", "shard_sizes")
+    required = ("encoding", "num_examples", "num_classes", "class_names", "shards", "shard_sizes")
     missing = [key for key in required if key not in metadata]
     if missing:
         raise DatasetError(f"{where} lacks {', '.join(missing)}; convert the dataset again")
@@ -181,13 +176,13 @@ def _check_metadata(metadata, where: str) -> None:
         and shape[2] in (1, 3)
     ):
         raise bad("image_shape", "null or [height, width, 1 or 3]")
-    encoding = metadata.get("encoding", ENCODED)  # version 1 datasets before the field
+    encoding = metadata["encoding"]
     if encoding not in ENCODINGS:
         raise bad("encoding", " or ".join(repr(e) for e in ENCODINGS))
-    if encoding == RAW and (version < 2 or shape is None):
+    if encoding == RAW and shape is None:
         raise DatasetError(
-            f"{where}: encoding 'raw' needs schema_version 2 and a fixed image_shape "
-            f"(it has {version!r} and {shape!r}); convert the dataset again"
+            f"{where}: encoding 'raw' needs a fixed image_shape (it has {shape!r}); convert the "
+            "dataset again"
         )
 
 

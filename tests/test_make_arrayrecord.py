@@ -167,7 +167,7 @@ def test_mnist_round_trip(tmp_path, gz, encoding):
     assert meta["image_shape"] == [28, 28, 1]
     assert meta["encoding"] == ("raw" if raw else "encoded")
     assert meta["image_format"] == ("raw" if raw else "png")
-    assert meta["schema_version"] == (2 if raw else 1)  # v1 readers still read PNG datasets
+    assert meta["schema_version"] == 1
     assert [e.example_id for e in examples] == list(range(20))
     assert [e.label for e in examples] == labels.tolist()
     for e in examples:
@@ -965,7 +965,7 @@ def test_imagefolder_raw_needs_one_size_and_stores_rgb_pixels(tmp_path):
     Image.fromarray(gray).save(tmp_path / "in" / "b" / "gray.png")
     _photo(2, 5, 6).save(tmp_path / "in" / "b" / "photo.jpg")
     meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), encoding="raw")
-    assert meta["encoding"] == meta["image_format"] == "raw" and meta["schema_version"] == 2
+    assert meta["encoding"] == meta["image_format"] == "raw" and meta["schema_version"] == 1
     assert meta["image_shape"] == [6, 5, 3]  # RGB, as imagefolder datasets are read
     first, second, third = read_all(tmp_path / "out")[1]
     np.testing.assert_array_equal(decode_pixels(first.image), rgb)

@@ -4,7 +4,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -241,7 +240,8 @@ SHARD0, SHARD1 = "data-00000-of-00002.array_record", "data-00001-of-00002.array_
         (lambda d: _edit_metadata(d, _drop("class_names")), "lacks class_names"),
         (lambda d: _edit_metadata(d, _set("schema_version", 3)), "schema version 3"),
         (lambda d: _edit_metadata(d, _set("encoding", "zip")), "encoding is 'zip'"),
-        (lambda d: _edit_metadata(d, _set("schema_version", 1)), "encoding 'raw' needs schema"),
+        (lambda d: _edit_metadata(d, _drop("encoding")), "lacks encoding"),
+        (lambda d: _edit_metadata(d, _set("schema_version", 2)), "schema version 2"),
         (lambda d: _edit_metadata(d, _set("num_classes", "10")), "num_classes is '10', expected"),
         (lambda d: _edit_metadata(d, _set("num_examples", True)), "num_examples is True"),
         (lambda d: _edit_metadata(d, _set("class_names", list("abc"))), "3 class_names for"),
@@ -498,29 +498,6 @@ def test_hand_over_needs_a_fixed_image_size(tmp_path):
             augmentation=transforms.Augmentation(image_size=4),
             augment=False,
         )
-
-
-def test_datasets_written_before_the_encoding_field_still_load(png_and_raw, tmp_path):
-    """A schema-1 PNG dataset as the previous converter wrote it: no encoding, no stored_size."""
-    old = str(tmp_path / "old")
-    shutil.copytree(png_and_raw["encoded"], old)
-    _edit_metadata(
-        old,
-        lambda m: json.dumps(
-            {
-                k: v
-                for k, v in m.items()
-                if k not in ("encoding", "stored_size", "shorter_side", "max_side", "jpeg_quality")
-            }
-        ),
-    )
-    info = dataset.load_info(old)
-    assert records.read_metadata(old)["schema_version"] == 1
-    assert info.encoding == "encoded" and info.image_shape == (28, 28, 1)
-    batch = next(iter(dataset.eval_dataset(
-        info, rows=np.arange(4), global_batch_size=4, image_size=28, crop_fraction=1.0
-    )))  # fmt: skip
-    assert batch["image"].shape == (4, 28, 28, 1)
 
 
 # ------------------------------------------------------------------------ scaled JPEG decode

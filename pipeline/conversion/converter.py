@@ -179,7 +179,7 @@ def convert(
             width, height, channels = out["raw_shape"]
             image_shape = [height, width, channels]
         metadata = {
-            "schema_version": records.SCHEMA_VERSION if raw else records.ENCODED_SCHEMA_VERSION,
+            "schema_version": records.SCHEMA_VERSION,
             "encoding": encoding,
             "format": format,
             "split": source.split,
