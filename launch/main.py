@@ -126,7 +126,23 @@ def start_process(config) -> tuple[liveness.StopRequest, dict[str, float]]:
         )
     except (ValueError, distributed.ClusterError) as e:
         fail(ExitStatus.BAD_INPUT, str(e))
+    _routine_logs_from_process_0_only(jax.process_index())
     return stop, {"startup/distributed_s": time.perf_counter() - start}
+
+
+def _routine_logs_from_process_0_only(process: int) -> None:
+    """Every host would log the same progress: past process 0 only warnings and errors are
+    logged, each prefixed with its process (all of it with --v=1 or more)."""
+    if process == 0 or FLAGS.verbosity >= 1:
+        return
+
+    def warnings_with_process(record: std_logging.LogRecord) -> bool:
+        if record.levelno < std_logging.WARNING:
+            return False
+        record.msg = f"[process {process}] {record.msg}"
+        return True
+
+    logging.get_absl_handler().addFilter(warnings_with_process)
 
 
 def exit_with_status(run: Callable[[], ExitStatus]) -> None:
