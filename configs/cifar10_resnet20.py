@@ -29,5 +29,4 @@ def get_config():
     config.train.weight_decay = 1e-4
     config.train.label_smoothing = 0.0
     config.eval.every_epochs = 10.0
-    config.checkpoint.every_epochs = 10.0
     return config

@@ -89,9 +89,16 @@ def get_config() -> ml_collections.ConfigDict:
     eval_.global_batch_size = -1  # -1: the training global batch size
     eval_.at_start = False  # also evaluate before the first step (a fine-tuning's baseline)
 
+    # "auto": the interval sets itself (launch.interval): Daly's sqrt(2 x save stall x (mean
+    # time between faults + restore)), measured in this run and re-decided at every save,
+    # within [a few steps and the save's own duration, the MTBF and one hour]. A number fixes
+    # it; every_steps > 0 wins over every_epochs. Either way a SIGTERM saves at once, and the
+    # run saves at its end.
     config.checkpoint = checkpoint = ml_collections.ConfigDict()
-    checkpoint.every_steps = 0
-    checkpoint.every_epochs = 1.0  # also saves at the end and on preemption
+    checkpoint.every_steps = ml_collections.FieldReference(0, field_type=object)
+    checkpoint.every_epochs = ml_collections.FieldReference("auto", field_type=object)
+    # The mean time between faults assumed until the workdir's events show one (seconds).
+    checkpoint.expected_fault_interval_seconds = 3600.0
     checkpoint.max_to_keep = 3
     checkpoint.async_save = True  # write in the background while training goes on
     checkpoint.barrier_timeout_seconds = 300  # Orbax cross-host barriers

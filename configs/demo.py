@@ -33,7 +33,5 @@ def get_config():
     config.train.label_smoothing = 0.0
     config.train.log_every_steps = 20
     config.eval.every_epochs = 0.0  # at the end only
-    config.checkpoint.every_epochs = 0.0
-    config.checkpoint.every_steps = 50
     config.checkpoint.max_to_keep = 2
     return config

@@ -43,5 +43,4 @@ def get_config():
     config.train.label_smoothing = 0.1
     config.eval.at_start = True
     config.eval.every_epochs = 2.0
-    config.checkpoint.every_epochs = 1.0
     return config

@@ -21,5 +21,4 @@ def get_config():
     config.train.num_epochs = 90.0
     config.train.warmup_epochs = 5.0
     config.eval.every_epochs = 5.0
-    config.checkpoint.every_epochs = 1.0
     return config

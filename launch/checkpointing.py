@@ -233,6 +233,9 @@ class Checkpointer:
         self._pre_save_checks: Callable[[Any], Any] = _pre_save_checks
         self._paths: list[str] | None = None
         self._pending_step: int | None = None  # saved, commit not yet confirmed
+        self._save_start = 0.0
+        self.last_commit: tuple[int, float] | None = None  # (step, seconds from save start)
+        self.rejected: list[tuple[int, str]] = []  # (step, reason) moved aside by this process
 
     def prepare(self, state: Any) -> None:
         """Compiles the pre-save checks now (`state` may be abstract), so that the first save
@@ -267,7 +270,7 @@ class Checkpointer:
                 ),
                 force=True,
             )
-        self._pending_step = step
+        self._pending_step, self._save_start = step, start
         return time.perf_counter() - start
 
     def check_for_errors(self) -> None:
@@ -289,6 +292,7 @@ class Checkpointer:
                     f"the checkpoint of step {step} was not committed under {self.directory} (see "
                     "the errors logged above); stopping instead of training on without checkpoints"
                 )
+            self.last_commit = (step, time.perf_counter() - self._save_start)
 
     def wait(self) -> None:
         """Waits for the in-flight save; raises CheckpointSaveError if it failed."""
@@ -313,6 +317,7 @@ class Checkpointer:
         """Moves a step aside (process 0 only) so that it is neither restored nor overwritten."""
         why = REASONS.get(reason, reason)
         logging.warning("Checkpoint step %d is not usable (%s); moving it aside.", step, why)
+        self.rejected.append((step, reason))
         if jax.process_index() == 0:
             source = self.directory / str(step)
             target = self.directory / f"{step}.rejected-{reason}"

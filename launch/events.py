@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 FOLDER = "events"
@@ -74,14 +75,19 @@ class EventLog:
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
             self.records.append(record)
-            self._folder.mkdir(parents=True, exist_ok=True)
-            if self._local:
-                with open(self.path, "a") as f:
-                    f.write(line)
-                    f.flush()
-            else:
-                self._lines.append(line)
-                self.path.write_text("".join(self._lines))
+            try:
+                self._write(line)
+            except OSError as e:  # events are not worth a run; a full disk stops the next save
+                logging.error("Could not write %s: %s", self.path, e)
+
+    def _write(self, line: str) -> None:
+        self._folder.mkdir(parents=True, exist_ok=True)
+        if self._local:
+            with open(self.path, "a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
 
 
 class NullLog:

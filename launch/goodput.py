@@ -120,6 +120,8 @@ def _attempt(attempt_id: str, records: list[dict[str, Any]]) -> Attempt:
         _apply(a, r, started, ended)
     if started and started <= set(ended):
         a.status = ended.get(0, max(ended.values()))
+    if not a.resumed:
+        a.restore_s = 0.0  # a fresh start's "restore" phase builds the initial state: start-up
     a.points.sort()
     return a
 

@@ -79,6 +79,11 @@ class StopRequest:
     def requested(self) -> bool:
         return self._requested.is_set()
 
+    @property
+    def reason(self) -> str:
+        """What asked for the stop ("SIGTERM caught", ...); empty before any request."""
+        return self._signal_name
+
     def _on_signal(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         if self._requested.is_set():

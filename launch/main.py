@@ -20,7 +20,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch import distributed, liveness
+from launch import distributed, events, liveness
 from launch.status import ExitStatus
 
 FLAGS = flags.FLAGS
@@ -62,6 +62,7 @@ def fail(status: ExitStatus, message: str) -> None:
     # One write, starting a fresh line: a library thread that is still printing (Orbax's
     # after a failed save) can leave half a line behind, and the error must stay one line.
     os.write(sys.stderr.fileno(), f"\nerror: {message}\n".encode())
+    events.current().emit("attempt_ended", status=int(status), outcome=status.name.lower())
     sys.exit(int(status))
 
 
@@ -176,6 +177,7 @@ def exit_with_status(run: Callable[[], ExitStatus]) -> None:
         fail(ExitStatus.DIVERGED, f"training diverged: {e}")
     except checkpointing.CheckpointSaveError as e:
         fail(ExitStatus.SAVE_FAILED, str(e))
+    events.current().emit("attempt_ended", status=int(status), outcome=status.name.lower())
     sys.exit(int(status))
 
 

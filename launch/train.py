@@ -30,7 +30,7 @@ from etils import epath
 
 import pipeline
 import resnet.weights
-from launch import checkpointing, distributed, liveness, setup
+from launch import checkpointing, distributed, events, goodput, interval, liveness, setup
 from launch import metrics as metrics_lib
 from launch import plan as plan_lib
 from launch import program as program_lib
@@ -73,6 +73,7 @@ def train_and_evaluate(
         nonlocal clock
         now = time.perf_counter()
         timings[f"startup/{name}_s"] = now - clock
+        events.current().emit("phase_ended", phase=name, seconds=now - clock)
         clock = now
         stop.check()
 
@@ -159,6 +160,8 @@ def train_and_evaluate(
             class_names=list(train_info.class_names),
         )
         phase("restore")
+        # Only now, with nothing left to refuse, does the run write its events.
+        log, past_events = _begin_attempt(config, workdir, timings, ckpt, start_step, saved_meta)
 
         # 3. Input from the restored step; its first batches load while compilation finishes.
         train_iter = pipeline.train_batches(
@@ -212,6 +215,8 @@ def train_and_evaluate(
             data=data,
             state=state,
             start_step=start_step,
+            log=log,
+            past_events=past_events,
         )
         try:
             result = trainer.run()
@@ -224,6 +229,22 @@ def train_and_evaluate(
             raise
         ckpt.wait()  # every exit path leaves no half-written step behind
         return result
+
+
+def _begin_attempt(config, workdir, timings, ckpt, start_step: int, saved_meta):
+    """This attempt's event log, with what start-up has done so far; and the workdir's earlier
+    events (process 0)."""
+    topology = f"{jax.process_count()}x{jax.local_device_count()}"
+    timeout = config.distributed.initialization_timeout_seconds
+    log, past = events.begin_attempt(workdir, topology, timeout)
+    for key, seconds in timings.items():
+        log.emit("phase_ended", phase=key.split("/")[1][:-2], seconds=seconds)
+    for step, reason in ckpt.rejected:
+        log.emit("checkpoint_rejected", step=step, reason=reason)
+    before = ((saved_meta or {}).get("topology_history") or [{}])[-1]
+    was = f"{before.get('processes')}x{before.get('devices_per_process')}" if before else None
+    log.emit("resumed", step=start_step, from_topology=was)
+    return log, past
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -283,6 +304,8 @@ class Trainer:
         data: dict[str, Any],
         state: Any,
         start_step: int,
+        log: events.EventLog | events.NullLog,
+        past_events: list[dict[str, Any]],
     ):
         self.config, self.workdir, self.plan, self.program = config, workdir, plan, program
         self.train_step, self.eval_step = train_step, eval_step
@@ -297,6 +320,20 @@ class Trainer:
         self.in_flight: collections.deque = collections.deque()  # unconfirmed stop flags
         self.profile = _Profile(config.train.profile_steps, workdir)
         self.startup_end = 0.0
+        self.log = log
+        self.live = goodput.Live(past_events, log) if jax.process_index() == 0 else None
+        self.saves = interval.Saves(
+            plan.save_every,
+            start_step,
+            plan.num_steps,
+            restore_s=timings.get("startup/restore_s", 0.0) if start_step else 0.0,
+            mtbf=self._mtbf,
+            log=log,
+            writer=writer,
+            timeout_s=config.checkpoint.barrier_timeout_seconds,
+        )
+        self.seen_commit: tuple[int, float] | None = None
+        self.fault_seen = False
 
     def run(self) -> RunResult:
         """Trains from the restored step to the last, evaluating and saving on the plan."""
@@ -312,14 +349,16 @@ class Trainer:
             if step % plan.log_every == 0 or step == plan.num_steps:
                 _log(step, plan.num_steps, self.pending, self.meter, self.writer, self.config)
                 self.pending = []
+                self._progress()
             self.ckpt.check_for_errors()  # cheap: looks at the save futures, not the devices
+            self._note_commit_and_fault()
             if agreed_stop:
                 return self.stop_here()
             if plan.eval_every and step % plan.eval_every == 0 and step < plan.num_steps:
                 if self.evaluate() is None:
                     return self.stop_here()
-            if plan.save_every and step % plan.save_every == 0 and step < plan.num_steps:
-                self.save()
+            if self.saves.due(step):
+                self.saves.saved(step, self.save())
         return self.finish()
 
     def train_one_step(self) -> bool:
@@ -358,6 +397,8 @@ class Trainer:
         if results is None:
             logging.warning("Eval at step %d stopped: the hosts agreed to stop.", self.step)
             return None
+        self.saves.pause(time.perf_counter() - start)
+        self.log.emit("eval", step=self.step, **results)
         self.writer.scalars(
             self.step, {k: v for k, v in results.items() if k != "eval/count"}, "eval"
         )
@@ -372,15 +413,18 @@ class Trainer:
         )
         return results
 
-    def save(self) -> None:
-        """Starts an asynchronous checkpoint of the current step (once per step)."""
+    def save(self) -> float:
+        """Starts an asynchronous checkpoint of the current step (once per step); returns how
+        long the loop was held up."""
         if self.last_saved == self.step:
-            return
+            return 0.0
         blocked = self.ckpt.save(self.step, self.state, self.meta)
         self.last_saved = self.step
+        self.log.emit("save_started", step=self.step, blocked_s=round(blocked, 4))
         logging.info(
             "checkpoint of step %d started; the loop was blocked %.3fs", self.step, blocked
         )
+        return blocked
 
     def stop_here(self) -> RunResult:
         """The hosts agreed to stop: save this step, wait for it, report a preemption."""
@@ -388,8 +432,11 @@ class Trainer:
             "Stop agreed by every host: saving step %d, then exiting (rerun to resume).",
             self.step,
         )
+        self._note_commit_and_fault()
+        self.log.emit("stop_agreed", step=self.step, reason=self.stop.reason or "another host")
         self.save()
         self.ckpt.wait()
+        self._note_commit_and_fault()
         return RunResult("preempted", self.step, {})
 
     def finish(self) -> RunResult:
@@ -397,6 +444,7 @@ class Trainer:
         results = self.evaluate()
         self.save()
         self.ckpt.wait()
+        self._note_commit_and_fault()
         if results is None:  # stopped during the final eval: the rerun evaluates
             return RunResult("preempted", self.step, {})
         self.writer.flush()
@@ -420,6 +468,31 @@ class Trainer:
             now - self.started + self.timings.get("startup/distributed_s", 0.0)
         )
         _log_startup(self, self.step)
+        self.log.emit("startup", figures=dict(self.timings))
+        self.saves.training(self.step)
+
+    def _progress(self) -> None:
+        """At a log interval: the progress event; on process 0 the goodput so far, across the
+        workdir's attempts (TensorBoard and metrics.jsonl)."""
+        self.log.emit("progress", step=self.step)
+        if self.live is not None:
+            self.writer.scalars(self.step, self.live.fractions(time.time()), "goodput")
+
+    def _note_commit_and_fault(self) -> None:
+        """Emits a save's commit once the loop has seen it, and the first stop request."""
+        commit = self.ckpt.last_commit
+        if commit is not None and commit != self.seen_commit:
+            self.seen_commit = commit
+            self.log.emit("save_committed", step=commit[0], seconds=round(commit[1], 4))
+            self.saves.committed(commit[1])
+        if self.stop.requested and not self.fault_seen:
+            self.fault_seen = True
+            self.log.emit("fault", kind=(self.stop.reason or "stop").split()[0].lower())
+
+    def _mtbf(self, now: float) -> float:
+        """The workdir's mean time between faults (process 0: the others' is not used)."""
+        prior = float(self.config.checkpoint.expected_fault_interval_seconds)
+        return self.live.mtbf_seconds(now, prior) if self.live is not None else prior
 
 
 class _Background:

@@ -59,9 +59,10 @@ def test_attempts_are_summarized_from_every_process():
 def test_the_buckets_and_the_productive_time_add_up_to_the_wall_time():
     accounting = goodput.account(goodput.summarize(_storm_like_run()))
     a, b, c = accounting["per_attempt"]
-    # a: start-up 10 - 0.5 restore; kept until step 10 (12.0) less its 0.25 s stall; wasted
-    # from 12 to the first fault anyone saw (15.5); recovery until b's process started (17).
-    assert a[goodput.STARTUP] == pytest.approx(9.5) and a[goodput.RESTORE] == 0.5
+    # a: start-up 10 (a fresh start: its restore phase built the initial state); kept until
+    # step 10 (12.0) less its 0.25 s stall; wasted from 12 to the first fault anyone saw
+    # (15.5); recovery until b's process started (17).
+    assert a[goodput.STARTUP] == pytest.approx(10.0) and a[goodput.RESTORE] == 0.0
     assert a["productive"] == pytest.approx(1.75) and a[goodput.SAVE] == 0.25
     assert a[goodput.WASTED] == pytest.approx(3.5) and a[goodput.RECOVERY] == pytest.approx(1.5)
     # b: its agreed stop was saved, so nothing is wasted; recovery from that save to c.

@@ -86,6 +86,8 @@ def _info(num_examples: int) -> dataset_lib.DatasetInfo:
 def test_intervals_in_epochs_follow_the_batch_size(batch, eval_every, save_every):
     config = resnet50_imagenet.get_config()
     config.train.global_batch_size = batch
+    assert plan_lib.make_plan(config, _info(1_281_167), None).save_every == plan_lib.AUTO_SAVES
+    config.checkpoint.every_epochs = 1.0  # a fixed interval instead of the shipped "auto"
     plan = plan_lib.make_plan(config, _info(1_281_167), None)
     assert (plan.eval_every, plan.save_every) == (eval_every, save_every)
     config.eval.every_steps = 100  # steps, when given, win
