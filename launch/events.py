@@ -13,8 +13,8 @@ every process of it), and the other fields depend on the event:
 |--------------------|---------------------------------------------------------------------|
 | `attempt_started`  | `topology` ("PxD"), `pid`, `process_start` (wall time the process   |
 |                    | began: start-up counts from there)                                  |
-| `phase_started`    | `phase` (data, restore, compile_train_step, compile_eval_step, ...) |
-| `phase_ended`      | `phase`, `seconds`                                                  |
+| `phase_ended`      | `phase` (distributed, data, restore, compile_wait, host_wait),      |
+|                    | `seconds`                                                           |
 | `startup`          | `figures` ({"startup/..._s": seconds}): every host is training      |
 | `resumed`          | `step` (0 for a fresh start), `from_topology` or null               |
 | `progress`         | `step`: the loop completed this step (at log intervals)             |
@@ -22,15 +22,19 @@ every process of it), and the other fields depend on the event:
 | `save_committed`   | `step`, `seconds`: from start to commit (as the loop first saw it)  |
 | `interval`         | `step`, `steps` (the automatic checkpoint interval from here),      |
 |                    | `seconds`, `optimum_s`, `bounds_s` and its inputs (`launch.interval`)|
-| `stop_agreed`      | `step`, `reason` (preemption, stall, ...)                           |
-| `eval`             | `step` and the eval figures                                         |
-| `checkpoint_rejected` | `step`, `reason`                                                 |
+| `stop_agreed`      | `step`, `reason`: this host's stop request ("SIGTERM caught"), or   |
+|                    | "another host"                                                      |
+| `eval`             | `step` and the eval figures (`eval/loss`, `eval/top1`, ...)         |
+| `checkpoint_rejected` | `step`, `reason` (checkpointing.REASONS): moved aside at restore |
 | `fault`            | `kind` (sigterm, sigint, ...) when the process learns of one        |
-| `attempt_ended`    | `status` (an ExitStatus value), `outcome`, `step` (when known)      |
+| `attempt_ended`    | `status` (an ExitStatus value), `outcome` (its name)                |
 
-An attempt with no `attempt_ended` was killed (SIGKILL, a lost host): its last event bounds
-when. These files are the contract between the launcher and the tools that measure it
-(goodput, benchmarks, tests); the log's wording is free to change.
+Nothing is written before the run is sure to train (after the restore): a refused start
+leaves the workdir as it was, and the start-up phases so far are emitted then. An attempt
+with no `attempt_ended` on some process was killed (SIGKILL, a lost host, a stall or a
+preemption deadline, which exit at once): its last event bounds when. These files are the
+contract between the launcher and the tools that measure it (goodput, benchmarks, tests);
+the log's wording is free to change.
 """
 
 from __future__ import annotations
