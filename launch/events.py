@@ -237,3 +237,9 @@ def begin_attempt(workdir: str, topology: str, timeout_s: float):
         "attempt_started", topology=topology, pid=os.getpid(), process_start=process_start_time()
     )
     return log, past
+
+
+def latest(workdir: str, event: str, process: int = 0) -> dict[str, Any] | None:
+    """The newest `event` that `process` recorded in `workdir`, or None."""
+    found = [r for r in read(workdir) if r["event"] == event and r["process"] == process]
+    return found[-1] if found else None

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from launch import train
+from launch import events, train
 from launch.checkpointing import committed_steps
 from launch.status import ExitStatus
 from tests import helpers
@@ -58,7 +58,7 @@ def test_sigterm_saves_and_resume_is_bit_identical(data, reference, tmp_path):
     assert saved >= 6  # nothing lost: the step reached when the signal came is saved
     resumed = helpers.launch(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from the checkpoint of step {saved}" in resumed.stderr
+    assert events.latest(str(tmp_path / "w"), "resumed")["step"] == saved
     assert_same_state(reference["one"], str(tmp_path / "w"))
 
 
@@ -70,12 +70,8 @@ def test_sigterm_to_one_host_stops_all_at_one_step_and_resumes(data, reference, 
     _interrupt(proc, lambda p: helpers.host_pid(workdir, 1), signal.SIGTERM, "step 4/16", seen)
     log = "".join(seen)
     assert proc.returncode == ExitStatus.PREEMPTED, log[-3000:]
-    stops = {
-        line.split("saving step ")[1].split(",")[0]
-        for line in seen
-        if "Stop agreed by every host: saving step" in line
-    }
-    assert len(stops) == 1, log[-3000:]  # both hosts agreed on one step
+    stops = [r for r in events.read(workdir) if r["event"] == "stop_agreed"]
+    assert len(stops) == 2 and len({r["step"] for r in stops}) == 1, stops  # one agreed step
     assert "exit statuses [75, 75]" in log and "Traceback" not in log
     resumed = helpers.launch(args, processes=2, devices=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
@@ -120,7 +116,7 @@ def test_damaged_latest_checkpoint_falls_back_to_older(data, reference, tmp_path
     run = helpers.launch(helpers.tiny_run_args(*data, workdir, **EVERY))
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"Checkpoint step {STEPS} is not usable" in run.stderr
-    assert "Resumed from the checkpoint of step 12" in run.stderr
+    assert events.latest(workdir, "resumed")["step"] == 12
     assert_same_state(reference["one"], workdir)  # retrained 12 -> 16, identically
 
 

@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from launch import train
+from launch import events, train
 from launch.status import ExitStatus
 from tests import helpers
 
@@ -119,7 +119,7 @@ def test_a_config_change_of_parameter_shapes_is_refused_untouched(data, finished
     assert _listing(workdir) == before  # nothing renamed as damaged
     again = helpers.launch(helpers.tiny_run_args(*data, workdir))  # the original config
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Resumed from the checkpoint of step 8" in again.stderr
+    assert events.latest(workdir, "resumed")["step"] == 8
 
 
 @pytest.mark.parametrize("alien", ["plain folder", "orbax checkpoint"])
@@ -160,7 +160,7 @@ def test_one_changed_value_in_a_checkpoint_is_caught(data, finished, tmp_path):
     assert f"Checkpoint step {STEPS} is not usable (its arrays do not match their digest)" in (
         run.stderr
     )
-    assert "Resumed from the checkpoint of step 4" in run.stderr
+    assert events.latest(workdir, "resumed")["step"] == 4
     assert os.path.isdir(os.path.join(workdir, "checkpoints", f"{STEPS}.rejected-digest-mismatch"))
 
 

@@ -41,7 +41,7 @@ import time
 
 import pytest
 
-from launch import distributed
+from launch import distributed, events, goodput
 from launch.checkpointing import committed_steps
 from tests import helpers, slurm_cluster
 
@@ -507,9 +507,11 @@ def test_requeued_job_resumes_finishes_and_matches_an_uninterrupted_run(interrup
     runs = run_lines(interrupted.log)
     assert len(runs) == 3, interrupted.log
     # Each run resumed from the newest checkpoint the previous one left.
-    for run, steps in zip(runs[1:], (interrupted.steps_at_warning, interrupted.steps_at_signal)):
-        if max(steps):
-            assert f"Resumed from the checkpoint of step {max(steps)}." in run, run
+    resumed = [a.resumed for a in goodput.summarize(events.read(interrupted.workdir))]
+    assert len(resumed) == 3, resumed
+    left = (interrupted.steps_at_warning, interrupted.steps_at_signal)
+    for step, steps in zip(resumed[1:], left):
+        assert step == max(steps), (resumed, steps)
     assert "launchers exited with status 0 (finished)" in runs[2], runs[2]
     assert json.load(open(os.path.join(interrupted.workdir, "FINISHED")))["step"] == STEPS
     assert interrupted.reference, "the uninterrupted run failed:\n" + interrupted.reference_output
@@ -547,5 +549,5 @@ def test_stalled_launchers_are_requeued_until_max_requeues(cluster, data, jax_ca
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "5:0", "1"), text
     assert len(runs) == 2, text
     assert "launchers exited with status 5 (stalled)" in runs[0] and "requeueing" in runs[0]
-    assert f"Resumed from the checkpoint of step {seen}." in runs[1], runs[1]
+    assert goodput.summarize(events.read(workdir))[1].resumed == seen, runs[1]
     assert "already requeued 1 times (MAX_REQUEUES=1); giving up" in runs[1], runs[1]
