@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from typing import Any
 
 from launch import interval
@@ -105,10 +106,12 @@ _NEEDS: dict[str, dict[str, Any]] = {
 
 def _well_formed(record: dict[str, Any]) -> bool:
     """A record with the fields its event needs (a hand-edited or foreign line is skipped)."""
-    if not isinstance(record.get("t"), (int, float)) or not isinstance(record.get("process"), int):
+    if not isinstance(record.get("attempt"), str) or not isinstance(record.get("process"), int):
         return False
     needs = _NEEDS.get(str(record.get("event")), {})
-    return all(isinstance(record.get(k), kind) for k, kind in needs.items())
+    fields = [record.get("t"), *(record.get(k) for k in needs)]
+    kinds = [(int, float), *needs.values()]
+    return all(isinstance(v, kind) and math.isfinite(v) for v, kind in zip(fields, kinds))
 
 
 def _attempt(attempt_id: str, records: list[dict[str, Any]]) -> Attempt:

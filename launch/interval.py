@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -208,18 +209,28 @@ class Saves:
     interval logged with its inputs, emitted as an `interval` event and charted in
     TensorBoard (`checkpoint/interval_steps`).
 
-    `mtbf` (process 0) gives the mean time between faults at a given wall time; `log` is the
-    process's `events.EventLog`, `writer` its `metrics.Writer`.
+    The stall and the save's duration are the medians over the workdir's saves (`past`:
+    process 0's earlier events, then this attempt's): an attempt's first save, which also
+    pays one-off set-up, does not set the interval alone. The restore is this attempt's, or
+    the newest restore the workdir saw. `mtbf` (process 0) gives the mean time between
+    faults at a given wall time; `log` is the process's `events.EventLog`, `writer` its
+    `metrics.Writer`.
     """
 
     def __init__(self, every: int, start_step: int, num_steps: int, *, restore_s: float,
-                 mtbf: Callable[[float], float], log: Any, writer: Any,
-                 timeout_s: float):  # fmt: skip
+                 past: list[dict[str, Any]], mtbf: Callable[[float], float], log: Any,
+                 writer: Any, timeout_s: float):  # fmt: skip
         self.schedule = Schedule(None if every < 0 else every, start_step, num_steps)
         self.clock = StepClock()
-        self._restore_s, self._mtbf, self._log, self._writer = restore_s, mtbf, log, writer
+        self._mtbf, self._log, self._writer = mtbf, log, writer
         self._timeout_s = timeout_s
-        self._save_s = 0.0
+        ours = [r for r in past if r["process"] == 0]
+        self._stalls = _figures(ours, "save_started", "blocked_s")
+        self._save_s = _figures(ours, "save_committed", "seconds")
+        resumed = {r.get("attempt") for r in ours if r["event"] == "resumed" and r.get("step")}
+        restores = [r for r in ours if r.get("phase") == "restore" and r.get("attempt") in resumed]
+        earlier = _figures(restores, "phase_ended", "seconds")
+        self._restore_s = restore_s or (earlier[-1] if earlier else 0.0)
 
     def training(self, step: int) -> None:
         """Every host is in the loop: the step clock starts."""
@@ -233,7 +244,7 @@ class Saves:
         self.clock.pause(seconds)
 
     def committed(self, seconds: float) -> None:
-        self._save_s = seconds
+        self._save_s.append(seconds)
 
     def saved(self, step: int, blocked_s: float) -> None:
         """After the save at `step` that `due` asked for: the next save step, agreed."""
@@ -241,9 +252,21 @@ class Saves:
         if not self.schedule.auto:
             return
         step_s = self.clock.lap(step, time.perf_counter()) or 0.0
-        mine = Figures(step_s, blocked_s, self._save_s, self._restore_s, self._mtbf(time.time()))
+        self._stalls.append(blocked_s)
+        stall, save = statistics.median(self._stalls), _median(self._save_s)
+        mine = Figures(step_s, stall, save, self._restore_s, self._mtbf(time.time()))
         decision = self.schedule.saved(step, agree(mine, step, self._timeout_s))
         if decision is not None:
             logging.info("Checkpoint interval from step %d: %s", step, decision.describe())
             self._log.emit("interval", step=step, **decision.fields())
             self._writer.scalars(step, {"checkpoint/interval_steps": decision.steps}, "checkpoint")
+
+
+def _figures(records: list[dict[str, Any]], event: str, field: str) -> list[float]:
+    """`field` of every `event` that holds a number there (a damaged line is skipped)."""
+    values = [r.get(field) for r in records if r["event"] == event]
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0

@@ -327,6 +327,7 @@ class Trainer:
             start_step,
             plan.num_steps,
             restore_s=timings.get("startup/restore_s", 0.0) if start_step else 0.0,
+            past=past_events,
             mtbf=self._mtbf,
             log=log,
             writer=writer,

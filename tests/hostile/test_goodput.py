@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from launch import events, goodput
+from launch import events, goodput, interval
 from tests.hostile.harness import tree_digest
 
 GOOD = [
@@ -35,6 +35,12 @@ DAMAGED = [
     ("status as text", '{"t": 19.0, "event": "attempt_ended", "process": 0, "status": "ok"}'),
     ("unknown event", '{"t": 9.0, "event": "launch_rocket", "process": 0, "attempt": "a"}'),
     ("binary junk", "\udcff\udcfe"),
+    ("phase without name", '{"t": 2.0, "event": "phase_ended", "process": 0, "seconds": 1}'),
+    (
+        "commit seconds as text",
+        '{"t": 9.0, "event": "save_committed", "process": 0, "seconds": "x"}',
+    ),
+    ("blocked_s not finite", '{"t": 9.0, "event": "save_started", "process": 0, "blocked_s": NaN}'),
 ]
 
 
@@ -59,4 +65,9 @@ def test_a_damaged_event_line_is_skipped_and_left_alone(tmp_path, case, line):
     assert accounting["goodput"] == clean["goodput"], case
     assert accounting["badput_s"] == clean["badput_s"], case
     assert goodput.interruptions(attempts) == []  # a finished attempt is not a fault
+    # The automatic interval starts from the same lines: their figures, the damaged one out.
+    saves = interval.Saves(-1, 0, 100, restore_s=0.0, past=events.read(workdir),
+                           mtbf=lambda now: 60.0, log=events.NullLog(), writer=None,
+                           timeout_s=1.0)  # fmt: skip
+    assert saves.due(interval.FIRST_SAVE_STEPS)
     assert tree_digest(workdir) == before
