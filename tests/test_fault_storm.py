@@ -75,7 +75,7 @@ def test_a_storm_of_every_fault_kind_finishes_right(tmp_path):
     assert correct["checkpoints_before_change_identical"], correct
 
     # The report: goodput, a badput split that adds up to the wall time, the chart.
-    for key in ("goodput", "badput_s", "badput_fraction", "recovery_split_s", "per_attempt",
+    for key in ("goodput", "badput_s", "badput_fraction", "event_goodput", "per_attempt",
                 "compilation_cache", "machine", "fault_list"):  # fmt: skip
         assert key in report, key
     assert 0 < report["goodput"] < 1
