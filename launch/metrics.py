@@ -25,16 +25,36 @@ class Writer:
         self._writer = None
         self._jsonl = epath.Path(workdir) / METRICS_FILE
         self._lines: list[str] = []  # gs:// objects cannot be appended to: rewritten whole
-        if jax.process_index() == 0:
+        self._active = jax.process_index() == 0
+        if self._active:
             from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            self._writer = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=1000
+            )
+
+    def _tensorboard(self):
+        """The SummaryWriter while its writer thread lives, else None.
+
+        tensorboardX writes from a thread that dies at its first write error (a full disk);
+        every later call would then block on its full queue and hang the run. Events stop
+        instead, with one error; the next checkpoint save reports the disk.
+        """
+        if self._writer is None:
+            return None
+        file_writer = getattr(self._writer, "file_writer", None)
+        worker = getattr(getattr(file_writer, "event_writer", None), "_worker", None)
+        if worker is not None and not worker.is_alive():
+            logging.error("TensorBoard events are no longer written: their writer stopped.")
+            self._writer = None
+        return self._writer
 
     def scalars(self, step: int, values: dict[str, float], kind: str) -> None:
-        if not self._writer:
+        if not self._active:
             return
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, float(value), step)
+        if tensorboard := self._tensorboard():
+            for tag, value in values.items():
+                tensorboard.add_scalar(tag, float(value), step)
         record = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}
         line = json.dumps(record) + "\n"
         try:
@@ -48,22 +68,25 @@ class Writer:
             logging.error("Could not write %s: %s", self._jsonl, e)
 
     def text(self, tag: str, text: str) -> None:
-        if self._writer:
-            self._writer.add_text(tag, text, 0)
+        if tensorboard := self._tensorboard():
+            tensorboard.add_text(tag, text, 0)
 
     def images(self, tag: str, step: int, images: np.ndarray) -> None:
         """A grid of NHWC uint8 images."""
-        if self._writer and len(images):
-            self._writer.add_images(tag, images, step, dataformats="NHWC")
+        if (tensorboard := self._tensorboard()) and len(images):
+            tensorboard.add_images(tag, images, step, dataformats="NHWC")
 
     def flush(self) -> None:
-        if self._writer:
-            self._writer.flush()
+        if tensorboard := self._tensorboard():
+            try:
+                tensorboard.flush()
+            except OSError as e:
+                logging.error("Could not flush the TensorBoard events: %s", e)
 
     def close(self) -> None:
-        if self._writer:
+        if tensorboard := self._tensorboard():
             try:
-                self._writer.close()
+                tensorboard.close()
             except OSError as e:  # must not replace the error that is stopping the run
                 logging.error("Could not flush the TensorBoard events: %s", e)
 
