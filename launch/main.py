@@ -50,9 +50,14 @@ _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/etils/")
 
 
 def _quiet_libraries(record) -> bool:
-    """Keeps Orbax's and Grain's per-save INFO lines out of the log unless --v=1 or more."""
+    """Keeps Orbax's and Grain's per-save INFO lines out of the log unless --v=1 or more, and
+    the tracebacks they attach to errors of their own threads: the launcher reports the error
+    itself, in one line (a library's traceback also runs through the launcher's frames)."""
     chatty = any(lib in record.pathname for lib in _CHATTY_LIBRARIES)
-    return not chatty or record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
+    if not chatty or FLAGS.verbosity >= 1:
+        return True
+    record.exc_info = record.exc_text = None
+    return record.levelno >= std_logging.WARNING
 
 
 def fail(status: ExitStatus, message: str) -> None:
