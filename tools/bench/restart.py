@@ -33,7 +33,7 @@ flags.DEFINE_string("config", "configs/demo.py", "Launcher config.")
 FLAGS = flags.FLAGS
 
 
-def _start(workdir: str, cache: str, extra: list[str]) -> subprocess.Popen:
+def _start(workdir: str, cache: str, extra: list[str], output) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "launch.local_cluster", f"--num_processes={FLAGS.processes}",
         f"--devices_per_process={FLAGS.devices}", "--", f"--config={FLAGS.config}",
@@ -42,8 +42,7 @@ def _start(workdir: str, cache: str, extra: list[str]) -> subprocess.Popen:
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     return subprocess.Popen(
-        cmd, stdout=tempfile.TemporaryFile(), stderr=subprocess.STDOUT, env=env,
-        start_new_session=True,
+        cmd, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )  # fmt: skip
 
 
@@ -53,16 +52,17 @@ def _run_until(workdir: str, cache: str, extra: list[str], until) -> tuple[float
     tail = events.Tail(workdir)
     tail.read()  # the events of earlier runs
     start = time.time()
-    proc = _start(workdir, cache, extra)
-    seen = None
-    while proc.poll() is None:
-        if seen is None:
-            seen = next((r for r in tail.read() if until(r)), None)
-            if seen is not None:
-                proc.send_signal(signal.SIGTERM)  # local_cluster forwards it: save, exit 75
-        time.sleep(0.05)
-    proc.stdout.seek(0)
-    log = proc.stdout.read().decode(errors="replace")
+    with tempfile.TemporaryFile() as output:
+        proc = _start(workdir, cache, extra, output)
+        seen = None
+        while proc.poll() is None:
+            if seen is None:
+                seen = next((r for r in tail.read() if until(r)), None)
+                if seen is not None:
+                    proc.send_signal(signal.SIGTERM)  # local_cluster forwards it: save, exit 75
+            time.sleep(0.05)
+        output.seek(0)
+        log = output.read().decode(errors="replace")
     if seen is None or proc.returncode != 75:
         sys.exit(f"run ended with status {proc.returncode} first:\n{log[-3000:]}")
     return seen["t"] - start, seen
