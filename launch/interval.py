@@ -140,7 +140,8 @@ class Schedule:
             return False  # the final save is the finish's
         if self.fixed is not None:
             return self.fixed > 0 and step % self.fixed == 0
-        return step == self.next_step
+        # So close to the end, the final save comes first.
+        return step == self.next_step and self.num_steps - step >= MIN_STEPS
 
     def saved(self, step: int, figures: Figures) -> Decision | None:
         """After the save at `step`: the next save step from the agreed figures; returns the
