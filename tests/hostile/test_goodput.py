@@ -4,7 +4,8 @@ The events are the contract between the launcher and what measures it (the live 
 the automatic checkpoint interval's fault rate, the storm). A line torn by a killed process,
 edited by hand or written by something else must be skipped, never raise, never change the
 figures of the good lines, and never be rewritten. Each row runs the real reader and the real
-accounting (in-process: no subprocess needed).
+accounting (in-process: no subprocess needed). The automatic interval's settings are refused
+before anything runs: exit 2, one line, the workdir as it was.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import os
 
 import pytest
 
-from launch import events, goodput, interval
-from tests.hostile.harness import tree_digest
+from launch import events, goodput, interval, train
+from launch import main as launcher
+from launch.status import ExitStatus
+from tests import helpers
+from tests.hostile.harness import assert_one_clear_line, tree_digest
 
 GOOD = [
     {"t": 1.0, "event": "attempt_started", "process": 0, "attempt": "a", "process_start": 0.0},
@@ -70,4 +74,42 @@ def test_a_damaged_event_line_is_skipped_and_left_alone(tmp_path, case, line):
                            mtbf=lambda now: 60.0, log=events.NullLog(), writer=None,
                            timeout_s=1.0)  # fmt: skip
     assert saves.due(interval.FIRST_SAVE_STEPS)
+    assert tree_digest(workdir) == before
+
+
+# --- the automatic interval's settings, refused before anything runs -----------------------
+
+CONFIG_CASES = [
+    # (overrides, the start of the error line)
+    ({"checkpoint.every_steps": "often"}, "config.checkpoint.every_steps='often': must be a num"),
+    ({"checkpoint.every_epochs": "Auto"}, "config.checkpoint.every_epochs='Auto': must be a num"),
+    ({"checkpoint.every_steps": -1}, "config.checkpoint.every_steps=-1: must be a whole number"),
+    (
+        {"checkpoint.expected_fault_interval_seconds": 0.0},
+        "config.checkpoint.expected_fault_interval_seconds=0.0: must be a number > 0",
+    ),
+    (
+        {"checkpoint.expected_fault_interval_seconds": float("nan")},
+        "config.checkpoint.expected_fault_interval_seconds=nan: must be a number > 0",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CONFIG_CASES, ids=[str(c[0]) for c in CONFIG_CASES])
+def test_bad_interval_settings_are_refused_before_anything_runs(
+    data, tmp_path, capfd, overrides, message
+):
+    workdir = str(tmp_path / "w")
+    os.makedirs(os.path.join(workdir, "events"))
+    with open(events.local_path(workdir, 0), "w") as f:
+        f.write(json.dumps(GOOD[0]) + "\n")  # an earlier attempt's events: left as they are
+    before = tree_digest(workdir)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        launcher.exit_with_status(
+            lambda: train.train_and_evaluate(helpers.tiny_config(*data, **overrides), workdir)
+        )
+    assert exited.value.code == ExitStatus.BAD_INPUT
+    line = assert_one_clear_line(capfd.readouterr().err, message)
+    assert line.startswith(f"error: {message}")
     assert tree_digest(workdir) == before
