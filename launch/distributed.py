@@ -55,7 +55,7 @@ def slurm_devices(env: dict[str, str]) -> SlurmDevices | None:
 
     Without help JAX gives each Slurm task one GPU, the one numbered SLURM_LOCALID, so one
     launcher per node would train on 1 of its 8 GPUs. Slurm's environment for a task (checked
-    on a real slurmd, see tests/test_slurm.py):
+    on a real slurmd, see tests/integration/test_slurm.py):
       SLURM_STEP_GPUS       the GPUs of this task; all of the node's step GPUs, or only its own
                             under --gpus-per-task / --gpu-bind
       SLURM_GPUS_ON_NODE    the step's GPU count on this node

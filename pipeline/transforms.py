@@ -27,7 +27,7 @@ unchanged. The decode is libjpeg-turbo's, as PIL's is, with its fast IDCT (FAST_
 decode's window is resampled by PIL, as in random_resized_crop (within the PSNR bar of the full
 decode). OpenCV's resampling of full-scale windows differs from PIL's: area averaging rather
 than a widened triangle when reducing. With the fast IDCT, the crops are at least 33 dB and
-40 dB in the median from PIL's on photo-like images (tests/test_transforms_fast.py). Images
+40 dB in the median from PIL's on photo-like images (tests/pipeline/test_transforms.py). Images
 that path does not take (PNG, raw, CMYK JPEGs, or simplejpeg/OpenCV not installed) go through
 `random_resized_crop` into the same slot.
 """

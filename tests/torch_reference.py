@@ -1,4 +1,4 @@
-"""The torchvision side of tests/test_torchvision.py: random ResNets, and finding the first
+"""The torchvision side of tests/resnet/test_torchvision.py: random ResNets, and finding the first
 layer where ours and torchvision's disagree.
 
 Localising a difference: every torchvision module's input and output are recorded with

@@ -11,7 +11,7 @@ read with `torch.load(weights_only=True)`, which allows the torchvision ResNet c
 torch.nn layers they use but runs no other pickled code; `--allow_pickle` lifts that for files
 you trust. Requires torch and torchvision.
 
-The networks agree layer for layer (tests/test_torchvision.py compares them with random
+The networks agree layer for layer (tests/resnet/test_torchvision.py compares them with random
 weights and statistics): the same padding (k // 2), stride on the bottleneck's 3x3 conv
 (ResNet v1.5), max pool 3x3/2 with padding 1, BatchNorm epsilon 1e-5 and the same momentum
 convention (torch's 0.1 is our 0.9). One difference remains in training mode only: torch

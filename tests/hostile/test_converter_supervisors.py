@@ -3,7 +3,7 @@
 `error:` line, and that every file under tmp_path (input, output, a decoy outside both) is as
 it was. The converter runs in this process through `make_arrayrecord.command`; rows that need
 a process of their own are marked slow. The local_cluster runs with the real launcher are in
-tests/test_liveness.py.
+tests/integration/test_liveness.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from launch.status import ExitStatus
 from pipeline import conversion, records
 from tests import helpers
 from tests.hostile.harness import assert_one_clear_line, tree_digest
-from tests.test_make_arrayrecord import make_mnist
+from tests.pipeline.test_make_arrayrecord import make_mnist
 from tools import make_arrayrecord
 
 SHARDS = ["data-00000-of-00002.array_record", "data-00001-of-00002.array_record"]

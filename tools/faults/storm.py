@@ -52,21 +52,31 @@ from absl import app, flags
 from launch import checkpointing, events
 from tools.faults import goodput
 
-flags.DEFINE_string("workdir", None, "Root: reference/, storm/, logs/ and the report go here.")
-flags.DEFINE_list("fault_interval", ["60", "120"], "lo,hi: seconds of wall time between faults.")
-flags.DEFINE_integer("seed", 0, "Seed of the fault schedule (intervals, kinds, targets).")
-flags.DEFINE_list("topologies", ["2x2", "1x4", "4x1"], "PxD layouts; the first is the start.")
-flags.DEFINE_list("kinds", ["preempt", "host_loss", "save_kill", "resize"], "Fault kinds.")
-flags.DEFINE_integer("max_faults", -1, "Stop injecting after this many faults (-1: never).")
-flags.DEFINE_float("grace_seconds", 10, "local_cluster: kill the rest this long after a failure.")
-flags.DEFINE_float("kill_after", 60, "Kill an attempt still alive this long after its fault.")
-flags.DEFINE_float("restart_delay", 0, "Seconds between an attempt's end and the restart.")
-flags.DEFINE_integer("max_attempts", 100, "Give up after this many attempts.")
-# After a topology change only (see docs/measurements.md for how these were measured).
-flags.DEFINE_float("param_rtol", 0.2, "Bound on ||params - reference|| / ||reference||.")
-flags.DEFINE_float("top1_atol", 0.02, "Bound on the eval top-1 difference.")
-flags.DEFINE_float("loss_rtol", 0.2, "Bound on the relative eval loss difference.")
-flags.DEFINE_bool("show_output", False, "Echo the launcher output (it is always in logs/).")
+
+def _define_flags() -> None:
+    """The command line's flags, defined only when run as a program: importing the module (the
+    tests do) must not claim flag names such as --workdir that the launcher defines."""
+    flags.DEFINE_string("workdir", None, "Root: reference/, storm/, logs/ and the report go here.")
+    flags.DEFINE_list(
+        "fault_interval", ["60", "120"], "lo,hi: seconds of wall time between faults."
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the fault schedule (intervals, kinds, targets).")
+    flags.DEFINE_list("topologies", ["2x2", "1x4", "4x1"], "PxD layouts; the first is the start.")
+    flags.DEFINE_list("kinds", ["preempt", "host_loss", "save_kill", "resize"], "Fault kinds.")
+    flags.DEFINE_integer("max_faults", -1, "Stop injecting after this many faults (-1: never).")
+    flags.DEFINE_float(
+        "grace_seconds", 10, "local_cluster: kill the rest this long after a failure."
+    )
+    flags.DEFINE_float("kill_after", 60, "Kill an attempt still alive this long after its fault.")
+    flags.DEFINE_float("restart_delay", 0, "Seconds between an attempt's end and the restart.")
+    flags.DEFINE_integer("max_attempts", 100, "Give up after this many attempts.")
+    # After a topology change only (see docs/measurements.md for how these were measured).
+    flags.DEFINE_float("param_rtol", 0.2, "Bound on ||params - reference|| / ||reference||.")
+    flags.DEFINE_float("top1_atol", 0.02, "Bound on the eval top-1 difference.")
+    flags.DEFINE_float("loss_rtol", 0.2, "Bound on the relative eval loss difference.")
+    flags.DEFINE_bool("show_output", False, "Echo the launcher output (it is always in logs/).")
+
+
 FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -717,4 +727,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

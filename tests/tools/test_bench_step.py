@@ -19,7 +19,7 @@ import pytest
 from tools.bench import profile_summary
 from tools.bench import suite as bench_suite
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
     "--batch_size=8",
     "--image_size=16",

@@ -22,7 +22,7 @@ import yaml
 from launch.status import ExitStatus
 from tools.cluster import gke_jobset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def options(**overrides) -> gke_jobset.Options:

@@ -17,7 +17,7 @@ from pipeline import conversion, dataset, records
 from tools.bench import input as bench_input
 from tools.bench import photo_like
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bench(*args: str) -> dict:
@@ -106,6 +106,7 @@ def test_peer_jpegs_are_the_stored_bytes(tmp_path):
             assert img.format == "JPEG" and min(img.size) == 20
 
 
+@pytest.mark.slow  # runs the benchmark
 def test_cifar_sized_images_raw_against_png():
     result = _bench(
         "--cifar_like=48",

@@ -204,6 +204,7 @@ def test_max_pool_gradient_equals_select_and_scatter(shape, dtype):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # two ResNet-18 forward and backward passes
 def test_max_pool_choice_gives_the_same_model():
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     outputs = {}

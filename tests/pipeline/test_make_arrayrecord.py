@@ -26,7 +26,7 @@ from pipeline.conversion import progress
 from pipeline.conversion.images import ImageOptions, stored_size
 from tests.hostile.harness import assert_one_clear_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------------ tiny inputs

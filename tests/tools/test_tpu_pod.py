@@ -45,7 +45,7 @@ from tools.cluster import pod_gcloud, tpu_pod
 from tools.cluster import pod_supervisor as ps
 from tools.cluster import remote_scripts as remote
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TPU_POD = os.path.join(REPO, "tools", "cluster", "tpu_pod.sh")
 SBATCH = os.path.join(REPO, "tools", "cluster", "slurm_train.sbatch")
 BASH = shutil.which("bash") or "/bin/bash"

@@ -57,6 +57,7 @@ def test_same_seed_same_batches_other_seed_differs(data):
     assert _ids(first) != [b["example_id"].tolist() for b in other]
 
 
+@pytest.mark.slow  # Grain worker processes
 def test_worker_processes_do_not_change_the_batches(data):
     info = dataset.load_info(data[0])
     make = lambda workers: list(
@@ -178,7 +179,9 @@ def test_two_hosts_feed_disjoint_shards_into_one_global_array(data, tmp_path):
     assert single["global_ids"] == hosts[0]["global_ids"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "workers", [0, pytest.param(2, marks=pytest.mark.slow)]
+)  # 2: Grain worker processes
 def test_a_run_resumed_at_a_step_reads_exactly_what_the_whole_run_reads(data, workers):
     """The data position is the global step: nothing to checkpoint, nothing to lose."""
     info = dataset.load_info(data[0])
@@ -351,6 +354,7 @@ def test_bad_records_name_dataset_shard_record_and_example(tmp_path, change, mes
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow  # Grain worker processes
 def test_bad_record_error_crosses_grain_worker_processes(tmp_path):
     directory = _two_shards(tmp_path / "ds")
     _rewrite_record(directory, SHARD1, 3, _relabel(12))
@@ -428,7 +432,9 @@ def test_one_decode_function_reads_every_encoding(png_and_raw):
         transforms.raw_pixels(raw[:-1])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "workers", [0, pytest.param(2, marks=pytest.mark.slow)]
+)  # 2: Grain worker processes
 def test_raw_records_are_handed_over_unaugmented_a_batch_at_a_time(png_and_raw, workers):
     info = dataset.load_info(png_and_raw["raw"])
     aug = transforms.Augmentation(image_size=28, channels=1)
@@ -574,7 +580,9 @@ def test_scaled_decode_picks_the_largest_reduction_the_crop_allows():
     assert image.size == (400, 300) and out.shape == (224, 224, 3)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "workers", [0, pytest.param(2, marks=pytest.mark.slow)]
+)  # 2: Grain worker processes
 def test_scaled_decode_is_deterministic_and_resumable(large_jpegs, workers):
     info = dataset.load_info(large_jpegs[1])
     aug = transforms.Augmentation(image_size=64)

@@ -40,11 +40,12 @@ from flax import nnx
 import resnet
 import resnet.from_weights
 import resnet.weights
+from launch.status import ExitStatus
 from resnet import steps
 from tests import torch_reference as ref
 from tools import import_torchvision as tv_import
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_CLASSES = 10
 RTOL = 1e-4
 IMAGES = np.random.RandomState(0).randint(0, 256, (2, 64, 64, 3)).astype(np.uint8)
@@ -158,12 +159,12 @@ def check_train(case: Imported, per_module: bool = True) -> float:
 # --- against torchvision ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_eval_mode_matches_torchvision(name, imported):
     check_eval(imported(name))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_training_mode_matches_torchvision(name, imported):
     check_train(imported(name))
 
@@ -266,6 +267,7 @@ def _run_cli(*args):
     )
 
 
+@pytest.mark.slow  # runs the tool in a subprocess
 def test_command_line(imported, tmp_path):
     case = imported("resnet18")
     names = tmp_path / "names.txt"
@@ -295,7 +297,7 @@ def test_command_line(imported, tmp_path):
         np.testing.assert_array_equal(value, expected[path].astype(jnp.bfloat16), err_msg=path)
 
     again = _run_cli(*args)  # the output exists now
-    assert again.returncode == 1
+    assert again.returncode == ExitStatus.BAD_INPUT
     assert again.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "exists" in again.stderr
 

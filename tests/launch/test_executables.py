@@ -1,0 +1,133 @@
+"""Compiled steps kept per process (launch.executables): loaded on a match, never in place of
+another program, and a damaged entry is compiled again.
+
+The rules are shown in-process on a small sharded program that compiles in milliseconds; one
+slow test runs them on the real train step of `launch.program`."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from launch import distributed, executables
+from launch import program as program_lib
+from tests import helpers
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "cache"))
+    yield tmp_path / "cache" / "executables"
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def _never_lower():
+    raise AssertionError("a cached program was traced and lowered again")
+
+
+class _Small:
+    """A jitted, batch-sharded program: a stand-in for a step (same kind of arguments)."""
+
+    def __init__(self, scale: float = 2.0, rows: int = 8):
+        self.mesh = distributed.make_mesh()
+        self.sharding = NamedSharding(self.mesh, P("batch"))
+        self.fn = jax.jit(lambda x, w: (x * w * scale).sum(), in_shardings=(self.sharding, None))
+        self.args = (
+            jax.ShapeDtypeStruct((rows, 4), jnp.float32, sharding=self.sharding),
+            jax.ShapeDtypeStruct((4,), jnp.float32),
+        )
+        self.key = {"scale": scale, **executables.environment_key(self.mesh)}
+
+    def compile(self, lower=None):
+        lower = lower or (lambda: self.fn.lower(*self.args))
+        return executables.load_or_compile("small", lower, self.key, self.args)
+
+    def run(self, compiled) -> float:
+        x = jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4), self.sharding)
+        return float(compiled(x, jnp.ones(4)))
+
+
+def test_a_restart_loads_the_same_executable_without_lowering(cache_dir):
+    first = _Small()
+    expected = first.run(first.compile())
+    (entry,) = os.listdir(cache_dir)
+    assert entry.startswith(f"small-p{jax.process_index()}-")
+    again = _Small()  # a restart builds everything anew
+    assert again.run(again.compile(_never_lower)) == expected
+
+
+def test_another_program_or_shape_is_compiled_not_loaded(cache_dir):
+    _Small().compile()
+    for other in (_Small(scale=3.0), _Small(rows=16)):
+        with pytest.raises(AssertionError, match="traced and lowered again"):
+            other.compile(_never_lower)
+        other.compile()
+    assert len(os.listdir(cache_dir)) == 3
+
+
+def test_the_key_covers_sources_versions_devices_and_flags():
+    key = executables.environment_key(distributed.make_mesh())
+    assert {"sources", "versions", "platform", "mesh", "devices", "process", "env"} <= set(key)
+    assert key["versions"]["jax"] == jax.__version__
+    assert len(key["devices"]) == jax.device_count()
+
+
+def test_a_damaged_entry_is_compiled_again(cache_dir):
+    program = _Small()
+    expected = program.run(program.compile())
+    (entry,) = os.listdir(cache_dir)
+    (cache_dir / entry).write_bytes(b"not an executable")
+    again = _Small()
+    assert again.run(again.compile()) == expected
+    # A fresh compile replaced the entry (JAX's own cache keeps nothing that compiles in under
+    # a second; when it does answer, nothing is written: its copy does not serialize whole).
+    (replaced,) = os.listdir(cache_dir)
+    assert (cache_dir / replaced).read_bytes() != b"not an executable"
+    assert _Small().run(_Small().compile(_never_lower)) == expected
+
+
+def test_without_a_cache_folder_nothing_is_written(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert executables.cache_folder() is None
+        program = _Small()
+        assert program.run(program.compile()) == float(np.arange(32).sum() * 2)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow  # compiles the real train step twice
+def test_the_real_train_step_is_loaded_on_a_restart(data, cache_dir):
+    def build():
+        config = helpers.tiny_config(*data)
+        return program_lib.build_program(
+            config, distributed.make_mesh(), channels=1, steps_per_epoch=12, num_steps=8
+        )
+
+    def step_once(program, compiled):
+        batch = jax.device_put(
+            {
+                "image": np.full((16, 16, 16, 1), 7, np.uint8),
+                "label": (np.arange(16) % 10).astype(np.int32),
+            },
+            program.batch_sharding,
+        )
+        state, metrics = compiled(program.init(), batch, program.stop_votes(False))
+        return [np.asarray(x) for x in jax.tree.leaves((state.params, metrics["loss"]))]
+
+    first = build()
+    expected = step_once(first, first.compile_train_step(16, 16))
+    again = build()
+    votes = jax.ShapeDtypeStruct(
+        (again.mesh.devices.size,), np.int32, sharding=again.batch_sharding
+    )
+    args = (again.abstract_state, again.abstract_batch(16, 16), votes)
+    loaded = executables.load_or_compile("train_step", _never_lower, again.executable_key, args)
+    np.testing.assert_equal(step_once(again, loaded), expected)
