@@ -63,10 +63,20 @@ def get_config() -> ml_collections.ConfigDict:
     train.num_steps = -1  # > 0 overrides num_epochs
     train.seed = 0  # shuffling and augmentation; model initialisation uses seed + 1
     train.base_learning_rate = 0.1  # per 256 examples: peak LR = base * global_batch / 256
-    train.warmup_epochs = 5.0  # linear warmup, then cosine decay to 0
+    train.warmup_epochs = 5.0  # linear warmup from 0 to the peak, then lr_schedule's decay
+    # Decay after the warmup, to end_learning_rate at the last step: "cosine" or
+    # "polynomial" (power polynomial_power, the MLPerf ResNet-50 schedule).
+    train.lr_schedule = "cosine"
+    train.polynomial_power = 2.0
+    train.end_learning_rate = 0.0  # absolute, not scaled with the batch
+    # "sgd" (momentum) or "lars" (layer-wise trust ratio on conv and dense kernels; BN
+    # parameters and biases get plain momentum SGD without weight decay).
+    train.optimizer = "sgd"
     train.momentum = 0.9
     train.nesterov = True
     train.weight_decay = 5e-5  # on conv and dense kernels only
+    train.lars_trust_coefficient = 0.001  # LARS: trust ratio = this x |w| / (|g + wd w| + eps)
+    train.lars_epsilon = 0.0
     train.label_smoothing = 0.1
     train.log_every_steps = 100  # log line and TensorBoard scalars
     train.max_nonfinite_in_a_row = 5  # skipped non-finite steps tolerated before stopping

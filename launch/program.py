@@ -55,17 +55,50 @@ def build_model(config: ml_collections.ConfigDict, channels: int) -> nnx.Module:
     )
 
 
+OPTIMIZERS = ("sgd", "lars")
+LR_SCHEDULES = ("cosine", "polynomial")
+
+
+def _choice(config, key: str, choices: tuple[str, ...]) -> str:
+    value = config.train[key]
+    if value not in choices:
+        raise ConfigError(f"config.train.{key}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
 def make_optimizer(config, steps_per_epoch: int, num_steps: int):
-    """SGD with the warmup + cosine schedule; peak LR scales with the global batch (Goyal)."""
-    peak = config.train.base_learning_rate * config.train.global_batch_size / 256
-    warmup = int(round(config.train.warmup_epochs * steps_per_epoch))
-    schedule = steps_lib.learning_rate_schedule(peak, warmup, num_steps)
-    tx = steps_lib.sgd_optimizer(
-        schedule,
-        momentum=config.train.momentum,
-        nesterov=config.train.nesterov,
-        weight_decay=config.train.weight_decay,
+    """SGD or LARS with linear warmup, then cosine or polynomial decay.
+
+    The peak LR scales with the global batch (Goyal et al.): base_learning_rate x batch / 256.
+    """
+    train = config.train
+    optimizer = _choice(config, "optimizer", OPTIMIZERS)
+    kind = _choice(config, "lr_schedule", LR_SCHEDULES)
+    peak = train.base_learning_rate * train.global_batch_size / 256
+    if train.end_learning_rate > peak:
+        raise ConfigError(
+            f"config.train.end_learning_rate={train.end_learning_rate!r}: must not exceed the "
+            f"peak learning rate {peak:g} (base_learning_rate x global_batch_size / 256)"
+        )
+    warmup = int(round(train.warmup_epochs * steps_per_epoch))
+    schedule = steps_lib.learning_rate_schedule(
+        peak,
+        warmup,
+        num_steps,
+        kind=kind,
+        end=train.end_learning_rate,
+        power=train.polynomial_power,
     )
+    common = dict(momentum=train.momentum, nesterov=train.nesterov, weight_decay=train.weight_decay)
+    if optimizer == "lars":
+        tx = steps_lib.lars_optimizer(
+            schedule,
+            trust_coefficient=train.lars_trust_coefficient,
+            epsilon=train.lars_epsilon,
+            **common,
+        )
+    else:
+        tx = steps_lib.sgd_optimizer(schedule, **common)
     return tx, schedule
 
 

@@ -36,16 +36,39 @@ def merge(graphdef: nnx.GraphDef, *states: nnx.State) -> nnx.Module:
     return nnx.merge(graphdef, *states, copy=True)
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `peak`, then cosine decay to 0, per step."""
+def learning_rate_schedule(
+    peak: float,
+    warmup_steps: int,
+    total_steps: int,
+    *,
+    kind: str = "cosine",
+    end: float = 0.0,
+    power: float = 2.0,
+) -> optax.Schedule:
+    """Linear warmup from 0 to `peak`, then decay to `end` by the last step, per step.
+
+    `kind` "cosine" decays along a half cosine; "polynomial" as
+    `end + (peak - end) * (1 - t / decay_steps) ** power` (the MLPerf ResNet-50 schedule).
+    """
     warmup_steps = min(warmup_steps, total_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=0.0,
-    )
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=peak,
+            warmup_steps=warmup_steps,
+            decay_steps=max(total_steps, warmup_steps + 1),
+            end_value=end,
+        )
+    if kind == "polynomial":
+        warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+        decay = optax.polynomial_schedule(
+            init_value=peak,
+            end_value=end,
+            power=power,
+            transition_steps=max(total_steps - warmup_steps, 1),
+        )
+        return optax.join_schedules([warmup, decay], [warmup_steps])
+    raise ValueError(f"unknown learning-rate schedule {kind!r}: use cosine or polynomial")
 
 
 def _decays(params: nnx.State) -> Any:
@@ -60,6 +83,33 @@ def sgd_optimizer(
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_decays),
         optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
+    )
+
+
+def lars_optimizer(
+    schedule: optax.Schedule,
+    *,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coefficient: float,
+    epsilon: float,
+) -> optax.GradientTransformation:
+    """LARS (You et al. 2017) on kernels; BN parameters and biases get plain momentum SGD.
+
+    As in the MLPerf reference, the 1-D leaves take neither weight decay nor the trust ratio:
+    their update is `momentum * trace + lr * grad`. The trust ratio is
+    `trust_coefficient * |w| / (|g + weight_decay * w| + epsilon)`, per kernel (optax.lars).
+    """
+    return optax.lars(
+        schedule,
+        weight_decay=weight_decay,
+        weight_decay_mask=_decays,
+        trust_coefficient=trust_coefficient,
+        eps=epsilon,
+        trust_ratio_mask=_decays,
+        momentum=momentum,
+        nesterov=nesterov,
     )
 
 
