@@ -1,0 +1,57 @@
+"""The hostile suite, optimizer side: bad LARS and learning-rate-schedule settings.
+
+Each row runs `train.train_and_evaluate` in-process through `launch.main`'s one mapping of
+errors to exit statuses, and asserts the exit status, the one `error:` line naming the field,
+and that the user's workdir is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from launch import main as launcher
+from launch import train
+from launch.status import ExitStatus
+from tests import helpers
+from tests.hostile.harness import assert_one_clear_line, tree_digest
+
+CASES = [
+    # (overrides, the start of the error line)
+    ({"train.optimizer": "adam"}, "config.train.optimizer='adam': use one of sgd, lars"),
+    ({"train.optimizer": "LARS"}, "config.train.optimizer='LARS': use one of sgd, lars"),
+    ({"train.lr_schedule": "step"}, "config.train.lr_schedule='step': use one of cosine"),
+    ({"train.lars_trust_coefficient": 0.0}, "config.train.lars_trust_coefficient=0.0: must be"),
+    ({"train.lars_trust_coefficient": float("nan")}, "config.train.lars_trust_coefficient=nan"),
+    ({"train.lars_epsilon": -1e-9}, "config.train.lars_epsilon=-1e-09: must be a number >= 0"),
+    ({"train.polynomial_power": 0.0}, "config.train.polynomial_power=0.0: must be a number > 0"),
+    ({"train.end_learning_rate": -0.1}, "config.train.end_learning_rate=-0.1: must be"),
+    (
+        {"train.end_learning_rate": 5.0, "train.lr_schedule": "polynomial"},
+        "config.train.end_learning_rate=5.0: must not exceed the peak learning rate",
+    ),
+]
+
+
+def _user_workdir(root) -> str:
+    workdir = str(root / "w")
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 4, "kind": "train"}) + "\n")
+    return workdir
+
+
+@pytest.mark.parametrize("overrides, message", CASES, ids=[str(c[0]) for c in CASES])
+def test_bad_optimizer_settings_exit_2_with_one_line(data, tmp_path, capfd, overrides, message):
+    workdir = _user_workdir(tmp_path)
+    before = tree_digest(workdir)
+    config = helpers.tiny_config(*data, **overrides)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        launcher.exit_with_status(lambda: train.train_and_evaluate(config, workdir))
+    assert exited.value.code == ExitStatus.BAD_INPUT
+    line = assert_one_clear_line(capfd.readouterr().err, message)
+    assert line.startswith(f"error: {message}")
+    assert tree_digest(workdir) == before
