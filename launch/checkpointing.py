@@ -529,6 +529,7 @@ def run_signature(config, train_examples: int, channels: int, shapes: str) -> di
         "model.num_classes": config.model.num_classes,
         "train.global_batch_size": config.train.global_batch_size,
         "train.seed": config.train.seed,
+        "train.optimizer": config.train.optimizer,  # its state has another structure
         "train_examples": train_examples,
         "input_channels": channels,
         "parameter_shapes": shapes,  # digest of every parameter's path, shape and dtype

@@ -93,7 +93,7 @@ def test_sigkill_during_async_save_resumes_from_last_committed(data, reference, 
     os.remove(os.path.join(workdir, "checkpoints", "12", "commit_success.txt"))
     resumed = helpers.launch(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Checkpoint step 12 is not usable (uncommitted)" in resumed.stderr
+    assert "Checkpoint step 12 is not usable (never committed)" in resumed.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "12.rejected-uncommitted"))
     assert 12 in committed_steps(workdir)  # saving that step again worked
     assert_same_state(reference["one"], workdir)

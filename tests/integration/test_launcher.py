@@ -149,7 +149,7 @@ def nnx_graphdef(make_model):
 
 @pytest.mark.parametrize("run", ["a", "c"])
 def test_eval_counts_every_example_exactly_once(runs, data, run):
-    reported = json.load(open(os.path.join(runs[run], train.FINISHED_MARKER)))
+    reported = json.load(open(os.path.join(runs[run], train.FINISHED_MARKER)))["eval"]
     direct = _direct_eval(runs[run], data[1])
     assert reported["eval/count"] == direct["eval/count"] == 37
     for key in ["eval/loss", "eval/top1", "eval/top5"]:
