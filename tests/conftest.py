@@ -29,13 +29,29 @@ def _demo_data_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the programs compiled in the test process: the
-    in-process tests build the same tiny train and eval steps several times."""
+    """One persistent compilation cache for every program the tests compile, in this process
+    and in the launchers they start (the environment wins over `train.compilation_cache_dir`):
+    most tests build the same tiny train and eval steps, and a compile costs more than the
+    run. Tests of the cache itself, and the tools that measure cold starts, set their own."""
+    import os  # pylint: disable=g-import-not-at-top
+
     import jax  # pylint: disable=g-import-not-at-top
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    folder = str(tmp_path_factory.mktemp("xla-cache"))
+    settings = {
+        "JAX_COMPILATION_CACHE_DIR": folder,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the tiny programs too
+    }
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    jax.config.update("jax_compilation_cache_dir", folder)
     yield
     jax.config.update("jax_compilation_cache_dir", None)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
