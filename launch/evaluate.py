@@ -9,7 +9,8 @@ it evaluates on config.data.eval_dir, or on the embedded demo data's eval split 
 config names no data. It restores the newest trustworthy checkpoint (or `--step`) with the
 same integrity checks as a resume, and runs the exact evaluation: every example once, on any
 number of hosts. It prints the figures and writes them as JSON to `--output` (default
-WORKDIR/eval-step-<N>.json).
+WORKDIR/eval-step-<N>.json). `--config.eval.use_ema=True` evaluates the moving average of a
+run trained with train.ema_decay > 0 instead of its weights.
 
 That file is all it writes into a workdir. It can run beside the training: no checkpoint is
 created, cleaned up or moved aside, and no lock, TensorBoard event or compilation cache entry
@@ -239,7 +240,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
         watchdog.close()
     if results is None:
         raise liveness.StopBeforeStart("stopped during the evaluation")
-    return {"step": step, "eval_dir": eval_dir, **results}
+    return {"step": step, "eval_dir": eval_dir, "use_ema": bool(config.eval.use_ema), **results}
 
 
 def _check_output(path: str | None, workdir: str) -> None:
