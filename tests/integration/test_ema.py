@@ -64,6 +64,15 @@ def test_a_preempted_run_with_ema_resumes_bit_identically(data, ema_run, tmp_pat
     assert any(np.any(average[k] != weights[k]) for k in average)  # a real average
 
 
+def test_the_average_leaves_the_training_as_it_was(ema_run, reference_16):
+    """The same run without an average holds bit-identical weights and optimizer state."""
+    with_ema = helpers.flat_arrays(helpers.load_state(ema_run, STEPS))
+    without = helpers.flat_arrays(helpers.load_state(reference_16, STEPS))
+    assert {k for k in with_ema if not k.startswith("['ema']")} == without.keys()
+    for key in without:
+        np.testing.assert_array_equal(with_ema[key], without[key], err_msg=key)
+
+
 def test_export_ema_writes_the_average_of_the_checkpoint(ema_run, tmp_path):
     out = str(tmp_path / "averaged")
     run = helpers.launch(
