@@ -78,6 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.lars_trust_coefficient = 0.001  # LARS: trust ratio = this x |w| / (|g + wd w| + eps)
     train.lars_epsilon = 0.0
     train.label_smoothing = 0.1
+    # > 0: also keep an exponential moving average of the parameters and BatchNorm statistics,
+    # updated after each applied step with decay min(ema_decay, (1 + step) / (10 + step));
+    # eval.use_ema evaluates it, `tools.export --ema` exports it. 0: none.
+    train.ema_decay = 0.0
     train.log_every_steps = 100  # log line and TensorBoard scalars
     train.max_nonfinite_in_a_row = 5  # skipped non-finite steps tolerated before stopping
     train.num_image_summaries = 8  # augmented inputs shown in TensorBoard at the start
@@ -98,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
     eval_.every_epochs = 5.0  # also evaluates at the end
     eval_.global_batch_size = -1  # -1: the training global batch size
     eval_.at_start = False  # also evaluate before the first step (a fine-tuning's baseline)
+    eval_.use_ema = False  # evaluate the average of train.ema_decay, not the current weights
 
     # "auto": the interval sets itself (launch.interval): Daly's sqrt(2 x save stall x (mean
     # time between faults + restore)), measured in this run and re-decided at every save,

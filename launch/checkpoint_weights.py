@@ -26,8 +26,11 @@ def _inference_vars(tree):
     return tree
 
 
-def weights_from_checkpoint(directory: str, step: int | None = None) -> resnet.weights.Weights:
-    """The parameters and BatchNorm statistics of a run's newest (or given) trustworthy step."""
+def weights_from_checkpoint(
+    directory: str, step: int | None = None, *, ema: bool = False
+) -> resnet.weights.Weights:
+    """The parameters and BatchNorm statistics of a run's newest (or given) trustworthy step;
+    with `ema`, their moving average (train.ema_decay)."""
     state, meta, step = checkpointing.read_trusted(directory, step)
     if "model" not in meta:
         raise checkpointing.IncompatibleCheckpoint(
@@ -35,13 +38,22 @@ def weights_from_checkpoint(directory: str, step: int | None = None) -> resnet.w
             "export it with the version that wrote it"
         )
     logging.info("Read the checkpoint of step %d from %s.", step, directory)
+    metadata = {"source": str(directory), "step": step}
+    if ema:
+        if not state.get("ema"):
+            raise ValueError(
+                f"--ema: step {step} of {directory} holds no moving average of the weights (the "
+                "run trained with train.ema_decay=0); export its weights without --ema"
+            )
+        state = state["ema"]
+        metadata["ema_decay"] = meta.get("train.ema_decay")
     return resnet.weights.Weights(
         model=meta["model"],
         preprocessing=meta["preprocessing"],
         class_names=tuple(meta["class_names"]) if meta.get("class_names") else None,
         params=_inference_vars(state["params"]),
         batch_stats=_inference_vars(state["batch_stats"]),
-        metadata={"source": str(directory), "step": step},
+        metadata=metadata,
     )
 
 
@@ -102,13 +114,16 @@ def _check_export_target(output: str) -> None:
         folder = os.path.dirname(folder)
 
 
-def export(workdir: str, output: str, step: int | None, dtype: str) -> resnet.weights.Weights:
-    """Writes the weights of the run's newest (or given) trustworthy step to the new folder
-    `output`; returns them. Refuses an output that exists or lies in a checkpoints folder."""
+def export(
+    workdir: str, output: str, step: int | None, dtype: str, *, ema: bool = False
+) -> resnet.weights.Weights:
+    """Writes the weights (with `ema`, their moving average) of the run's newest (or given)
+    trustworthy step to the new folder `output`; returns them. Refuses an output that exists
+    or lies in a checkpoints folder, and `ema` for a run that kept no average."""
     _check_export_target(output)
     if os.path.lexists(output):  # save() checks again; this fails before reading the run
         raise FileExistsError(f"{output} exists; weights are written to a new directory only")
-    weights = weights_from_checkpoint(workdir, step)
+    weights = weights_from_checkpoint(workdir, step, ema=ema)
     resnet.weights.save(
         output,
         model=weights.model,

@@ -1,7 +1,8 @@
 """Asynchronous Orbax checkpoints that a resumed run can trust.
 
 A step directory WORKDIR/checkpoints/<step>/ holds two items:
-  state  the TrainState (parameters, BatchNorm statistics, optimizer state, step, counters)
+  state  the TrainState (parameters, BatchNorm statistics, optimizer state, step, counters,
+         and their moving average when train.ema_decay > 0)
   meta   JSON: the run signature a resume must match, an exact digest of every array of
          `state`, the identity of the data it was trained on (paths and content
          fingerprints, `pipeline.fingerprint`), and the history of topologies and data
@@ -450,6 +451,19 @@ def committed_steps(directory: str) -> list[int]:
     )
 
 
+def step_meta(directory: str, step: int | None = None) -> dict | None:
+    """The meta of `step` (default: the newest committed step) of a run's workdir or its
+    checkpoints folder, unverified; None where there is none that reads."""
+    found = committed_steps(directory)
+    step = found[-1] if step is None and found else step
+    if step is None:
+        return None
+    root = epath.Path(directory)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    return _read_meta(root / str(step))
+
+
 def read_numpy(item_dir: str | epath.Path) -> dict:
     """An Orbax PyTree item as nested dicts of numpy arrays (any saved device layout)."""
     with ocp.PyTreeCheckpointer() as checkpointer:
@@ -530,6 +544,7 @@ def run_signature(config, train_examples: int, channels: int, shapes: str) -> di
         "train.global_batch_size": config.train.global_batch_size,
         "train.seed": config.train.seed,
         "train.optimizer": config.train.optimizer,  # its state has another structure
+        "train.ema_decay": config.train.ema_decay,  # 0: the state holds no average
         "train_examples": train_examples,
         "input_channels": channels,
         "parameter_shapes": shapes,  # digest of every parameter's path, shape and dtype

@@ -9,7 +9,8 @@ it evaluates on config.data.eval_dir, or on the embedded demo data's eval split 
 config names no data. It restores the newest trustworthy checkpoint (or `--step`) with the
 same integrity checks as a resume, and runs the exact evaluation: every example once, on any
 number of hosts. It prints the figures and writes them as JSON to `--output` (default
-WORKDIR/eval-step-<N>.json).
+WORKDIR/eval-step-<N>.json). `--config.eval.use_ema=True` evaluates the moving average of a
+run trained with train.ema_decay > 0 instead of its weights.
 
 That file is all it writes into a workdir. It can run beside the training: no checkpoint is
 created, cleaned up or moved aside, and no lock, TensorBoard event or compilation cache entry
@@ -164,6 +165,24 @@ def check_eval_data(meta: dict, eval_info, config) -> None:
             )
 
 
+def adopt_the_runs_average(config, workdir: str, step: int | None) -> None:
+    """Sets config.train.ema_decay to the run's, from the meta of the step to evaluate: the
+    state to restore has an average or not as the run had, whatever this config says.
+    eval.use_ema on a run that kept no average is a ConfigError."""
+    # pylint: disable=g-import-not-at-top
+    from launch import checkpointing
+    from launch.plan import ConfigError
+
+    meta = checkpointing.step_meta(workdir, step) or {}
+    decay = meta.get("train.ema_decay", config.train.ema_decay)
+    if config.eval.use_ema and not decay:
+        raise ConfigError(
+            f"config.eval.use_ema=True: the run in {workdir} kept no moving average of its "
+            "weights (it trained with train.ema_decay=0); evaluate without eval.use_ema"
+        )
+    config.train.ema_decay = decay
+
+
 def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
     """{"step": N, "eval/loss": ..., ...} for the restored step of `workdir`."""
     # pylint: disable=g-import-not-at-top
@@ -171,6 +190,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
     from launch import checkpointing, distributed, liveness, setup, train
     from launch.plan import ConfigError, eval_batch_size
 
+    adopt_the_runs_average(config, workdir, step)
     _, eval_dir = setup.data_dirs(config, need_train=False)
     eval_info = _load_eval_info(eval_dir)
     batch = eval_batch_size(config)
@@ -220,7 +240,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None, stop) -> dict:
         watchdog.close()
     if results is None:
         raise liveness.StopBeforeStart("stopped during the evaluation")
-    return {"step": step, "eval_dir": eval_dir, **results}
+    return {"step": step, "eval_dir": eval_dir, "use_ema": bool(config.eval.use_ema), **results}
 
 
 def _check_output(path: str | None, workdir: str) -> None:

@@ -105,6 +105,7 @@ _RANGES: dict[str, _Range] = {
     "train.lars_trust_coefficient": _real(0.0, open_low=True),
     "train.lars_epsilon": _real(0.0),
     "train.label_smoothing": _fraction(),
+    "train.ema_decay": _real(0.0, 1.0, open_high=True, meaning="0 keeps no average"),
     "train.log_every_steps": _count(1),
     "train.max_nonfinite_in_a_row": _count(0),
     "train.num_image_summaries": _count(0, high=1024),
@@ -146,6 +147,11 @@ def check_config(config) -> None:
         problem = accepted.problem(value)
         if problem:
             raise ConfigError(f"config.{key}={value!r}: {problem}")
+    if _field(config, "eval.use_ema") and not _field(config, "train.ema_decay"):
+        raise ConfigError(
+            "config.eval.use_ema=True: the run keeps no average to evaluate; set "
+            "config.train.ema_decay > 0"
+        )
     _check_pair(config, "data.crop_scale", high=1.0)
     _check_pair(config, "data.crop_ratio", high=math.inf)
     for key, positive in (("data.mean", False), ("data.std", True)):

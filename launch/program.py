@@ -232,7 +232,8 @@ def build_program(
         raise ConfigError(f"config.model: {e}") from None
     replicated = distributed.replicated(mesh)
     batch_sharding = distributed.batch_sharding(mesh)
-    init = lambda: steps_lib.init_state(make_model(), tx)[1]
+    ema = config.train.ema_decay > 0
+    init = lambda: steps_lib.init_state(make_model(), tx, ema=ema)[1]
     abstract_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init)
     )
@@ -257,6 +258,7 @@ def build_program(
                 schedule,
                 label_smoothing=config.train.label_smoothing,
                 augment=augment,
+                ema_decay=config.train.ema_decay,
                 **compute,
             ),
             into_metrics=True,
@@ -266,7 +268,10 @@ def build_program(
         donate_argnums=0 if donate else (),
     )
     eval_step = jax.jit(
-        _with_stop_votes(steps_lib.make_eval_step(graphdef, **compute), into_metrics=False),
+        _with_stop_votes(
+            steps_lib.make_eval_step(graphdef, use_ema=config.eval.use_ema, **compute),
+            into_metrics=False,
+        ),
         in_shardings=(replicated, batch_sharding, replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=2,  # the running totals

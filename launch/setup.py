@@ -184,7 +184,8 @@ def initial_state(config, program: program_lib.Program):
     except ValueError as e:
         raise ConfigError(f"config.model.init_from={source}: {e}") from None
     logging.info("Parameters and BatchNorm statistics initialised from %s.", source)
-    _, state = steps_lib.init_state(model, program.tx)  # fresh optimizer state, step 0
+    # Fresh optimizer state, step 0; an average starts from the weights taken.
+    _, state = steps_lib.init_state(model, program.tx, ema=config.train.ema_decay > 0)
     return jax.device_put(state, program.replicated)
 
 
