@@ -534,7 +534,7 @@ def run_signature(config, train_examples: int, channels: int, shapes: str) -> di
         "train_examples": train_examples,
         "input_channels": channels,
         # Progressive resizing (pipeline.resizing): the training size of every step.
-        "data.resize_ramp": _resize_ramp(config.data),
+        "resize_ramp": _resize_ramp(config.data),
         "parameter_shapes": shapes,  # digest of every parameter's path, shape and dtype
     }
 

@@ -111,9 +111,11 @@ def train_and_evaluate(
         logging.info("Plan: %s", plan.describe())
         ramp = resizing.ramp(config.data)
         if ramp is not None:
+            steps = resizing.changes(config.data, plan.steps_per_epoch, 0, plan.num_steps)
             logging.info(
-                "Progressive resizing: %s; evaluation at %d px.",
+                "Progressive resizing: %s: %s; evaluation at %d px.",
                 ramp.describe(),
+                ", ".join(f"{size} px from step {step}" for step, size in steps),
                 config.data.image_size,
             )
         phase("data")

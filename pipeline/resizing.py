@@ -65,24 +65,29 @@ def size_at_step(data_config, step: int, steps_per_epoch: int) -> int:
     return schedule.size(step // steps_per_epoch)
 
 
-def sizes(data_config, steps_per_epoch: int, start_step: int, num_steps: int) -> list[int]:
-    """The distinct training sizes of steps start_step .. num_steps-1, in the order used."""
+def changes(data_config, steps_per_epoch: int, start_step: int, num_steps: int):
+    """(first step, size) of each training size of steps start_step .. num_steps-1, in order."""
     schedule = ramp(data_config)
     if schedule is None or start_step >= num_steps:
-        return [int(data_config.image_size)]
+        return [(start_step, int(data_config.image_size))]
     epoch, last = start_step // steps_per_epoch, (num_steps - 1) // steps_per_epoch
-    found = []
-    while epoch <= last:
-        size = schedule.size(epoch)
-        found.append(size)
+    found = [(start_step, schedule.size(epoch))]
+    while True:
         # A ramp never shrinks: bisect for the first later epoch with a larger size, so a
         # run of millions of epochs costs a few comparisons per size.
         low, high = epoch + 1, last + 1
         while low < high:
             middle = (low + high) // 2
-            if schedule.size(middle) > size:
+            if schedule.size(middle) > found[-1][1]:
                 high = middle
             else:
                 low = middle + 1
+        if low > last:
+            return found
         epoch = low
-    return found
+        found.append((epoch * steps_per_epoch, schedule.size(epoch)))
+
+
+def sizes(data_config, steps_per_epoch: int, start_step: int, num_steps: int) -> list[int]:
+    """The distinct training sizes of steps start_step .. num_steps-1, in the order used."""
+    return [size for _, size in changes(data_config, steps_per_epoch, start_step, num_steps)]

@@ -50,8 +50,8 @@ def _compiled(workdir: str, name: str) -> list[str]:
 def test_each_size_is_compiled_once_and_evaluation_stays_at_its_size(uninterrupted):
     workdir, log = uninterrupted
     assert (
-        "Progressive resizing: 16 px to 24 px over epochs 1 to 3, in multiples of 4; "
-        "evaluation at 24 px." in log
+        "Progressive resizing: 16 px to 24 px over epochs 1 to 3, in multiples of 4: 16 px "
+        "from step 0, 20 px from step 12, 24 px from step 18; evaluation at 24 px." in log
     )
     assert len(_compiled(workdir, "train_step")) == 3  # 16, 20 and 24 px
     assert len(_compiled(workdir, "eval_step")) == 1
@@ -77,7 +77,7 @@ def test_a_run_preempted_mid_ramp_resumes_at_its_size_bit_identically(
         helpers.tiny_run_args(*digits, workdir, **{**RAMP, "data.resize_multiple": 8})
     )
     assert other.returncode == ExitStatus.BAD_INPUT, other.stderr[-3000:]
-    assert "data.resize_ramp: checkpoint has" in other.stderr
+    assert "resize_ramp: checkpoint has" in other.stderr
     assert committed_steps(workdir)[-1] == saved  # refused untouched
 
     resumed = helpers.launch(args)

@@ -62,6 +62,8 @@ def test_the_size_of_a_step_is_its_epochs():
     config = _data_config(**TINY_RAMP)  # sizes 16, 16, 20, 24 for epochs 0..3
     by_step = [resizing.size_at_step(config, step, steps_per_epoch=3) for step in range(12)]
     assert by_step == [16] * 6 + [20] * 3 + [24] * 3
+    assert resizing.changes(config, 3, 0, 12) == [(0, 16), (6, 20), (9, 24)]
+    assert resizing.changes(config, 3, 7, 12) == [(7, 20), (9, 24)]
     assert resizing.sizes(config, 3, 0, 12) == [16, 20, 24]
     assert resizing.sizes(config, 3, 7, 12) == [20, 24]  # resumed mid-ramp
     assert resizing.sizes(config, 3, 9, 12) == [24]
@@ -93,8 +95,11 @@ def test_the_sizes_of_a_run_are_every_size_its_epochs_use_in_order():
         )
         spe, first, last = (int(rng.integers(*bounds)) for bounds in ((1, 5), (0, 30), (1, 90)))
         walked = [resizing.size_at_step(config, s, spe) for s in range(first, last)]
-        expected = list(dict.fromkeys(walked)) or [24]
-        assert resizing.sizes(config, spe, first, last) == expected, (ramp, spe, first, last)
+        expected = [
+            (first + i, size) for i, size in enumerate(walked) if i == 0 or size != walked[i - 1]
+        ] or [(first, 24)]
+        assert resizing.changes(config, spe, first, last) == expected, (ramp, spe, first, last)
+        assert resizing.sizes(config, spe, first, last) == [size for _, size in expected]
         assert walked == sorted(walked)  # a ramp never shrinks
 
 
@@ -115,9 +120,9 @@ def test_the_sizes_of_a_very_long_run_take_no_time():
 def test_the_ramp_is_part_of_the_run_signature():
     config = helpers.tiny_config("t", "e", **{f"data.{k}": v for k, v in TINY_RAMP.items()})
     ramped = checkpointing.run_signature(config, 48, 1, "digest")
-    assert ramped["data.resize_ramp"] == dataclasses.asdict(resizing.ramp(config.data))
+    assert ramped["resize_ramp"] == dataclasses.asdict(resizing.ramp(config.data))
     config.data.min_image_size = 0
-    assert checkpointing.run_signature(config, 48, 1, "digest")["data.resize_ramp"] is None
+    assert checkpointing.run_signature(config, 48, 1, "digest")["resize_ramp"] is None
 
 
 # ------------------------------------------------------------------------ the input
