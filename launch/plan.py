@@ -152,8 +152,8 @@ def check_config(config) -> None:
         if problem:
             raise ConfigError(f"config.{key}={value!r}: {problem}")
     _check_pair(config, "data.crop_scale", high=1.0)
-    _check_resize_ramp(config)
     _check_pair(config, "data.crop_ratio", high=math.inf)
+    _check_resize_ramp(config)
     for key, positive in (("data.mean", False), ("data.std", True)):
         values = _field(config, key)
         if values is None:
