@@ -37,7 +37,16 @@ def get_config() -> ml_collections.ConfigDict:
     # eval set added or dropped included) is refused; True accepts it, logs a warning, and
     # records it in the checkpoints' topology and data history and in FINISHED.
     data.allow_change = False
-    data.image_size = 224  # side of the square network input, in pixels
+    data.image_size = 224  # side of the square network input, in pixels (eval: always)
+    # Progressive resizing, FFCV's ramp (pipeline/resizing.py): epoch e trains at
+    # min_image_size while e <= resize_start_epoch, at max_image_size from resize_end_epoch,
+    # linearly in between, rounded to a multiple of resize_multiple. Evaluation stays at
+    # image_size. min_image_size=0: off, training is at image_size.
+    data.min_image_size = 0
+    data.max_image_size = 0
+    data.resize_start_epoch = 0.0
+    data.resize_end_epoch = 0.0
+    data.resize_multiple = 32
     data.crop_scale = (0.08, 1.0)  # random-resized-crop area range, fraction of the image
     data.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio range
     data.random_flip = True  # horizontal flips (turn off for digits and text)

@@ -41,6 +41,7 @@ from absl import logging
 from etils import epath
 
 from launch import distributed
+from pipeline import resizing
 from resnet import steps
 
 COMMIT_MARKER = "commit_success.txt"
@@ -547,8 +548,15 @@ def run_signature(config, train_examples: int, channels: int, shapes: str) -> di
         "train.ema_decay": config.train.ema_decay,  # 0: the state holds no average
         "train_examples": train_examples,
         "input_channels": channels,
+        # Progressive resizing (pipeline.resizing): the training size of every step.
+        "resize_ramp": _resize_ramp(config.data),
         "parameter_shapes": shapes,  # digest of every parameter's path, shape and dtype
     }
+
+
+def _resize_ramp(data_config) -> dict[str, Any] | None:
+    ramp = resizing.ramp(data_config)
+    return None if ramp is None else dataclasses.asdict(ramp)
 
 
 def topology() -> dict[str, int]:

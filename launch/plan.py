@@ -87,6 +87,11 @@ _RANGES: dict[str, _Range] = {
     "model.bn_epsilon": _real(0.0, open_low=True),
     "model.init_from_step": _count(0, also=(-1,), meaning="-1 takes the newest step"),
     "data.image_size": _count(1, high=8192),
+    "data.min_image_size": _count(0, high=8192, meaning="0 turns progressive resizing off"),
+    "data.max_image_size": _count(0, high=8192),
+    "data.resize_start_epoch": _real(0.0),
+    "data.resize_end_epoch": _real(0.0),
+    "data.resize_multiple": _count(1, high=8192),
     "data.eval_crop_fraction": _real(0.0, 1.0, open_low=True),
     "data.device_crop_padding": _count(0, high=1024),
     "data.num_workers": _count(0, high=1024),
@@ -154,6 +159,7 @@ def check_config(config) -> None:
         )
     _check_pair(config, "data.crop_scale", high=1.0)
     _check_pair(config, "data.crop_ratio", high=math.inf)
+    _check_resize_ramp(config)
     for key, positive in (("data.mean", False), ("data.std", True)):
         values = _field(config, key)
         if values is None:
@@ -162,6 +168,34 @@ def check_config(config) -> None:
         if not values or not finite or (positive and min(values) <= 0):
             need = "positive numbers" if positive else "finite numbers"
             raise ConfigError(f"config.{key}={tuple(values)!r}: give one of {need} per channel")
+
+
+def _check_resize_ramp(config) -> None:
+    """Progressive resizing: both sizes or neither, in order, and on the host's crop."""
+    low, high = _field(config, "data.min_image_size"), _field(config, "data.max_image_size")
+    if not low and not high:
+        return
+    if not low:
+        raise ConfigError(
+            f"config.data.max_image_size={high!r} needs data.min_image_size (the ramp's first "
+            "size); set both for progressive resizing, or neither"
+        )
+    if high < low:
+        raise ConfigError(
+            f"config.data.max_image_size={high!r}: must be >= data.min_image_size={low!r} "
+            "(progressive resizing ramps the training size up)"
+        )
+    start, end = _field(config, "data.resize_start_epoch"), _field(config, "data.resize_end_epoch")
+    if end < start:
+        raise ConfigError(
+            f"config.data.resize_end_epoch={end!r}: must be >= data.resize_start_epoch={start!r}"
+        )
+    if _field(config, "data.augment_on_device"):
+        raise ConfigError(
+            f"config.data.min_image_size={low!r}: progressive resizing needs the host's "
+            "random-resized crop, but data.augment_on_device=True crops back to the stored size; "
+            "set min_image_size=0 or augment_on_device=False"
+        )
 
 
 def _is_real(value) -> bool:

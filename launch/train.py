@@ -36,6 +36,7 @@ from launch import plan as plan_lib
 from launch import program as program_lib
 from launch import workdir as workdir_lib
 from launch.setup import FINISHED_MARKER
+from pipeline import resizing
 
 LAG = 2  # steps in flight beyond the one the host waits for
 
@@ -108,6 +109,15 @@ def train_and_evaluate(
         logging.info("Train data: %s", data["train"])
         logging.info("Eval data: %s", data["eval"] or "none")
         logging.info("Plan: %s", plan.describe())
+        ramp = resizing.ramp(config.data)
+        if ramp is not None:
+            steps = resizing.changes(config.data, plan.steps_per_epoch, 0, plan.num_steps)
+            logging.info(
+                "Progressive resizing: %s: %s; evaluation at %d px.",
+                ramp.describe(),
+                ", ".join(f"{size} px from step {step}" for step, size in steps),
+                config.data.image_size,
+            )
         phase("data")
 
         # 2. Compile the steps in the background (they need only shapes) while the newest
@@ -124,8 +134,11 @@ def train_and_evaluate(
             # Without its final checkpoint it goes on, and the restore says what is wrong.
             logging.info("The run had already finished (step %d).", finished["step"])
             return RunResult("finished", finished["step"], finished.get("eval", {}))
+        # Every training size from the newest step on (progressive resizing: each its own).
+        newest_step = int(epath.Path(newest[0]).name) if newest else 0
+        sizes = resizing.sizes(config.data, plan.steps_per_epoch, newest_step, plan.num_steps)
         compiled = _Background(
-            lambda: _compile(program, plan, config.data.image_size, ckpt, eval_info is not None)
+            lambda: _compile(program, plan, sizes, config.data.image_size, ckpt, eval_info)
         )
         cleanup.callback(compiled.finish)
         restored = ckpt.restore_latest(program.abstract_state, signature)
@@ -181,6 +194,9 @@ def train_and_evaluate(
                 eval_info, config.data, program.batch_sharding, global_batch_size=plan.eval_batch
             )
         (train_step, eval_step), timings["startup/compile_s"] = compiled.result()
+        # An older step restored (the newest was damaged) may start lower on the ramp.
+        needed = resizing.sizes(config.data, plan.steps_per_epoch, start_step, plan.num_steps)
+        timings["startup/compile_s"] += train_step.compile(needed)
         phase("compile_wait")
         # Hosts restore and compile at different speeds (a cache hit on one, a compile on
         # another): meet here, under a deadline, so the stall watchdog's clock starts only
@@ -528,13 +544,42 @@ class _Background:
         return self._result
 
 
-def _compile(program, plan, image_size: int, ckpt, with_eval: bool):
-    """The train and eval steps and the pre-save checks, compiled ahead of time."""
+class TrainSteps:
+    """The train step compiled once per training image size, called like one compiled step:
+    it runs the executable of the batch's size (batches of the old size may still be in
+    flight when a resizing ramp moves on). Never compiles in the loop."""
+
+    def __init__(self, program, global_batch: int):
+        self._program, self._global_batch = program, global_batch
+        self.by_size: dict[int, Any] = {}
+
+    def compile(self, sizes) -> float:
+        """Compiles (or loads, launch.executables) the sizes not yet here; the seconds taken."""
+        start = time.perf_counter()
+        for size in sizes:
+            if size not in self.by_size:
+                self.by_size[size] = self._program.compile_train_step(self._global_batch, size)
+        return time.perf_counter() - start
+
+    def __call__(self, state, batch, *args):
+        size = batch["image"].shape[1]
+        if size not in self.by_size:
+            raise RuntimeError(
+                f"no train step was compiled for {size} px images (compiled: "
+                f"{sorted(self.by_size)}); the input and the resizing ramp disagree"
+            )
+        return self.by_size[size](state, batch, *args)
+
+
+def _compile(program, plan, sizes, eval_size: int, ckpt, eval_info):
+    """The train step at every training size, the eval step, and the pre-save checks,
+    compiled ahead of time."""
     start = time.perf_counter()
-    train_step = program.compile_train_step(plan.global_batch, image_size)
-    eval_step = program.compile_eval_step(plan.eval_batch, image_size) if with_eval else None
+    train_steps = TrainSteps(program, plan.global_batch)
+    train_steps.compile(sizes)
+    eval_step = program.compile_eval_step(plan.eval_batch, eval_size) if eval_info else None
     ckpt.prepare(program.abstract_state)
-    return (train_step, eval_step), time.perf_counter() - start
+    return (train_steps, eval_step), time.perf_counter() - start
 
 
 class _Profile:

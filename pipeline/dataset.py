@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from array_record.python import array_record_module
 
-from pipeline import records, transforms
+from pipeline import records, resizing, transforms
 
 _SHUFFLE_STREAM = 1
 _AUGMENT_STREAM = 2
@@ -271,7 +271,8 @@ class _StoredExample:
 
 class _AugmentedTrainBatch:
     """Maps a step to this host's augmented batch: one Grain element per batch, each crop
-    written straight into a preallocated batch array (transforms.crop_into).
+    written straight into a preallocated batch array (transforms.crop_into), at the step's
+    size: `augmentation.image_size`, or the epoch's size on a resizing ramp.
 
     The same examples, boxes and flips as transforms.random_resized_crop per example. Picklable."""
 
@@ -282,6 +283,7 @@ class _AugmentedTrainBatch:
         global_batch_size: int,
         seed: int,
         augmentation: transforms.Augmentation,
+        ramp: resizing.Ramp | None = None,
     ):
         self._records = _Records(info)
         self._rows = np.asarray(rows, np.int64)
@@ -290,12 +292,16 @@ class _AugmentedTrainBatch:
         self._num_records = info.num_examples
         self._seed = seed
         self._aug = augmentation
+        self._ramp = ramp
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         epoch, step_in_epoch = divmod(int(step), self._steps_per_epoch)
         order = _epoch_order(self._seed, epoch, self._num_records)
         positions = order[step_in_epoch * self._global_batch + self._rows]
-        size, channels = self._aug.image_size, self._aug.channels
+        aug = self._aug
+        if self._ramp is not None:
+            aug = dataclasses.replace(aug, image_size=self._ramp.size(epoch))
+        size, channels = aug.image_size, aug.channels
         images = np.empty((len(positions), size, size, channels), np.uint8)
         labels = np.empty(len(positions), np.int32)
         ids = np.empty(len(positions), np.int64)
@@ -304,7 +310,7 @@ class _AugmentedTrainBatch:
             labels[i], ids[i] = example.label, example.example_id
             rng = np.random.default_rng((self._seed, _AUGMENT_STREAM, epoch, example.example_id))
             try:
-                transforms.crop_into(images[i], example.image, self._aug, rng)
+                transforms.crop_into(images[i], example.image, aug, rng)
             except Exception as e:  # the decoders raise many types for bad bytes
                 raise self._records.image_error(position, example, e) from None
         return {"image": images, "label": labels, "example_id": ids}
@@ -424,6 +430,7 @@ def train_dataset(
     num_workers: int = 0,
     num_threads: int = 4,
     augment: bool = True,
+    ramp: resizing.Ramp | None = None,
 ) -> grain.IterDataset:
     """This host's local batches for global steps start_step .. num_steps-1.
 
@@ -434,8 +441,13 @@ def train_dataset(
     (`info.image_shape`, with `augmentation.channels` channels), for augmentation on the
     device: for raw records (--encoding=raw) no image is decoded or copied before batching.
     Only the image size and channels of `augmentation` are used then.
+
+    ramp: progressive resizing, each step's images at its epoch's size (pipeline.resizing);
+    batches of one step always share one size. It needs augment=True.
     """
     rows = _check_rows(rows, global_batch_size)
+    if ramp is not None and not augment:
+        raise ValueError("a resizing ramp needs augment=True (the host's random-resized crop)")
     if not augment and info.encoding == records.RAW and info.channels == augmentation.channels:
         # Raw pixels: read and copied a batch at a time, no per-example work at all.
         steps_per_epoch(info.num_examples, global_batch_size)  # checks the dataset is big enough
@@ -443,7 +455,7 @@ def train_dataset(
         batches = grain.MapDataset.range(start_step, num_steps).map(batch)
         return _prefetched(batches, num_workers, num_threads)
     if augment:  # a batch per Grain element: no per-example Grain overhead, no np.stack
-        augmented = _AugmentedTrainBatch(info, rows, global_batch_size, seed, augmentation)
+        augmented = _AugmentedTrainBatch(info, rows, global_batch_size, seed, augmentation, ramp)
         batches = grain.MapDataset.range(start_step, num_steps).map(augmented)
         return _prefetched(batches, num_workers, num_threads)
     example = _StoredExample(info, rows, global_batch_size, seed, augmentation.channels)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from pipeline import dataset, global_batches, transforms
+from pipeline import dataset, global_batches, resizing, transforms
 
 # What the devices need; example ids stay on the host (int64, and no use to the step).
 TRAIN_FIELDS = ("image", "label")
@@ -36,7 +36,11 @@ def train_batches(
     start_step: int,
     seed: int,
 ) -> global_batches.DeviceIterator:
-    """Global training batches for steps start_step .. num_steps-1, prefetched on device."""
+    """Global training batches for steps start_step .. num_steps-1, prefetched on device.
+
+    With a resizing ramp (data.min_image_size > 0) each step's images have its epoch's size
+    (pipeline.resizing); batches of several sizes may be in flight at once.
+    """
     augmentation = transforms.Augmentation(
         image_size=data_config.image_size,
         channels=info.channels,
@@ -56,6 +60,7 @@ def train_batches(
         num_workers=data_config.num_workers,
         num_threads=data_config.num_threads,
         augment=not data_config.augment_on_device,
+        ramp=resizing.ramp(data_config),
     )
     fields: tuple[str, ...] = TRAIN_FIELDS
     if data_config.augment_on_device:  # the step needs the ids: its randomness is per example

@@ -145,3 +145,23 @@ def test_suite_keeps_our_figures_when_the_peer_fails(tmp_path):
     assert result["images_per_second"] > 0 and result["model"] == "resnet18"
     assert result["error"].startswith("exit 1:") and "broken peer" in result["error"]
     assert "peer" not in result and "ratio_vs_peer" not in result
+
+
+@pytest.mark.slow
+def test_the_step_is_timed_at_each_image_size():
+    proc = run_bench("--model=resnet20", "--image_sizes=16,24", *TINY)
+    result = final_json(proc)
+    sizes = result["per_image_size"]
+    assert [s["image_size"] for s in sizes] == [16, 24]
+    assert all(s["images_per_second"] > 0 and s["compile_s"] > 0 for s in sizes)
+    assert sizes[0]["images_per_second"] == result["images_per_second"]  # the first size's
+    assert result["image_size"] == 16
+    assert "  at 16px: " in proc.stdout and "  at 24px: " in proc.stdout
+
+
+def test_bad_image_sizes_are_one_line():
+    proc = run_bench("--model=resnet20", "--image_sizes=16,big", *TINY)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --image_sizes=16,big: give sides in pixels, 160,192"
+    )

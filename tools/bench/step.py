@@ -2,6 +2,11 @@ r"""Times the project's real train step on synthetic data: images/s, step time, 
 
   python -m tools.bench.step --model=resnet50 --batch_size=256 --image_size=224 \
       --dtype=bfloat16 [--steps=50 --warmup=5 --repeats=3 --peer=torch]
+  python -m tools.bench.step --model=resnet50 --batch_size=256 --image_sizes=160,192
+
+--image_sizes times each size in turn, each with its own compiled step, as progressive
+resizing trains (data.min_image_size): one images/s line per size, and `per_image_size` in
+the JSON; the other figures are the first size's.
 
 The step is the launcher's own (`launch.program.build_program`: the same model, optimizer,
 shardings and donation), fed one uint8 batch that is put on the devices once. Compilation is
@@ -62,6 +67,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "resnet50", MODELS, "Model name (resnet.MODEL_NAMES).")
 flags.DEFINE_integer("batch_size", 256, "Global batch, split over all local devices.")
 flags.DEFINE_integer("image_size", 224, "Side of the square input, pixels.")
+flags.DEFINE_list(
+    "image_sizes", [], "Time each of these sides, e.g. 160,192 (overrides --image_size)."
+)
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("batch_norm", "fused", ["fused", "flax"], "config.model.batch_norm.")
 flags.DEFINE_enum("max_pool", "dense", ["dense", "xla"], "config.model.max_pool.")
@@ -130,7 +138,21 @@ def time_repeats(run_steps, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_jax() -> dict:
+def image_sizes() -> list[int]:
+    """--image_sizes as whole numbers, or [--image_size]."""
+    try:
+        sizes = [int(s) for s in FLAGS.image_sizes] or [FLAGS.image_size]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        sys.exit(
+            f"error: --image_sizes={','.join(FLAGS.image_sizes)}: give sides in pixels, 160,192"
+        )
+    return sizes
+
+
+def bench_jax(image_size: int, extras: bool = True) -> dict:
+    """The step timed at one image size; `extras`: also --hlo_out and --profile_dir."""
     import flax
     import jax
     import numpy as np
@@ -162,7 +184,7 @@ def bench_jax() -> dict:
     votes = program.stop_votes(False)
 
     rng = np.random.default_rng(0)
-    shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
+    shape = (FLAGS.batch_size, image_size, image_size, FLAGS.channels)
     batch = jax.device_put(
         {
             "image": rng.integers(0, 256, shape, dtype=np.uint8),
@@ -190,10 +212,10 @@ def bench_jax() -> dict:
 
     run(max(FLAGS.warmup, 1))  # at least one: a jax that did not cache the compile does it here
     seconds = time_repeats(lambda: run(FLAGS.steps), FLAGS.repeats)
-    if FLAGS.hlo_out:
+    if FLAGS.hlo_out and extras:
         write_text(FLAGS.hlo_out, compiled.as_text())
     trace = None
-    if FLAGS.profile_dir:  # after the timing, so tracing costs the figures nothing
+    if FLAGS.profile_dir and extras:  # after the timing, so tracing costs the figures nothing
         options = jax.profiler.ProfileOptions()
         options.python_tracer_level = 0  # device ops are the point; Python frames bloat it
         with jax.profiler.trace(FLAGS.profile_dir, profiler_options=options):
@@ -215,7 +237,7 @@ def bench_jax() -> dict:
     }
 
 
-def bench_torch() -> dict:
+def bench_torch(image_size: int) -> dict:
     """torchvision's ResNet with torch.compile, channels_last and bf16 autocast."""
     try:  # imported here only: the JAX benchmark must not depend on torch
         import torch
@@ -233,7 +255,7 @@ def bench_torch() -> dict:
         model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    size, batch = FLAGS.image_size, FLAGS.batch_size
+    size, batch = image_size, FLAGS.batch_size
     # Same input contract as ours: uint8 on the device, normalised inside the step.
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -261,6 +283,32 @@ def bench_torch() -> dict:
     }
 
 
+def size_row(image_size: int, seconds: float, compile_s: float) -> dict:
+    """One size's figures from the median seconds of --steps steps."""
+    return {
+        "image_size": image_size,
+        "images_per_second": FLAGS.steps * FLAGS.batch_size / seconds,
+        "step_time_ms": 1e3 * seconds / FLAGS.steps,
+        "compile_s": compile_s,
+    }
+
+
+def per_image_size(sizes: list[int], first: dict) -> list[dict]:
+    """`first` (the first size, already timed) and every other size timed, one line each."""
+    rows = [first]
+    for size in sizes[1:]:
+        other = bench_jax(size, extras=False)
+        rows.append(size_row(size, other["seconds"], other["compile_s"]))
+    for row in rows:
+        ratio = row["images_per_second"] / first["images_per_second"]
+        print(
+            f"  at {row['image_size']}px: {row['images_per_second']:,.1f} images/s, step "
+            f"{row['step_time_ms']:.2f} ms, {ratio:.3f} x the first size's images/s "
+            f"(compile {row['compile_s']:.1f}s)"
+        )
+    return rows
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -279,11 +327,13 @@ def main(argv):
     on_gpu = xla_env.gpu_expected()
     xla_added = xla_env.set_gpu_xla_flags() if FLAGS.gpu_xla_flags and on_gpu else []
 
-    ours = bench_jax()  # the first import of jax happens here, after XLA_FLAGS is set
+    sizes = image_sizes()
+    image_size = sizes[0]
+    ours = bench_jax(image_size)  # the first import of jax happens here, after XLA_FLAGS is set
     seconds, flops, source = ours.pop("seconds"), ours.pop("flops_per_image"), "xla_cost_analysis"
     ips = FLAGS.steps * FLAGS.batch_size / seconds
     if flops is None:
-        flops, source = analytical_flops(FLAGS.model, FLAGS.image_size), "analytical"
+        flops, source = analytical_flops(FLAGS.model, image_size), "analytical"
     tflops = ips * flops / 1e12
     peak = FLAGS.peak_tflops or peak_tflops(ours["device_kind"])
     mfu = tflops / peak if peak else None
@@ -296,7 +346,7 @@ def main(argv):
         f"{os.environ.get('XLA_FLAGS', '')!r}"
     )
     print(
-        f"{FLAGS.model} {FLAGS.dtype} batch {FLAGS.batch_size} at {FLAGS.image_size}px, "
+        f"{FLAGS.model} {FLAGS.dtype} batch {FLAGS.batch_size} at {image_size}px, "
         f"{FLAGS.batch_norm} BatchNorm, {FLAGS.max_pool} max pool: "
         f"compile {ours['compile_s']:.1f}s, median of {FLAGS.repeats} x {FLAGS.steps} steps"
     )
@@ -306,7 +356,7 @@ def main(argv):
     )
     print(
         f"  {flops / 1e9:.3f} GFLOP/image ({source}; analytical "
-        f"{analytical_flops(FLAGS.model, FLAGS.image_size) / 1e9:.3f}), {tflops:.2f} TFLOP/s, "
+        f"{analytical_flops(FLAGS.model, image_size) / 1e9:.3f}), {tflops:.2f} TFLOP/s, "
         f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}% of {peak:g} TFLOP/s'}"
     )
     if ours["bytes_accessed_per_step"]:
@@ -320,7 +370,7 @@ def main(argv):
     result = {
         "model": FLAGS.model,
         "batch_size": FLAGS.batch_size,
-        "image_size": FLAGS.image_size,
+        "image_size": image_size,
         "dtype": FLAGS.dtype,
         "batch_norm": FLAGS.batch_norm,
         "max_pool": FLAGS.max_pool,
@@ -337,6 +387,9 @@ def main(argv):
         "command": command,
         **ours,
     }
+    if len(sizes) > 1:
+        first = size_row(image_size, seconds, ours["compile_s"])
+        result["per_image_size"] = per_image_size(sizes, first)
     # The figures first: the profile summary and the torch peer come after, and if either
     # fails the process exits non-zero with our figures already printed (bench_suite keeps
     # the last JSON line it finds).
@@ -346,7 +399,7 @@ def main(argv):
         print(profile_summary.summarize(trace, top=20))
     if FLAGS.peer == "torch":
         missing = " and ".join(peer_missing)
-        peer = {"skipped": f"{missing} not installed"} if missing else bench_torch()
+        peer = {"skipped": f"{missing} not installed"} if missing else bench_torch(image_size)
         result["peer"] = peer
         if "images_per_second" in peer:
             result["ratio_vs_peer"] = ratio = ips / peer["images_per_second"]
