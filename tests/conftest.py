@@ -1,9 +1,14 @@
 """Fixtures shared by the test modules that run the real launcher."""
 
+import os
+
 import pytest
 from absl import flags
 
 from tests import helpers
+
+# Before JAX starts its backend (the first device use), which reads XLA_FLAGS.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {helpers.TEST_XLA_FLAGS}".strip()
 
 # The test session is the program here: Grain's worker processes read absl flags, and their
 # defaults are what the tests need (absl apps such as the launcher parse them themselves).
@@ -14,7 +19,6 @@ flags.FLAGS.mark_as_parsed()
 def _demo_data_cache(tmp_path_factory):
     """The embedded demo data is converted into a per-user cache outside every workdir; the
     tests (and the launchers they start, which inherit the environment) use their own."""
-    import os  # pylint: disable=g-import-not-at-top
 
     from pipeline import demo_data  # pylint: disable=g-import-not-at-top
 
@@ -33,7 +37,6 @@ def _compilation_cache(tmp_path_factory):
     and in the launchers they start (the environment wins over `train.compilation_cache_dir`):
     most tests build the same tiny train and eval steps, and a compile costs more than the
     run. Tests of the cache itself, and the tools that measure cold starts, set their own."""
-    import os  # pylint: disable=g-import-not-at-top
 
     import jax  # pylint: disable=g-import-not-at-top
 

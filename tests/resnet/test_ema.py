@@ -1,5 +1,5 @@
 """The moving average of the weights (train.ema_decay): its update written out by hand, the
-state with and without it, and the train and eval steps on a tiny ResNet-20."""
+state with and without it, and the train and eval steps on a tiny ResNet."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-import resnet
 from configs import default
 from launch import checkpointing, distributed
 from launch import program as program_lib
 from resnet import steps as steps_lib
+from tests import helpers
 
 
 def test_the_decay_warms_up_then_holds():
@@ -33,7 +32,7 @@ def test_the_update_by_hand_on_a_tiny_tree():
 
 
 def _tiny_model():
-    return resnet.create_model("resnet20", num_classes=10, rngs=nnx.Rngs(0), in_channels=1)
+    return helpers.tiny_resnet(in_channels=1)
 
 
 def _sgd():
@@ -89,7 +88,7 @@ def _weights(state):
 
 @pytest.fixture(scope="module")
 def run():
-    """A tiny ResNet-20 with an average, its jitted train step (compiled once for the module)
+    """A tiny ResNet with an average, its jitted train step (compiled once for the module)
     and the states of its first three steps."""
     tx = _sgd()
     graphdef, state = steps_lib.init_state(_tiny_model(), tx, ema=True)

@@ -198,6 +198,7 @@ def test_mlperf_config_passes_check_config_and_builds_without_compiling():
     assert trust_states, "LARS's masked trust ratio is missing from the optimizer state"
 
 
+@pytest.mark.slow  # a convergence check; the update itself is checked above in the fast tier
 def test_lars_trains_a_tiny_resnet20():
     model = resnet.create_model("resnet20", num_classes=10, rngs=nnx.Rngs(1))
     config = default.get_config()
