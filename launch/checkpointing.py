@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from launch import distributed
+from launch import distributed, plan
 from resnet import steps
 
 COMMIT_MARKER = "commit_success.txt"
@@ -530,6 +530,7 @@ def run_signature(config, train_examples: int, channels: int, shapes: str) -> di
         "train.global_batch_size": config.train.global_batch_size,
         "train.seed": config.train.seed,
         "train.optimizer": config.train.optimizer,  # its state has another structure
+        "model.bn_group_size": plan.bn_group_size(config),  # resolved: 0 means a micro-batch
         "train_examples": train_examples,
         "input_channels": channels,
         "parameter_shapes": shapes,  # digest of every parameter's path, shape and dtype

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import numbers
 
+import jax
 import ml_collections
 
 from launch import distributed
@@ -85,6 +86,7 @@ _RANGES: dict[str, _Range] = {
     "model.num_classes": _count(1),
     "model.bn_momentum": _fraction(),
     "model.bn_epsilon": _real(0.0, open_low=True),
+    "model.bn_group_size": _count(0, meaning="0 takes each micro-batch as one group"),
     "model.init_from_step": _count(0, also=(-1,), meaning="-1 takes the newest step"),
     "data.image_size": _count(1, high=8192),
     "data.eval_crop_fraction": _real(0.0, 1.0, open_low=True),
@@ -93,6 +95,7 @@ _RANGES: dict[str, _Range] = {
     "data.num_threads": _count(1, high=1024),
     "data.prefetch": _count(1, high=1024),
     "train.global_batch_size": _count(1),
+    "train.microbatches": _count(1),
     "train.num_epochs": _real(0.0),
     "train.num_steps": _count(1, also=(-1,), meaning="-1 trains for train.num_epochs"),
     "train.seed": _count(0),
@@ -156,6 +159,58 @@ def check_config(config) -> None:
         if not values or not finite or (positive and min(values) <= 0):
             need = "positive numbers" if positive else "finite numbers"
             raise ConfigError(f"config.{key}={tuple(values)!r}: give one of {need} per channel")
+    _check_batch_split(config)
+
+
+def micro_batch_size(config) -> int:
+    """Examples in one forward pass: the global batch / train.microbatches."""
+    return config.train.global_batch_size // config.train.microbatches
+
+
+def bn_group_size(config) -> int:
+    """Examples per BatchNorm statistics group in training: model.bn_group_size, or (0) a
+    whole micro-batch, which is the global batch when train.microbatches is 1."""
+    return config.model.bn_group_size or micro_batch_size(config)
+
+
+def _check_batch_split(config) -> None:
+    """Micro-batches and BatchNorm groups divide the global batch (any topology)."""
+    if _field(config, "train.microbatches") is None or _field(config, "model.bn_group_size") is None:
+        return
+    batch, k = config.train.global_batch_size, config.train.microbatches
+    if batch % k:
+        raise ConfigError(
+            f"config.train.microbatches={k}: must divide train.global_batch_size={batch}"
+        )
+    micro, group = micro_batch_size(config), config.model.bn_group_size
+    if group and micro % group:
+        raise ConfigError(
+            f"config.model.bn_group_size={group}: must divide the micro-batch of {micro} "
+            "examples (train.global_batch_size / train.microbatches); a BatchNorm group "
+            "cannot span micro-batches"
+        )
+    if group and group < micro and config.model.batch_norm != "fused":
+        raise ConfigError(
+            f"config.model.bn_group_size={group}: groups smaller than the micro-batch of "
+            f"{micro} need model.batch_norm='fused' (nnx.BatchNorm normalises its whole input)"
+        )
+
+
+def check_batch_split_over(config, devices: int) -> None:
+    """Every micro-batch and every BatchNorm group takes the same number of rows from each of
+    `devices` devices, so each stays split over all of them and none depends on the topology."""
+    micro, group = micro_batch_size(config), bn_group_size(config)
+    if micro % devices:
+        raise ConfigError(
+            f"config.train.microbatches={config.train.microbatches}: a micro-batch of {micro} "
+            f"examples must split evenly over the {devices} devices; the count must divide "
+            f"the {config.train.global_batch_size // devices} examples per device"
+        )
+    if group % devices:
+        raise ConfigError(
+            f"config.model.bn_group_size={group}: must be a multiple of the {devices} devices "
+            "(each BatchNorm group takes the same number of examples from every device)"
+        )
 
 
 def _is_real(value) -> bool:
@@ -293,6 +348,7 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
     try:
         distributed.check_batch_size(global_batch)
         distributed.check_batch_size(eval_batch_size(config), "eval.global_batch_size")
+        check_batch_split_over(config, jax.device_count())
         steps_per_epoch = dataset_lib.steps_per_epoch(train.num_examples, global_batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import resnet
-from launch import distributed, executables
+from launch import distributed, executables, plan
 from launch.plan import ConfigError
 from resnet import augment as augment_lib
 from resnet import steps as steps_lib
@@ -37,6 +37,7 @@ def model_options(config: ml_collections.ConfigDict, channels: int) -> dict[str,
         raise ConfigError(
             f"config.model.dtype={config.model.dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}"
         )
+    group = plan.bn_group_size(config)
     return dict(
         num_classes=config.model.num_classes,
         dtype=jnp.dtype(config.model.dtype),
@@ -44,6 +45,8 @@ def model_options(config: ml_collections.ConfigDict, channels: int) -> dict[str,
         zero_init_residual=config.model.zero_init_residual,
         bn_momentum=config.model.bn_momentum,
         bn_epsilon=config.model.bn_epsilon,
+        # 0 where a group is the whole micro-batch: the plain BatchNorm (either implementation).
+        bn_group_size=0 if group == plan.micro_batch_size(config) else group,
         batch_norm=config.model.batch_norm,
         max_pool=config.model.max_pool,
     )
@@ -257,6 +260,7 @@ def build_program(
                 schedule,
                 label_smoothing=config.train.label_smoothing,
                 augment=augment,
+                microbatches=config.train.microbatches,
                 **compute,
             ),
             into_metrics=True,
