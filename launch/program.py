@@ -202,8 +202,11 @@ def _with_stop_votes(step: Callable, *, into_metrics: bool) -> Callable:
 
     def voted(*args):
         *step_args, votes = args
+        # The votes are reduced before the step starts. On the CPU backend (jax 0.10), an
+        # executable loaded from a cache whose first collective runs inside the scan over
+        # micro-batches left its devices waiting on each other's collectives.
+        stop, step_args = jax.lax.optimization_barrier((jnp.max(votes), step_args))
         out = step(*step_args)
-        stop = jnp.max(votes)
         if into_metrics:
             state, metrics = out
             return state, {**metrics, "stop": stop}
