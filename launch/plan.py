@@ -175,7 +175,8 @@ def bn_group_size(config) -> int:
 
 def _check_batch_split(config) -> None:
     """Micro-batches and BatchNorm groups divide the global batch (any topology)."""
-    if _field(config, "train.microbatches") is None or _field(config, "model.bn_group_size") is None:
+    fields = ("train.microbatches", "model.bn_group_size", "train.global_batch_size")
+    if any(_field(config, key) is None for key in fields):
         return
     batch, k = config.train.global_batch_size, config.train.microbatches
     if batch % k:

@@ -113,8 +113,9 @@ def test_microbatches_and_ghost_groups_do_not_depend_on_the_devices():
 
 
 def test_flax_batchnorm_refuses_ghost_groups():
-    import resnet
     from flax import nnx
+
+    import resnet
 
     with pytest.raises(ValueError, match="bn_group_size needs batch_norm='fused'"):
         nnx.eval_shape(
