@@ -16,9 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.zero_init_residual = True  # last BN scale of each residual branch starts at 0
     model.bn_momentum = 0.9  # ImageNet recipe (NNX's own default is 0.99)
     model.bn_epsilon = 1e-5
-    # Ghost BatchNorm: training normalises in groups of this many examples, each group taking
-    # rows from every device (a multiple of the device count). 0: each micro-batch is one
-    # group (the global batch when train.microbatches is 1). Part of the run signature.
+    # Ghost BatchNorm: training normalises in groups of this many examples, which divides the
+    # micro-batch and is a multiple of the device count (each group takes rows from every
+    # device). 0: each micro-batch is one group (the global batch when train.microbatches is
+    # 1). Part of the run signature.
     model.bn_group_size = 0
     # "fused" (resnet.batch_norm: float32 per-channel maths, one-pass statistics, hand-written
     # backward) or "flax" (nnx.BatchNorm, the reference). Same state names: either resumes.

@@ -239,6 +239,8 @@ class Plan:
     log_every: int
     eval_every: int  # 0: only at the end
     save_every: int  # 0: only at the end and on preemption; AUTO_SAVES: launch.interval
+    microbatches: int = 1
+    bn_group_size: int = 0  # resolved: examples per BatchNorm statistics group
 
     def describe(self) -> str:
         every = lambda n: (
@@ -248,9 +250,18 @@ class Plan:
         )
         return (
             f"{self.num_steps} steps ({self.num_steps / self.steps_per_epoch:.3g} epochs of "
-            f"{self.steps_per_epoch} steps at global batch {self.global_batch}); "
+            f"{self.steps_per_epoch} steps at global batch {self.global_batch}"
+            f"{self._split()}); "
             f"eval {every(self.eval_every)}, checkpoint {every(self.save_every)}"
         )
+
+
+    def _split(self) -> str:
+        micro = self.global_batch // self.microbatches
+        split = f" in {self.microbatches} micro-batches of {micro}" if self.microbatches > 1 else ""
+        if self.bn_group_size and self.bn_group_size != self.global_batch:
+            split += f", BatchNorm groups of {self.bn_group_size}"
+        return split
 
 
 def interval_steps(section: ml_collections.ConfigDict, what: str, steps_per_epoch: int) -> int:
@@ -372,4 +383,6 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
         log_every=int(config.train.log_every_steps),
         eval_every=interval_steps(config.eval, "eval", steps_per_epoch),
         save_every=interval_steps(config.checkpoint, "checkpoint", steps_per_epoch),
+        microbatches=config.train.microbatches,
+        bn_group_size=bn_group_size(config),
     )
