@@ -255,7 +255,6 @@ class Plan:
             f"eval {every(self.eval_every)}, checkpoint {every(self.save_every)}"
         )
 
-
     def _split(self) -> str:
         micro = self.global_batch // self.microbatches
         split = f" in {self.microbatches} micro-batches of {micro}" if self.microbatches > 1 else ""
