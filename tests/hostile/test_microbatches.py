@@ -68,6 +68,8 @@ DEVICE_CASES = [
     ({"model.bn_group_size": 2}, 4, "config.model.bn_group_size=2: must be a multiple of the 4"),
     ({"train.microbatches": 2}, 16, "config.train.microbatches=2: a micro-batch of 8 examples"),
     ({"model.bn_group_size": 8}, 8, None),
+    ({"train.microbatches": 4, "model.batch_norm": "flax"}, 4, None),  # a group per micro-batch
+    ({"train.microbatches": 4, "model.bn_group_size": 4, "model.batch_norm": "flax"}, 4, None),
 ]
 
 
