@@ -16,6 +16,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.zero_init_residual = True  # last BN scale of each residual branch starts at 0
     model.bn_momentum = 0.9  # ImageNet recipe (NNX's own default is 0.99)
     model.bn_epsilon = 1e-5
+    # Ghost BatchNorm: training normalises in groups of this many examples, which divides the
+    # micro-batch and is a multiple of the device count (each group takes rows from every
+    # device). 0: each micro-batch is one group (the global batch when train.microbatches is
+    # 1). Part of the run signature.
+    model.bn_group_size = 0
     # "fused" (resnet.batch_norm: float32 per-channel maths, one-pass statistics, hand-written
     # backward) or "flax" (nnx.BatchNorm, the reference). Same state names: either resumes.
     model.batch_norm = "fused"
@@ -68,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.global_batch_size = 1024  # summed over all devices of all hosts
+    # Gradient accumulation: each step scans the batch in this many micro-batches (rows i,
+    # i + k, ... form micro-batch i) and applies one update with their mean gradient.
+    train.microbatches = 1
     train.num_epochs = 90.0
     train.num_steps = -1  # > 0 overrides num_epochs
     train.seed = 0  # shuffling and augmentation; model initialisation uses seed + 1

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from launch import distributed
+from launch import distributed, plan
 from pipeline import resizing
 from resnet import steps
 
@@ -546,6 +546,7 @@ def run_signature(config, train_examples: int, channels: int, shapes: str) -> di
         "train.seed": config.train.seed,
         "train.optimizer": config.train.optimizer,  # its state has another structure
         "train.ema_decay": config.train.ema_decay,  # 0: the state holds no average
+        "model.bn_group_size": plan.bn_group_size(config),  # resolved: 0 means a micro-batch
         "train_examples": train_examples,
         "input_channels": channels,
         # Progressive resizing (pipeline.resizing): the training size of every step.

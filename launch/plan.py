@@ -16,6 +16,7 @@ import dataclasses
 import math
 import numbers
 
+import jax
 import ml_collections
 
 from launch import distributed
@@ -85,6 +86,7 @@ _RANGES: dict[str, _Range] = {
     "model.num_classes": _count(1),
     "model.bn_momentum": _fraction(),
     "model.bn_epsilon": _real(0.0, open_low=True),
+    "model.bn_group_size": _count(0, meaning="0 takes each micro-batch as one group"),
     "model.init_from_step": _count(0, also=(-1,), meaning="-1 takes the newest step"),
     "data.image_size": _count(1, high=8192),
     "data.min_image_size": _count(0, high=8192, meaning="0 turns progressive resizing off"),
@@ -98,6 +100,7 @@ _RANGES: dict[str, _Range] = {
     "data.num_threads": _count(1, high=1024),
     "data.prefetch": _count(1, high=1024),
     "train.global_batch_size": _count(1),
+    "train.microbatches": _count(1),
     "train.num_epochs": _real(0.0),
     "train.num_steps": _count(1, also=(-1,), meaning="-1 trains for train.num_epochs"),
     "train.seed": _count(0),
@@ -168,6 +171,59 @@ def check_config(config) -> None:
         if not values or not finite or (positive and min(values) <= 0):
             need = "positive numbers" if positive else "finite numbers"
             raise ConfigError(f"config.{key}={tuple(values)!r}: give one of {need} per channel")
+    _check_batch_split(config)
+
+
+def micro_batch_size(config) -> int:
+    """Examples in one forward pass: the global batch / train.microbatches."""
+    return config.train.global_batch_size // config.train.microbatches
+
+
+def bn_group_size(config) -> int:
+    """Examples per BatchNorm statistics group in training: model.bn_group_size, or (0) a
+    whole micro-batch, which is the global batch when train.microbatches is 1."""
+    return config.model.bn_group_size or micro_batch_size(config)
+
+
+def _check_batch_split(config) -> None:
+    """Micro-batches and BatchNorm groups divide the global batch (any topology)."""
+    fields = ("train.microbatches", "model.bn_group_size", "train.global_batch_size")
+    if any(_field(config, key) is None for key in fields):
+        return
+    batch, k = config.train.global_batch_size, config.train.microbatches
+    if batch % k:
+        raise ConfigError(
+            f"config.train.microbatches={k}: must divide train.global_batch_size={batch}"
+        )
+    micro, group = micro_batch_size(config), config.model.bn_group_size
+    if group and micro % group:
+        raise ConfigError(
+            f"config.model.bn_group_size={group}: must divide the micro-batch of {micro} "
+            "examples (train.global_batch_size / train.microbatches); a BatchNorm group "
+            "cannot span micro-batches"
+        )
+    if group and group < micro and config.model.batch_norm != "fused":
+        raise ConfigError(
+            f"config.model.bn_group_size={group}: groups smaller than the micro-batch of "
+            f"{micro} need model.batch_norm='fused' (nnx.BatchNorm normalises its whole input)"
+        )
+
+
+def check_batch_split_over(config, devices: int) -> None:
+    """Every micro-batch and every BatchNorm group takes the same number of rows from each of
+    `devices` devices, so each stays split over all of them and none depends on the topology."""
+    micro, group = micro_batch_size(config), bn_group_size(config)
+    if micro % devices:
+        raise ConfigError(
+            f"config.train.microbatches={config.train.microbatches}: a micro-batch of {micro} "
+            f"examples must split evenly over the {devices} devices; the count must divide "
+            f"the {config.train.global_batch_size // devices} examples per device"
+        )
+    if group % devices:
+        raise ConfigError(
+            f"config.model.bn_group_size={group}: must be a multiple of the {devices} devices "
+            "(each BatchNorm group takes the same number of examples from every device)"
+        )
 
 
 def _check_resize_ramp(config) -> None:
@@ -223,6 +279,8 @@ class Plan:
     log_every: int
     eval_every: int  # 0: only at the end
     save_every: int  # 0: only at the end and on preemption; AUTO_SAVES: launch.interval
+    microbatches: int = 1
+    bn_group_size: int = 0  # resolved: examples per BatchNorm statistics group
 
     def describe(self) -> str:
         every = lambda n: (
@@ -232,9 +290,17 @@ class Plan:
         )
         return (
             f"{self.num_steps} steps ({self.num_steps / self.steps_per_epoch:.3g} epochs of "
-            f"{self.steps_per_epoch} steps at global batch {self.global_batch}); "
+            f"{self.steps_per_epoch} steps at global batch {self.global_batch}"
+            f"{self._split()}); "
             f"eval {every(self.eval_every)}, checkpoint {every(self.save_every)}"
         )
+
+    def _split(self) -> str:
+        micro = self.global_batch // self.microbatches
+        split = f" in {self.microbatches} micro-batches of {micro}" if self.microbatches > 1 else ""
+        if self.bn_group_size and self.bn_group_size != self.global_batch:
+            split += f", BatchNorm groups of {self.bn_group_size}"
+        return split
 
 
 def interval_steps(section: ml_collections.ConfigDict, what: str, steps_per_epoch: int) -> int:
@@ -333,6 +399,7 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
     try:
         distributed.check_batch_size(global_batch)
         distributed.check_batch_size(eval_batch_size(config), "eval.global_batch_size")
+        check_batch_split_over(config, jax.device_count())
         steps_per_epoch = dataset_lib.steps_per_epoch(train.num_examples, global_batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -355,4 +422,6 @@ def make_plan(config, train: dataset_lib.DatasetInfo, eval_: dataset_lib.Dataset
         log_every=int(config.train.log_every_steps),
         eval_every=interval_steps(config.eval, "eval", steps_per_epoch),
         save_every=interval_steps(config.checkpoint, "checkpoint", steps_per_epoch),
+        microbatches=config.train.microbatches,
+        bn_group_size=bn_group_size(config),
     )

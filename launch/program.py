@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import resnet
-from launch import distributed, executables
+from launch import distributed, executables, plan
 from launch.plan import ConfigError
 from resnet import augment as augment_lib
 from resnet import steps as steps_lib
@@ -37,6 +37,7 @@ def model_options(config: ml_collections.ConfigDict, channels: int) -> dict[str,
         raise ConfigError(
             f"config.model.dtype={config.model.dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}"
         )
+    group = plan.bn_group_size(config)
     return dict(
         num_classes=config.model.num_classes,
         dtype=jnp.dtype(config.model.dtype),
@@ -44,6 +45,8 @@ def model_options(config: ml_collections.ConfigDict, channels: int) -> dict[str,
         zero_init_residual=config.model.zero_init_residual,
         bn_momentum=config.model.bn_momentum,
         bn_epsilon=config.model.bn_epsilon,
+        # 0 where a group is the whole micro-batch: the plain BatchNorm (either implementation).
+        bn_group_size=0 if group == plan.micro_batch_size(config) else group,
         batch_norm=config.model.batch_norm,
         max_pool=config.model.max_pool,
     )
@@ -199,8 +202,11 @@ def _with_stop_votes(step: Callable, *, into_metrics: bool) -> Callable:
 
     def voted(*args):
         *step_args, votes = args
+        # The votes are reduced before the step starts. On the CPU backend (jax 0.10), an
+        # executable loaded from a cache whose first collective runs inside the scan over
+        # micro-batches left its devices waiting on each other's collectives.
+        stop, step_args = jax.lax.optimization_barrier((jnp.max(votes), step_args))
         out = step(*step_args)
-        stop = jnp.max(votes)
         if into_metrics:
             state, metrics = out
             return state, {**metrics, "stop": stop}
@@ -259,6 +265,7 @@ def build_program(
                 label_smoothing=config.train.label_smoothing,
                 augment=augment,
                 ema_decay=config.train.ema_decay,
+                microbatches=config.train.microbatches,
                 **compute,
             ),
             into_metrics=True,

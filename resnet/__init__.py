@@ -6,7 +6,9 @@
 
 Options (keyword-only): `shortcut` ("projection" or "zero_pad"; each family has the paper's
 default), `zero_init_residual` (default True), `bn_momentum` (0.9), `bn_epsilon` (1e-5),
-`batch_norm` ("fused" or "flax"), `max_pool` ("dense" or "xla"), `in_channels` (3).
+`bn_group_size` (0: BatchNorm statistics over the whole training batch; n: ghost groups of
+n examples, "fused" only), `batch_norm` ("fused" or "flax"), `max_pool` ("dense" or "xla"),
+`in_channels` (3).
 """
 
 from __future__ import annotations

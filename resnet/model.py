@@ -47,12 +47,20 @@ class _Layers:
     """Builds convs and BatchNorms with the options shared by the whole network."""
 
     def __init__(
-        self, *, dtype, batch_norm: str, bn_momentum: float, bn_epsilon: float, rngs: nnx.Rngs
+        self,
+        *,
+        dtype,
+        batch_norm: str,
+        bn_momentum: float,
+        bn_epsilon: float,
+        bn_group_size: int,
+        rngs: nnx.Rngs,
     ):
         self.dtype = dtype
         self.batch_norm = batch_norm
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
+        self.bn_group_size = bn_group_size
         self.rngs = rngs
 
     def conv(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nnx.Conv:
@@ -82,6 +90,7 @@ class _Layers:
                 epsilon=self.bn_epsilon,
                 dtype=self.dtype,
                 zero_scale=zero_scale,
+                group_size=self.bn_group_size,
             )
         # nnx.BatchNorm casts them to the compute dtype before use (see resnet.batch_norm).
         return nnx.BatchNorm(
@@ -202,7 +211,8 @@ class ResNet(nnx.Module):
     first downsamples by 2), global average pooling and a dense head.
 
     `stage_widths` are the blocks' inner widths; a stage outputs
-    `width * block.expansion` channels.
+    `width * block.expansion` channels. `bn_group_size` > 0 makes every BatchNorm normalise
+    a training batch in ghost groups of that many examples (resnet.batch_norm).
     """
 
     def __init__(
@@ -219,6 +229,7 @@ class ResNet(nnx.Module):
         zero_init_residual: bool = True,
         bn_momentum: float = 0.9,
         bn_epsilon: float = 1e-5,
+        bn_group_size: int = 0,
         batch_norm: str = "fused",
         max_pool: str = "dense",
         in_channels: int = 3,
@@ -231,12 +242,15 @@ class ResNet(nnx.Module):
             raise ValueError(f"unknown batch_norm {batch_norm!r}; valid: {list(BATCH_NORMS)}")
         if max_pool not in MAX_POOLS:
             raise ValueError(f"unknown max_pool {max_pool!r}; valid: {list(MAX_POOLS)}")
+        if bn_group_size and batch_norm != "fused":
+            raise ValueError("bn_group_size needs batch_norm='fused' (nnx.BatchNorm has no groups)")
         self.dtype = jnp.dtype(dtype)
         layers = _Layers(
             dtype=self.dtype,
             batch_norm=batch_norm,
             bn_momentum=bn_momentum,
             bn_epsilon=bn_epsilon,
+            bn_group_size=bn_group_size,
             rngs=rngs,
         )
         # ImageNet stem: 7x7/2 conv and a 3x3/2 max pool; CIFAR stem: one 3x3/1 conv.

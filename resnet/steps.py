@@ -3,9 +3,10 @@
 Everything here is a pure function of arrays, jitted by the caller with the shardings of
 its choice. State is a plain pytree (`TrainState`) stepped by `jax.jit` with donated
 buffers: `nnx.jit` would re-walk the module graph on every call, which shows at small step
-times. BatchNorm statistics are computed over the *global* batch: under SPMD `jit` the batch
-axis is sharded and XLA inserts the cross-device reductions, so training behaves the same on
-any number of devices (unlike per-device "ghost" batches).
+times. BatchNorm statistics are computed over the *global* batch, or over ghost groups that
+take rows from every device: under SPMD `jit` the batch axis is sharded and XLA inserts the
+cross-device reductions, so training behaves the same on any number of devices (unlike
+per-device batches).
 """
 
 from __future__ import annotations
@@ -180,6 +181,35 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...]: micro-batch i holds rows i, i + k, i + 2k, ... of the batch.
+
+    Strided, not contiguous: a device's block of B/D consecutive rows holds B/(k D) rows of
+    every micro-batch, so each micro-batch stays split over all devices without moving data,
+    and which example lands in which micro-batch depends on its row alone, not the topology.
+    """
+    return x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
+
+
+def accumulate(fn: Callable, microbatches: int, *batch: jax.Array) -> Any:
+    """The mean over micro-batches of `fn(*micro_batch)` (any pytree of float arrays).
+
+    One `jax.lax.scan`, so only one micro-batch's activations are alive at a time; the sums
+    are kept in the outputs' own dtypes (float32 for gradients and statistics).
+    """
+    if microbatches == 1:
+        return fn(*batch)
+    split = [split_microbatches(x, microbatches) for x in batch]
+    shapes = jax.eval_shape(fn, *(x[0] for x in split))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def add(total, micro_batch):
+        return jax.tree.map(jnp.add, total, fn(*micro_batch)), None
+
+    total, _ = jax.lax.scan(add, zeros, split)
+    return jax.tree.map(lambda t: t / microbatches, total)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -191,12 +221,18 @@ def make_train_step(
     label_smoothing: float,
     augment: Callable | None = None,
     ema_decay: float = 0.0,
+    microbatches: int = 1,
 ) -> Callable:
     """Returns `train_step(state, batch) -> (state, metrics)`; jit it with donation.
 
     `augment(images, example_ids, step)`, when given, runs on the device first
     (batch["example_id"] needed). `ema_decay` > 0 updates `state.ema` towards the new
     parameters and statistics (`ema_update`); the state must have been made with `ema`.
+
+    `microbatches` = k > 1 scans the batch in k micro-batches (`split_microbatches`) and takes
+    one optimizer step with the mean of their gradients. Each BatchNorm running average moves
+    once, by the mean of the micro-batches' statistics, so k micro-batches give the update of
+    one step with BatchNorm groups of B/k examples. Loss and accuracy are over the whole batch.
 
     A step whose loss, gradients or updated parameters are not finite leaves parameters,
     statistics, optimizer state and average untouched and only counts itself, so a
@@ -207,18 +243,18 @@ def make_train_step(
         images = batch["image"]
         if augment is not None:
             images = augment(images, batch["example_id"], state.step)
-        images = normalize(images, mean, std, compute_dtype)
         labels = batch["label"]
 
-        def loss_fn(params, batch_stats):
+        def loss_fn(params, batch_stats, images, labels):
             model = merge(graphdef, params, batch_stats)
-            logits = model(images, training=True)
+            logits = model(normalize(images, mean, std, compute_dtype), training=True)
             loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
-            return loss, (logits, nnx.state(model, nnx.BatchStat))
+            top1 = jnp.mean(_top_k_correct(logits, labels, 1))
+            return loss, (top1, nnx.state(model, nnx.BatchStat))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats
-        )
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        micro_step = lambda images, labels: grad_fn(state.params, state.batch_stats, images, labels)
+        (loss, (top1, batch_stats)), grads = accumulate(micro_step, microbatches, images, labels)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -241,7 +277,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "top1": jnp.mean(_top_k_correct(logits, labels, 1)),
+            "top1": top1,
             "learning_rate": schedule(state.step),
             "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
             "nonfinite_total": new_state.nonfinite_total,

@@ -30,10 +30,18 @@ def _data(seed=0):
     return x, weights
 
 
-def _textbook(x, scale, bias):
-    mean = jnp.mean(x, (0, 1, 2))
-    var = jnp.maximum(jnp.mean(x * x, (0, 1, 2)) - mean * mean, 0.0)
-    return (x - mean) * jax.lax.rsqrt(var + EPS) * scale + bias, mean, var
+def _textbook(x, scale, bias, groups=1):
+    """Each group of rows g, g + groups, ... normalised by its own statistics."""
+    ys, means, variances = [], [], []
+    for g in range(groups):
+        rows = x[g::groups]
+        mean = jnp.mean(rows, (0, 1, 2))
+        var = jnp.maximum(jnp.mean(rows * rows, (0, 1, 2)) - mean * mean, 0.0)
+        ys.append((rows - mean) * jax.lax.rsqrt(var + EPS) * scale + bias)
+        means.append(mean)
+        variances.append(var)
+    y = jnp.stack(ys, 1).reshape(x.shape)  # row p * groups + g is row p of group g
+    return y, jnp.stack(means), jnp.stack(variances)
 
 
 def _loss_through_all_outputs(norm, weights):
@@ -45,15 +53,31 @@ def _loss_through_all_outputs(norm, weights):
     return loss
 
 
-def test_custom_vjp_matches_autodiff_of_the_formula():
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_custom_vjp_matches_autodiff_of_the_formula(groups):
+    # groups=8: ghost groups of one example each (statistics over its 5 x 5 pixels).
     x, weights = _data()
     scale, bias = jnp.linspace(0.5, 2.0, 6), jnp.linspace(-1.0, 1.0, 6)
-    ours = lambda x, s, b: batch_norm_train(x, s, b, EPS, jnp.float32)
-    for got, want in zip(ours(x, scale, bias), _textbook(x, scale, bias)):
+    ours = lambda x, s, b: batch_norm_train(x, s, b, EPS, jnp.float32, groups)
+    textbook = lambda x, s, b: _textbook(x, s, b, groups)
+    for got, want in zip(ours(x, scale, bias), textbook(x, scale, bias)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     grad = lambda f: jax.grad(_loss_through_all_outputs(f, weights), argnums=(0, 1, 2))
-    for got, want in zip(grad(ours)(x, scale, bias), grad(_textbook)(x, scale, bias)):
+    for got, want in zip(grad(ours)(x, scale, bias), grad(textbook)(x, scale, bias)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_groups_move_the_running_averages_by_their_mean_statistics():
+    x, weights = _data(5)
+    module = BatchNorm(6, momentum=0.9, epsilon=EPS, group_size=2)  # 4 groups of 2 examples
+    module.mean[...] = jnp.linspace(-1.0, 1.0, 6)
+    old_mean, old_var = module.mean[...], module.var[...]
+    _, _, stats = _train_once(module, x, weights)
+    _, means, variances = _textbook(x, 1.0, 0.0, groups=4)
+    np.testing.assert_allclose(stats["mean"][...], 0.9 * old_mean + 0.1 * means.mean(0), 1e-6)
+    np.testing.assert_allclose(stats["var"][...], 0.9 * old_var + 0.1 * variances.mean(0), 1e-6)
+    with pytest.raises(ValueError, match="does not split into groups of 3"):
+        BatchNorm(6, group_size=3)(x, use_running_average=False)
 
 
 def _train_once(module, x, weights):
@@ -131,17 +155,18 @@ from resnet.batch_norm import batch_norm_train
 assert jax.device_count() == 4
 x = jnp.asarray(np.random.default_rng(3).normal(3.0, 2.0, (8, 5, 5, 6)), jnp.float32)
 w = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)
-def loss(x, s, b):
-    y, mean, var = batch_norm_train(x, s, b, 1e-5, jnp.float32)
-    return jnp.sum(jnp.tanh(y) * w) + jnp.sum(mean) + jnp.sum(jnp.sqrt(var))
-step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
 split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 s, b = jnp.linspace(0.5, 2.0, 6), jnp.zeros(6)
-whole = step(jax.device_put(x, jax.devices()[0]), s, b)
-sharded = step(jax.device_put(x, split), s, b)
-for a, c in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
-    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+for groups in (1, 2):  # 2 ghost groups of 4 rows: one row of each on every device
+    def loss(x, s, b):
+        y, mean, var = batch_norm_train(x, s, b, 1e-5, jnp.float32, groups)
+        return jnp.sum(jnp.tanh(y) * w) + jnp.sum(mean) + jnp.sum(jnp.sqrt(var))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    whole = step(jax.device_put(x, jax.devices()[0]), s, b)
+    sharded = step(jax.device_put(x, split), s, b)
+    for a, c in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 

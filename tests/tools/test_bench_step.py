@@ -165,3 +165,35 @@ def test_bad_image_sizes_are_one_line():
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --image_sizes=16,big: give sides in pixels, 160,192"
     )
+
+
+@pytest.mark.slow
+def test_microbatches_are_measured_each_with_xla_memory_figures():
+    proc = run_bench("--model=resnet20", *TINY, "--microbatches=1,4")
+    result = final_json(proc)
+    counts = [r["microbatches"] for r in result["by_microbatches"]]
+    assert counts == [1, 4] and result["microbatches"] == 1
+    one, four = (r["memory"] for r in result["by_microbatches"])
+    assert four["temp"] < one["temp"]  # one micro-batch of activations alive, not four
+    assert four["argument"] == one["argument"]  # the same state and batch
+    assert "micro-batches 4:" in proc.stdout and "scratch" in proc.stdout
+
+
+def test_memory_figures_add_up():
+    import jax
+    import jax.numpy as jnp
+
+    from tools.bench import step
+
+    step_fn = jax.jit(lambda x: jnp.sin(x) @ x, donate_argnums=0)
+    figures = step.memory(step_fn.lower(jnp.ones((64, 64))).compile())
+    assert figures is not None and figures["argument"] == 64 * 64 * 4
+    held = figures["temp"] + figures["argument"] + figures["output"]
+    assert figures["total"] == held - figures["alias"]
+
+
+def test_bad_microbatch_counts_are_one_line():
+    proc = run_bench("--model=resnet20", *TINY, "--microbatches=3")
+    assert proc.returncode != 0
+    message = "error: config.train.microbatches=3: must divide train.global_batch_size=8"
+    assert message in proc.stderr

@@ -1,12 +1,15 @@
-r"""Times the project's real train step on synthetic data: images/s, step time, FLOPs, MFU.
+r"""Times the project's real train step on synthetic data: images/s, step time, FLOPs, MFU,
+and XLA's memory figures.
 
   python -m tools.bench.step --model=resnet50 --batch_size=256 --image_size=224 \
-      --dtype=bfloat16 [--steps=50 --warmup=5 --repeats=3 --peer=torch]
+      --dtype=bfloat16 [--steps=50 --warmup=5 --repeats=3 --peer=torch --microbatches=1,4]
   python -m tools.bench.step --model=resnet50 --batch_size=256 --image_sizes=160,192
 
 --image_sizes times each size in turn, each with its own compiled step, as progressive
 resizing trains (data.min_image_size): one images/s line per size, and `per_image_size` in
-the JSON; the other figures are the first size's.
+the JSON. --microbatches times each train.microbatches count, with XLA's memory figures:
+one line per count, and `by_microbatches` in the JSON. The other figures are those of the
+first size and count.
 
 The step is the launcher's own (`launch.program.build_program`: the same model, optimizer,
 shardings and donation), fed one uint8 batch that is put on the devices once. Compilation is
@@ -84,6 +87,12 @@ flags.DEFINE_bool("gpu_xla_flags", True, "On GPU, add xla_env.GPU_XLA_FLAGS to X
 flags.DEFINE_string("hlo_out", None, "Write the compiled step's optimized HLO here (.gz ok).")
 flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps here, then summarise.")
 flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.")
+flags.DEFINE_list(
+    "microbatches",
+    ["1"],
+    "config.train.microbatches values to measure, each compiled and timed on its own "
+    "(for example 1,4: the memory that gradient accumulation saves).",
+)
 flags.DEFINE_bool(
     "donate",
     True,
@@ -113,13 +122,21 @@ def xla_cost(compiled, key: str) -> float | None:
     return float(value) if value and value > 0 else None
 
 
-def temp_bytes(compiled) -> int | None:
-    """Scratch memory XLA allocates for one execution, per device."""
+def memory(compiled) -> dict[str, int] | None:
+    """XLA's memory figures for one execution, per device, in bytes: scratch (temp),
+    arguments, outputs, the outputs that reuse donated arguments (alias), and their total."""
     try:
         analysis = compiled.memory_analysis()
     except (NotImplementedError, RuntimeError):  # backends without it (XlaRuntimeError)
         return None
-    return int(analysis.temp_size_in_bytes) if analysis is not None else None
+    if analysis is None:
+        return None
+    figures = {
+        name: int(getattr(analysis, f"{name}_size_in_bytes"))
+        for name in ("temp", "argument", "output", "alias")
+    }
+    figures["total"] = figures["temp"] + figures["argument"] + figures["output"] - figures["alias"]
+    return figures
 
 
 def write_text(path: str, text: str) -> None:
@@ -151,24 +168,28 @@ def image_sizes() -> list[int]:
     return sizes
 
 
-def bench_jax(image_size: int, extras: bool = True) -> dict:
-    """The step timed at one image size; `extras`: also --hlo_out and --profile_dir."""
+def bench_jax(image_size: int, microbatches: int, extras: bool = True) -> dict:
+    """The step timed at one image size and micro-batch count; `extras`: also --hlo_out and
+    --profile_dir."""
     import flax
     import jax
     import numpy as np
 
     from configs import default
-    from launch import distributed
+    from launch import distributed, plan
     from launch import program as program_lib
 
     config = default.get_config()
     config.model.name, config.model.num_classes = FLAGS.model, FLAGS.num_classes
     config.model.dtype, config.train.global_batch_size = FLAGS.dtype, FLAGS.batch_size
     config.model.batch_norm, config.model.max_pool = FLAGS.batch_norm, FLAGS.max_pool
+    config.train.microbatches = microbatches
     if FLAGS.channels != 3:
         config.data.mean, config.data.std = (127.5,) * FLAGS.channels, (64.0,) * FLAGS.channels
     try:
         distributed.check_batch_size(FLAGS.batch_size, "--batch_size")
+        plan.check_config(config)
+        plan.check_batch_split_over(config, jax.device_count())
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -230,7 +251,7 @@ def bench_jax(image_size: int, extras: bool = True) -> dict:
         "compile_s": compile_s,
         "flops_per_image": flops_per_image,
         "bytes_accessed_per_step": bytes_accessed,
-        "temp_bytes": temp_bytes(compiled),
+        "memory": memory(compiled),
         "profile": trace,
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
@@ -293,11 +314,11 @@ def size_row(image_size: int, seconds: float, compile_s: float) -> dict:
     }
 
 
-def per_image_size(sizes: list[int], first: dict) -> list[dict]:
+def per_image_size(sizes: list[int], first: dict, microbatches: int) -> list[dict]:
     """`first` (the first size, already timed) and every other size timed, one line each."""
     rows = [first]
     for size in sizes[1:]:
-        other = bench_jax(size, extras=False)
+        other = bench_jax(size, microbatches, extras=False)
         rows.append(size_row(size, other["seconds"], other["compile_s"]))
     for row in rows:
         ratio = row["images_per_second"] / first["images_per_second"]
@@ -307,6 +328,41 @@ def per_image_size(sizes: list[int], first: dict) -> list[dict]:
             f"(compile {row['compile_s']:.1f}s)"
         )
     return rows
+
+
+def _microbatch_counts() -> list[int]:
+    try:
+        counts = [int(k) for k in FLAGS.microbatches]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        sys.exit(f"error: --microbatches={','.join(FLAGS.microbatches)}: give counts >= 1")
+    return counts
+
+
+def _microbatch_figures(microbatches: int, run: dict) -> dict:
+    return {
+        "microbatches": microbatches,
+        "images_per_second": FLAGS.steps * FLAGS.batch_size / run["seconds"],
+        "step_time_ms": 1e3 * run["seconds"] / FLAGS.steps,
+        "memory": run["memory"],
+    }
+
+
+def _print_microbatch_line(figures: dict) -> None:
+    """One line per micro-batch count: its speed, and XLA's memory per device."""
+    line = (
+        f"  micro-batches {figures['microbatches']}: {figures['images_per_second']:,.1f} "
+        f"images/s, step {figures['step_time_ms']:.2f} ms"
+    )
+    if memory := figures["memory"]:
+        mib = lambda name: f"{memory[name] / 2**20:,.1f}"
+        line += (
+            f"; XLA memory per device: scratch {mib('temp')} MiB, arguments "
+            f"{mib('argument')} MiB, outputs {mib('output')} MiB ({mib('alias')} MiB of them "
+            f"in donated buffers), total {mib('total')} MiB"
+        )
+    print(line)
 
 
 def main(argv):
@@ -327,9 +383,12 @@ def main(argv):
     on_gpu = xla_env.gpu_expected()
     xla_added = xla_env.set_gpu_xla_flags() if FLAGS.gpu_xla_flags and on_gpu else []
 
-    sizes = image_sizes()
+    sizes, counts = image_sizes(), _microbatch_counts()
     image_size = sizes[0]
-    ours = bench_jax(image_size)  # the first import of jax happens here, after XLA_FLAGS is set
+    # The first import of jax happens here, after XLA_FLAGS is set.
+    runs = [bench_jax(image_size, k, extras=i == 0) for i, k in enumerate(counts)]
+    by_microbatches = [_microbatch_figures(k, run) for k, run in zip(counts, runs)]
+    ours = runs[0]  # the full report is of the first size and count
     seconds, flops, source = ours.pop("seconds"), ours.pop("flops_per_image"), "xla_cost_analysis"
     ips = FLAGS.steps * FLAGS.batch_size / seconds
     if flops is None:
@@ -347,7 +406,7 @@ def main(argv):
     )
     print(
         f"{FLAGS.model} {FLAGS.dtype} batch {FLAGS.batch_size} at {image_size}px, "
-        f"{FLAGS.batch_norm} BatchNorm, {FLAGS.max_pool} max pool: "
+        f"{FLAGS.batch_norm} BatchNorm, {FLAGS.max_pool} max pool, {counts[0]} micro-batch(es): "
         f"compile {ours['compile_s']:.1f}s, median of {FLAGS.repeats} x {FLAGS.steps} steps"
     )
     print(
@@ -361,12 +420,14 @@ def main(argv):
     )
     if ours["bytes_accessed_per_step"]:
         traffic = ours["bytes_accessed_per_step"]
-        scratch = ours["temp_bytes"]
+        scratch = (ours["memory"] or {}).get("temp")
         print(
             f"  XLA estimate per device and step: {traffic / 1e9:.3f} GB accessed "
             f"({traffic / (seconds / FLAGS.steps) / 1e9:,.1f} GB/s at this step time)"
             + (f", {scratch / 1e6:,.1f} MB scratch" if scratch else "")
         )
+    for figures in by_microbatches:
+        _print_microbatch_line(figures)
     result = {
         "model": FLAGS.model,
         "batch_size": FLAGS.batch_size,
@@ -375,6 +436,7 @@ def main(argv):
         "batch_norm": FLAGS.batch_norm,
         "max_pool": FLAGS.max_pool,
         "donate": FLAGS.donate,
+        "microbatches": counts[0],
         "images_per_second": ips,
         "images_per_second_per_device": ips / ours["devices"],
         "step_time_ms": 1e3 * seconds / FLAGS.steps,
@@ -386,10 +448,11 @@ def main(argv):
         "gpu_xla_flags": xla_added if ours["platform"] == "gpu" else [],
         "command": command,
         **ours,
+        "by_microbatches": by_microbatches,
     }
     if len(sizes) > 1:
         first = size_row(image_size, seconds, ours["compile_s"])
-        result["per_image_size"] = per_image_size(sizes, first)
+        result["per_image_size"] = per_image_size(sizes, first, counts[0])
     # The figures first: the profile summary and the torch peer come after, and if either
     # fails the process exits non-zero with our figures already printed (bench_suite keeps
     # the last JSON line it finds).
