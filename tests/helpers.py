@@ -135,11 +135,13 @@ def launch(
     devices: int = 4,
     timeout: float = 300,
     module: str = "launch.main",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Runs the launcher (or `module`, e.g. launch.evaluate) to completion, capturing output."""
+    """Runs the launcher (or `module`, e.g. launch.evaluate) to completion, capturing output;
+    `env` adds to (or replaces in) `child_env`."""
     return subprocess.run(
-        launcher_command(args, processes, devices, module), cwd=REPO, env=child_env(devices),
-        capture_output=True, text=True, timeout=timeout,
+        launcher_command(args, processes, devices, module), cwd=REPO,
+        env={**child_env(devices), **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 

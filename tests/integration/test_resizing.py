@@ -37,7 +37,10 @@ def digits(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(digits, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ramp") / "w")
-    run = helpers.launch(helpers.tiny_run_args(*digits, workdir, **RAMP))
+    # Its own, empty compilation cache (the session's may already hold these programs, and
+    # then nothing is compiled to count): the run's default, WORKDIR/compilation_cache.
+    no_shared_cache = {"JAX_COMPILATION_CACHE_DIR": ""}
+    run = helpers.launch(helpers.tiny_run_args(*digits, workdir, **RAMP), env=no_shared_cache)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     return workdir, run.stderr
 

@@ -16,9 +16,14 @@ from tools.faults import storm as fault_storm
 
 STEPS = 60
 # Seed 3 draws host_loss (p1), save_kill (p0), preempt (p1), then resize: the kills hit a
-# two-process run, and the last attempt trains on another topology.
+# two-process run, and the last attempt trains on another topology. A model 60 steps in still
+# sits near many digits' decision boundaries, so the one-ulp differences after the topology
+# change flip more of the 2,000 eval digits than on a trained one: top-1 within 5 points (the
+# parameters' bound stays the storm's default, and the steps before the change are compared
+# bit for bit).
 STORM = [
     "--fault_interval=3,6", "--seed=3", "--max_faults=4", "--topologies=2x2,1x4", "--kill_after=30",
+    "--top1_atol=0.05",
     "--", "--config=configs/demo.py", "--config.data.image_size=16",
     "--config.train.global_batch_size=32", f"--config.train.num_steps={STEPS}",
     "--config.train.warmup_epochs=0.05", "--config.checkpoint.every_steps=5",
