@@ -8,6 +8,7 @@ and that the user's files are exactly as they were (`tree_digest` before and aft
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 
@@ -48,3 +49,35 @@ def assert_one_clear_line(output: str, *expected: str) -> str:
     for text in expected:
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def user_workdir(root) -> str:
+    """A workdir under `root` holding files of a user's run (a checkpoints folder, metrics)."""
+    workdir = os.path.join(str(root), "w")
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 4, "kind": "train"}) + "\n")
+    return workdir
+
+
+def assert_config_refused(data, root, capfd, overrides: dict, message: str) -> None:
+    """The tiny run with `overrides`, in-process through launch.main's one mapping of errors
+    to statuses, on a user's workdir: exit 2, one `error:` line starting with `message`, and
+    the workdir unchanged."""
+    import pytest  # pylint: disable=g-import-not-at-top
+
+    from launch import main as launcher  # pylint: disable=g-import-not-at-top
+    from launch import train  # pylint: disable=g-import-not-at-top
+    from launch.status import ExitStatus  # pylint: disable=g-import-not-at-top
+    from tests import helpers  # pylint: disable=g-import-not-at-top
+
+    workdir = user_workdir(root)
+    before = tree_digest(workdir)
+    config = helpers.tiny_config(*data, **overrides)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        launcher.exit_with_status(lambda: train.train_and_evaluate(config, workdir))
+    assert exited.value.code == ExitStatus.BAD_INPUT
+    line = assert_one_clear_line(capfd.readouterr().err, message)
+    assert line.startswith(f"error: {message}")
+    assert tree_digest(workdir) == before

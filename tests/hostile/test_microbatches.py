@@ -9,16 +9,17 @@ devices (slow).
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
-from launch import main as launcher
-from launch import plan, train
+from launch import plan
 from launch.status import ExitStatus
 from tests import helpers
-from tests.hostile.harness import assert_one_clear_line, tree_digest
+from tests.hostile.harness import (
+    assert_config_refused,
+    assert_one_clear_line,
+    tree_digest,
+    user_workdir,
+)
 
 CASES = [
     # (overrides, the start of the error line)
@@ -38,26 +39,9 @@ CASES = [
 ]
 
 
-def _user_workdir(root) -> str:
-    workdir = str(root / "w")
-    os.makedirs(os.path.join(workdir, "checkpoints"))
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps({"step": 4, "kind": "train"}) + "\n")
-    return workdir
-
-
 @pytest.mark.parametrize("overrides, message", CASES, ids=[str(c[0]) for c in CASES])
 def test_bad_batch_splits_exit_2_with_one_line(data, tmp_path, capfd, overrides, message):
-    workdir = _user_workdir(tmp_path)
-    before = tree_digest(workdir)
-    config = helpers.tiny_config(*data, **overrides)
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        launcher.exit_with_status(lambda: train.train_and_evaluate(config, workdir))
-    assert exited.value.code == ExitStatus.BAD_INPUT
-    line = assert_one_clear_line(capfd.readouterr().err, message)
-    assert line.startswith(f"error: {message}")
-    assert tree_digest(workdir) == before
+    assert_config_refused(data, tmp_path, capfd, overrides, message)
 
 
 DEVICE_CASES = [
@@ -87,7 +71,7 @@ def test_micro_batches_and_groups_take_rows_from_every_device(overrides, devices
 
 @pytest.mark.slow
 def test_a_group_that_cannot_span_the_devices_is_refused_end_to_end(data, tmp_path):
-    workdir = _user_workdir(tmp_path)
+    workdir = user_workdir(tmp_path)
     before = tree_digest(workdir)
     args = helpers.tiny_run_args(*data, workdir, **{"model.bn_group_size": 2})
     run = helpers.launch(args, devices=4, timeout=120)

@@ -8,16 +8,11 @@ and that the user's workdir is unchanged.
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
-from launch import main as launcher
-from launch import train
-from launch.status import ExitStatus
-from tests import helpers
-from tests.hostile.harness import assert_one_clear_line, tree_digest
+from tests.hostile.harness import (
+    assert_config_refused,
+)
 
 RAMP = {"data.min_image_size": 16, "data.max_image_size": 24, "data.resize_end_epoch": 2.0}
 
@@ -52,23 +47,6 @@ CASES = [
 ]
 
 
-def _user_workdir(root) -> str:
-    workdir = str(root / "w")
-    os.makedirs(os.path.join(workdir, "checkpoints"))
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps({"step": 4, "kind": "train"}) + "\n")
-    return workdir
-
-
 @pytest.mark.parametrize("overrides, message", CASES, ids=[str(c[0]) for c in CASES])
 def test_bad_resizing_ramps_exit_2_with_one_line(data, tmp_path, capfd, overrides, message):
-    workdir = _user_workdir(tmp_path)
-    before = tree_digest(workdir)
-    config = helpers.tiny_config(*data, **overrides)
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        launcher.exit_with_status(lambda: train.train_and_evaluate(config, workdir))
-    assert exited.value.code == ExitStatus.BAD_INPUT
-    line = assert_one_clear_line(capfd.readouterr().err, message)
-    assert line.startswith(f"error: {message}")
-    assert tree_digest(workdir) == before
+    assert_config_refused(data, tmp_path, capfd, overrides, message)
