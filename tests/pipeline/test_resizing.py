@@ -2,7 +2,6 @@
 step's batch at its epoch's size, the same on resume and on any split over hosts)."""
 
 import dataclasses
-import time
 
 import jax
 import ml_collections
@@ -103,7 +102,8 @@ def test_the_sizes_of_a_run_are_every_size_its_epochs_use_in_order():
         assert walked == sorted(walked)  # a ramp never shrinks
 
 
-def test_the_sizes_of_a_very_long_run_take_no_time():
+def test_the_sizes_of_a_very_long_run_come_from_the_ramp_not_a_walk_over_its_steps():
+    # 2**31 steps: walking them one by one would not finish (no timer needed to tell).
     config = _data_config(
         min_image_size=128,
         max_image_size=1024,
@@ -111,10 +111,7 @@ def test_the_sizes_of_a_very_long_run_take_no_time():
         resize_end_epoch=2.0e9,
         resize_multiple=1,
     )
-    start = time.perf_counter()
-    found = resizing.sizes(config, 1, 0, 2**31 - 1)
-    assert found == list(range(128, 1025))
-    assert time.perf_counter() - start < 5
+    assert resizing.sizes(config, 1, 0, 2**31 - 1) == list(range(128, 1025))
 
 
 def test_the_ramp_is_part_of_the_run_signature():
