@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.model = model = ml_collections.ConfigDict()
-    model.name = "resnet50"  # one of resnet.MODEL_NAMES (resnet18..152, resnet20..110)
+    model.name = "resnet50"  # one of resnet.MODEL_NAMES (resnet18..152, resnet8..110)
     model.num_classes = 1000  # must equal the dataset's number of classes
     model.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
     model.zero_init_residual = True  # last BN scale of each residual branch starts at 0

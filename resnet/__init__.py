@@ -61,7 +61,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "resnet50": _imagenet(Bottleneck, (3, 4, 6, 3)),
     "resnet101": _imagenet(Bottleneck, (3, 4, 23, 3)),
     "resnet152": _imagenet(Bottleneck, (3, 8, 36, 3)),
-    # CIFAR (section 4.2: 6n+2 layers, n blocks per stage)
+    # CIFAR (section 4.2: 6n+2 layers, n blocks per stage). n = 1 is not in the paper; it is
+    # the family's smallest member, for quick runs and the tests.
+    "resnet8": _cifar(1),
     "resnet20": _cifar(3),
     "resnet32": _cifar(5),
     "resnet44": _cifar(7),
@@ -97,6 +99,7 @@ resnet34 = functools.partial(create_model, "resnet34")
 resnet50 = functools.partial(create_model, "resnet50")
 resnet101 = functools.partial(create_model, "resnet101")
 resnet152 = functools.partial(create_model, "resnet152")
+resnet8 = functools.partial(create_model, "resnet8")
 resnet20 = functools.partial(create_model, "resnet20")
 resnet32 = functools.partial(create_model, "resnet32")
 resnet44 = functools.partial(create_model, "resnet44")

@@ -78,6 +78,7 @@ def child_env(devices: int) -> dict[str, str]:
 
 def _tiny_settings(train_dir: str, eval_dir: str, overrides: dict) -> dict:
     settings = {
+        "model.name": "resnet8",  # the demo's ResNet-20 at a third of the compile time
         "data.embedded": "",
         "data.train_dir": train_dir,
         "data.eval_dir": eval_dir,

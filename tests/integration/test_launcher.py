@@ -1,5 +1,5 @@
 """The real launcher end to end: topology invariance, determinism, exact eval, TensorBoard,
-and configuration errors. Runs are tiny (ResNet-20, 16 px, 8 steps of 16 images)."""
+and configuration errors. Runs are tiny (ResNet-8, 16 px, 8 steps of 16 images)."""
 
 import json
 import os

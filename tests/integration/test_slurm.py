@@ -172,6 +172,7 @@ def jax_cache(tmp_path_factory):
 def launcher_settings(data, **overrides) -> list[str]:
     """The launcher overrides of every run here: configs/demo.py, small and on the test data."""
     settings = {
+        "model.name": "resnet8",
         "data.embedded": "",
         "data.train_dir": data[0],
         "data.eval_dir": data[1],

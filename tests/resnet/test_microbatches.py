@@ -21,7 +21,8 @@ BATCH = 16
 
 
 def _config(**overrides):
-    config = demo.get_config()  # ResNet-20, float32
+    config = demo.get_config()  # float32
+    config.model.name = "resnet8"
     config.data.image_size = 16
     config.train.global_batch_size = BATCH
     config.train.compilation_cache_dir = ""

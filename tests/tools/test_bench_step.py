@@ -76,13 +76,13 @@ def test_suite_reports_throughput_flops_hlo_and_profile(tmp_path):
     assert [r["variant"] for r in results] == ["target", "flax_batchnorm"]
     assert [r["batch_norm"] for r in results] == ["fused", "flax"]
     for result in results:
-        assert result["model"] == "resnet20" and result["batch_size"] == 8
+        assert result["model"] == "resnet8" and result["batch_size"] == 8
         assert result["images_per_second"] > 0
         assert result["flops_per_image"] > 0
         assert result["flops_source"] == "xla_cost_analysis"
         assert result["mfu"] is None  # no peak is known for CPU
     log = (out / "suite.log").read_text()
-    assert "MFU n/a" in log and "python -m tools.bench.step --model=resnet20" in log
+    assert "MFU n/a" in log and "python -m tools.bench.step --model=resnet8" in log
     table = proc.stdout[proc.stdout.rindex("===== smoke") :]
     assert "target" in table and "flax_batchnorm" in table and "1.000" in table
     with gzip.open(out / "target.hlo.txt.gz", "rt") as f:
@@ -103,10 +103,10 @@ def test_suite_records_a_failing_variant_and_goes_on(tmp_path):
 
 
 def test_torch_peer_rejects_cifar_models():
-    proc = run_bench("--model=resnet20", "--peer=torch", *TINY)
+    proc = run_bench("--model=resnet8", "--peer=torch", *TINY)
     assert proc.returncode != 0
     assert "--peer=torch needs a torchvision model" in proc.stderr
-    assert "resnet20" in proc.stderr
+    assert "resnet8" in proc.stderr
 
 
 @pytest.mark.skipif(not TORCH_MISSING, reason="checks the path where torch is absent")
@@ -149,7 +149,7 @@ def test_suite_keeps_our_figures_when_the_peer_fails(tmp_path):
 
 @pytest.mark.slow
 def test_the_step_is_timed_at_each_image_size():
-    proc = run_bench("--model=resnet20", "--image_sizes=16,24", *TINY)
+    proc = run_bench("--model=resnet8", "--image_sizes=16,24", *TINY)
     result = final_json(proc)
     sizes = result["per_image_size"]
     assert [s["image_size"] for s in sizes] == [16, 24]
@@ -160,7 +160,7 @@ def test_the_step_is_timed_at_each_image_size():
 
 
 def test_bad_image_sizes_are_one_line():
-    proc = run_bench("--model=resnet20", "--image_sizes=16,big", *TINY)
+    proc = run_bench("--model=resnet8", "--image_sizes=16,big", *TINY)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --image_sizes=16,big: give sides in pixels, 160,192"
@@ -169,7 +169,7 @@ def test_bad_image_sizes_are_one_line():
 
 @pytest.mark.slow
 def test_microbatches_are_measured_each_with_xla_memory_figures():
-    proc = run_bench("--model=resnet20", *TINY, "--microbatches=1,4")
+    proc = run_bench("--model=resnet8", *TINY, "--microbatches=1,4")
     result = final_json(proc)
     counts = [r["microbatches"] for r in result["by_microbatches"]]
     assert counts == [1, 4] and result["microbatches"] == 1
@@ -193,7 +193,7 @@ def test_memory_figures_add_up():
 
 
 def test_bad_microbatch_counts_are_one_line():
-    proc = run_bench("--model=resnet20", *TINY, "--microbatches=3")
+    proc = run_bench("--model=resnet8", *TINY, "--microbatches=3")
     assert proc.returncode != 0
     message = "error: config.train.microbatches=3: must divide train.global_batch_size=8"
     assert message in proc.stderr

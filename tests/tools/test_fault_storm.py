@@ -24,7 +24,8 @@ STEPS = 60
 STORM = [
     "--fault_interval=3,6", "--seed=3", "--max_faults=4", "--topologies=2x2,1x4", "--kill_after=30",
     "--top1_atol=0.05",
-    "--", "--config=configs/demo.py", "--config.data.image_size=16",
+    "--", "--config=configs/demo.py", "--config.model.name=resnet8",
+    "--config.data.image_size=16",
     "--config.train.global_batch_size=32", f"--config.train.num_steps={STEPS}",
     "--config.train.warmup_epochs=0.05", "--config.checkpoint.every_steps=5",
     "--config.train.log_every_steps=10",

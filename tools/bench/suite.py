@@ -51,7 +51,7 @@ class Variant:
 
 _R50 = ("--model=resnet50", "--image_size=224", "--steps=50", "--warmup=5", "--repeats=3")
 _BF16_256 = (*_R50, "--dtype=bfloat16", "--batch_size=256")
-_TINY = ("--model=resnet20", "--image_size=16", "--num_classes=10", "--batch_size=8")
+_TINY = ("--model=resnet8", "--image_size=16", "--num_classes=10", "--batch_size=8")
 _TINY_TIMING = ("--steps=2", "--warmup=1", "--repeats=1", "--dtype=float32")
 _CPU_CIFAR = ("--model=resnet20", "--image_size=32", "--num_classes=10", "--batch_size=64")
 _CPU_IMAGENET = ("--model=resnet18", "--image_size=64", "--num_classes=10", "--batch_size=16")
