@@ -146,9 +146,7 @@ def test_incompatible_config_is_refused_and_checkpoints_kept(data, reference, tm
         helpers.tiny_run_args(*data, workdir, **EVERY, **{"model.name": "resnet32"})
     )
     assert run.returncode == 2, (run.stdout + run.stderr)[-3000:]
-    assert (
-        "incompatible run" in run.stderr and "model.name: checkpoint has 'resnet8'" in run.stderr
-    )
+    assert "incompatible run" in run.stderr and "model.name: checkpoint has 'resnet8'" in run.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
