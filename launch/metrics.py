@@ -153,3 +153,29 @@ def log_progress(step: int, total: int, figures: dict[str, float]) -> None:
         figures["train/skipped_nonfinite_steps"],
         format_duration(figures["eta_seconds"]),
     )
+
+
+class Profile:
+    """A jax.profiler trace of steps [first, last] on process 0, into WORKDIR/tensorboard."""
+
+    def __init__(self, steps, workdir: str):
+        self.first, self.last = (int(steps[0]) - 1, int(steps[1])) if steps else (-1, -1)
+        self._directory = str(epath.Path(workdir) / "tensorboard")
+        self._on = False
+
+    def start(self) -> None:
+        if jax.process_index() == 0:
+            jax.profiler.start_trace(self._directory)
+            self._on = True
+
+    def stop(self, state) -> None:
+        if self._on:
+            jax.block_until_ready(state)  # the traced steps must have run
+            jax.profiler.stop_trace()
+            self._on = False
+            logging.info(
+                "Profile of steps %d-%d written under %s",
+                self.first + 1,
+                self.last,
+                self._directory,
+            )

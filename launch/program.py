@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -300,3 +301,30 @@ def build_program(
             **executables.environment_key(mesh),
         },
     )
+
+
+class TrainSteps:
+    """The train step compiled once per training image size, called like one compiled step:
+    it runs the executable of the batch's size (batches of the old size may still be in
+    flight when a resizing ramp moves on). Never compiles in the loop."""
+
+    def __init__(self, program, global_batch: int):
+        self._program, self._global_batch = program, global_batch
+        self.by_size: dict[int, Any] = {}
+
+    def compile(self, sizes) -> float:
+        """Compiles (or loads, launch.executables) the sizes not yet here; the seconds taken."""
+        start = time.perf_counter()
+        for size in sizes:
+            if size not in self.by_size:
+                self.by_size[size] = self._program.compile_train_step(self._global_batch, size)
+        return time.perf_counter() - start
+
+    def __call__(self, state, batch, *args):
+        size = batch["image"].shape[1]
+        if size not in self.by_size:
+            raise RuntimeError(
+                f"no train step was compiled for {size} px images (compiled: "
+                f"{sorted(self.by_size)}); the input and the resizing ramp disagree"
+            )
+        return self.by_size[size](state, batch, *args)

@@ -4,11 +4,19 @@
 what the run may write (`RUN_FILES`, `run_folders`, `lock_workdir`), the program and the
 checkpoints with the signature a restore must match (`program_and_checkpoints`), and where a
 resume starts from (`initial_state`, `check_same_data`, `log_resume`).
+
+The last section is a training run's start-up, one function per step of
+`launch.train.train_and_evaluate`: claim the workdir, build the run, find the newest step,
+compile in the background while restoring, begin the attempt's events, start the input.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import threading
+import time
 from typing import Any
 
 import jax
@@ -18,6 +26,7 @@ from etils import epath
 
 import pipeline
 import resnet.from_weights
+import resnet.weights
 from launch import checkpoint_weights, checkpointing, distributed, executables
 from launch import events as events_lib
 from launch import metrics as metrics_lib
@@ -25,6 +34,7 @@ from launch import plan as plan_lib
 from launch import program as program_lib
 from launch import workdir as workdir_lib
 from launch.plan import ConfigError
+from pipeline import resizing
 from resnet import steps as steps_lib
 
 FINISHED_MARKER = "FINISHED"
@@ -250,3 +260,205 @@ def program_and_checkpoints(
     )
     signature = checkpointing.run_signature(config, num_examples, channels, program.shapes_digest())
     return program, ckpt, signature
+
+
+# --- a training run's start-up: what `launch.train.train_and_evaluate` calls, in order --------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a training run is, checked before anything is compiled or restored."""
+
+    plan: plan_lib.Plan
+    program: program_lib.Program
+    ckpt: checkpointing.Checkpointer
+    signature: dict[str, Any]  # what a restore must match
+    train_info: Any
+    eval_info: Any  # None without eval data
+    data: dict[str, Any]  # the train and eval data, described for FINISHED
+    identity: dict[str, Any]  # the data's fingerprints, checked on a resume
+
+
+def claim_workdir(workdir: str, cleanup: contextlib.ExitStack) -> dict | None:
+    """Every path the run writes is usable, and the workdir is ours alone (released by
+    `cleanup`); returns the FINISHED record of an earlier run, if any."""
+    workdir_lib.check_run_paths(workdir, run_folders(), RUN_FILES)
+    finished = finished_record(workdir)
+    lock = lock_workdir(workdir)
+    if lock is not None:
+        cleanup.callback(lock.release)
+    return finished
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str, cleanup) -> Run:
+    """Data, plan, program and checkpoints (closed by `cleanup`), logged as they are found."""
+    train_dir, eval_dir = data_dirs(config)
+    train_info = load_info(train_dir, "train_dir")
+    eval_info = load_info(eval_dir, "eval_dir") if eval_dir else None
+    plan = plan_lib.make_plan(config, train_info, eval_info)
+    program, ckpt, signature = program_and_checkpoints(
+        config,
+        workdir,
+        channels=train_info.channels,
+        num_examples=train_info.num_examples,
+        plan=plan,
+    )
+    cleanup.callback(ckpt.close)
+    data = {"train": describe(train_info), "eval": eval_info and describe(eval_info)}
+    logging.info("Topology: %s", distributed.describe_topology(plan.global_batch))
+    logging.info("Train data: %s", data["train"])
+    logging.info("Eval data: %s", data["eval"] or "none")
+    logging.info("Plan: %s", plan.describe())
+    if resizing.ramp(config.data) is not None:
+        steps = resizing.changes(config.data, plan.steps_per_epoch, 0, plan.num_steps)
+        logging.info(
+            "Progressive resizing: %s: %s; evaluation at %d px.",
+            resizing.ramp(config.data).describe(),
+            ", ".join(f"{size} px from step {step}" for step, size in steps),
+            config.data.image_size,
+        )
+    return Run(
+        plan, program, ckpt, signature, train_info, eval_info, data, identity(train_dir, eval_dir)
+    )
+
+
+def newest_step(run: Run, config: ml_collections.ConfigDict) -> int:
+    """The newest step a restore would take (0 if none), refused early if it was trained on
+    other data (unless `data.allow_change`)."""
+    newest = run.ckpt.check_compatible(run.signature)
+    if newest is None:
+        return 0
+    if not config.data.allow_change:
+        check_same_data(newest[1], run.identity, newest[0], allow_change=False)
+    return int(epath.Path(newest[0]).name)
+
+
+def already_finished(finished: dict | None, run: Run, workdir: str) -> bool:
+    """A rerun of a finished job (a supervisor's, a requeue's) ends before compiling. Without
+    its final checkpoint it goes on, and the restore says what is wrong."""
+    return (
+        finished is not None
+        and finished["step"] >= run.plan.num_steps
+        and finished["step"] in checkpointing.committed_steps(workdir)
+    )
+
+
+class Background:
+    """Runs `fn` in a daemon thread, for work that overlaps the rest of start-up."""
+
+    def __init__(self, fn):
+        self._result = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._result = fn()
+        except BaseException as e:  # pylint: disable=broad-except  # re-raised in result()
+            self._error = e
+
+    def finish(self) -> None:
+        """Waits for `fn` without raising, on every way out of the run.
+
+        A process that exits while the thread is inside XLA's compiler aborts ("FATAL:
+        exception not rethrown") instead of exiting with its status. A stop during start-up
+        still ends in time: its deadline exits 75 if this takes too long.
+        """
+        if self._thread.is_alive():
+            logging.info("Waiting for the background compilation to finish before exiting.")
+            self._thread.join()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def compile_steps(run: Run, config: ml_collections.ConfigDict, from_step: int):
+    """The train step at every training size from `from_step` on (progressive resizing: each
+    its own), the eval step, and the pre-save checks, compiled (or loaded) ahead of time;
+    returns ((train steps, eval step), seconds)."""
+    start = time.perf_counter()
+    plan = run.plan
+    sizes = resizing.sizes(config.data, plan.steps_per_epoch, from_step, plan.num_steps)
+    train_steps = program_lib.TrainSteps(run.program, plan.global_batch)
+    train_steps.compile(sizes)
+    eval_step = None
+    if run.eval_info:
+        eval_step = run.program.compile_eval_step(plan.eval_batch, config.data.image_size)
+    run.ckpt.prepare(run.program.abstract_state)
+    return (train_steps, eval_step), time.perf_counter() - start
+
+
+def restore_or_initialize(run: Run, config: ml_collections.ConfigDict):
+    """(state, start step, the restored step's metadata or None, this run's metadata): the
+    newest trustworthy checkpoint on whatever topology this is, or a fresh state."""
+    restored = run.ckpt.restore_latest(run.program.abstract_state, run.signature)
+    data_changed = False
+    if restored:
+        state, start_step, saved_meta = restored
+        where = str(run.ckpt.directory / str(start_step))
+        data_changed = check_same_data(saved_meta, run.identity, where, config.data.allow_change)
+        log_resume(start_step, saved_meta)
+    else:
+        state, start_step, saved_meta = initial_state(config, run.program), 0, None
+    history = checkpointing.topology_history(saved_meta, start_step, run.identity, data_changed)
+    meta = dict(
+        run.signature,
+        data=run.identity,
+        topology_history=history,
+        # What tools.export, tools.predict and init_from need to use a step on their own.
+        model=resnet.weights.model_spec(
+            config.model.name,
+            config.model.num_classes,
+            in_channels=run.train_info.channels,
+            bn_epsilon=config.model.bn_epsilon,
+        ),
+        preprocessing={
+            "mean": list(config.data.mean),
+            "std": list(config.data.std),
+            "image_size": config.data.image_size,
+            "eval_crop_fraction": config.data.eval_crop_fraction,
+        },
+        class_names=list(run.train_info.class_names),
+    )
+    return state, start_step, saved_meta, meta
+
+
+def begin_attempt(config, workdir, timings, ckpt, start_step: int, saved_meta):
+    """This attempt's event log, with what start-up has done so far; and the workdir's earlier
+    events (process 0)."""
+    topology = f"{jax.process_count()}x{jax.local_device_count()}"
+    timeout = config.distributed.initialization_timeout_seconds
+    log, past = events_lib.begin_attempt(workdir, topology, timeout)
+    for key, seconds in timings.items():
+        log.emit("phase_ended", phase=key.split("/")[1][:-2], seconds=seconds)
+    for step, reason in ckpt.rejected:
+        log.emit("checkpoint_rejected", step=step, reason=reason)
+    before = ((saved_meta or {}).get("topology_history") or [{}])[-1]
+    was = f"{before.get('processes')}x{before.get('devices_per_process')}" if before else None
+    log.emit("resumed", step=start_step, from_topology=was)
+    return log, past
+
+
+def input_from(run: Run, config: ml_collections.ConfigDict, start_step: int, cleanup):
+    """(train batches from `start_step`, loading already; eval batches or None)."""
+    plan, sharding = run.plan, run.program.batch_sharding
+    train_iter = pipeline.train_batches(
+        run.train_info,
+        config.data,
+        sharding,
+        global_batch_size=plan.global_batch,
+        num_steps=plan.num_steps,
+        start_step=start_step,
+        seed=config.train.seed,
+    )
+    cleanup.callback(train_iter.close)
+    train_iter.start()
+    eval_batches = None
+    if run.eval_info:
+        eval_batches = pipeline.eval_batches(
+            run.eval_info, config.data, sharding, global_batch_size=plan.eval_batch
+        )
+    return train_iter, eval_batches

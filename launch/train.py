@@ -1,9 +1,9 @@
 """Training, top to bottom: set-up, resume, input, compile, then the loop of a `Trainer`.
 
 `train_and_evaluate` reads as the run happens and returns a `RunResult`; `launch.main` turns
-results and exceptions into exit statuses. The set-up it shares with evaluation is in
-`launch.setup`, the maths in `resnet.steps` (built by `launch.program`), the input in
-`pipeline`, durability in `launch.checkpointing`.
+results and exceptions into exit statuses. Each start-up step is one call into
+`launch.setup` (shared with evaluation), the maths is in `resnet.steps` (built by
+`launch.program`), the input in `pipeline`, durability in `launch.checkpointing`.
 
 Keeping every host in step. Each host dispatches a step and then waits for the one dispatched
 `LAG` steps earlier, so the device always has work queued while the host never runs far
@@ -18,7 +18,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import threading
 import time
 from typing import Any
 
@@ -28,13 +27,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-import pipeline
-import resnet.weights
 from launch import checkpointing, distributed, events, goodput, interval, liveness, setup
 from launch import metrics as metrics_lib
 from launch import plan as plan_lib
-from launch import program as program_lib
-from launch import workdir as workdir_lib
 from launch.setup import FINISHED_MARKER
 from pipeline import resizing
 
@@ -81,120 +76,32 @@ def train_and_evaluate(
     plan_lib.check_config(config)
     with contextlib.ExitStack() as cleanup:
         # 0. The workdir: every path the run writes is usable, and the workdir is ours alone.
-        workdir_lib.check_run_paths(workdir, setup.run_folders(), setup.RUN_FILES)
-        finished = setup.finished_record(workdir)
-        lock = setup.lock_workdir(workdir)
-        if lock is not None:
-            cleanup.callback(lock.release)
+        finished = setup.claim_workdir(workdir, cleanup)
 
         # 1. Data, plan, program and checkpoints, all checked before anything is compiled.
-        train_dir, eval_dir = setup.data_dirs(config)
-        train_info = setup.load_info(train_dir, "train_dir")
-        eval_info = setup.load_info(eval_dir, "eval_dir") if eval_dir else None
-        plan = plan_lib.make_plan(config, train_info, eval_info)
-        program, ckpt, signature = setup.program_and_checkpoints(
-            config,
-            workdir,
-            channels=train_info.channels,
-            num_examples=train_info.num_examples,
-            plan=plan,
-        )
-        cleanup.callback(ckpt.close)
-        data = {
-            "train": setup.describe(train_info),
-            "eval": eval_info and setup.describe(eval_info),
-        }
-        identity = setup.identity(train_dir, eval_dir)
-        logging.info("Topology: %s", distributed.describe_topology(plan.global_batch))
-        logging.info("Train data: %s", data["train"])
-        logging.info("Eval data: %s", data["eval"] or "none")
-        logging.info("Plan: %s", plan.describe())
-        ramp = resizing.ramp(config.data)
-        if ramp is not None:
-            steps = resizing.changes(config.data, plan.steps_per_epoch, 0, plan.num_steps)
-            logging.info(
-                "Progressive resizing: %s: %s; evaluation at %d px.",
-                ramp.describe(),
-                ", ".join(f"{size} px from step {step}" for step, size in steps),
-                config.data.image_size,
-            )
+        run = setup.build_run(config, workdir, cleanup)
         phase("data")
 
         # 2. Compile the steps in the background (they need only shapes) while the newest
         #    trustworthy checkpoint is restored, on whatever topology this is.
-        newest = ckpt.check_compatible(signature)
-        if newest is not None and not config.data.allow_change:
-            setup.check_same_data(newest[1], identity, newest[0], allow_change=False)
-        if (
-            finished is not None
-            and finished["step"] >= plan.num_steps
-            and finished["step"] in checkpointing.committed_steps(workdir)
-        ):
-            # A rerun of a finished job (a supervisor's, a requeue's) ends here, uncompiled.
-            # Without its final checkpoint it goes on, and the restore says what is wrong.
+        newest_step = setup.newest_step(run, config)
+        if setup.already_finished(finished, run, workdir):
             logging.info("The run had already finished (step %d).", finished["step"])
             return RunResult("finished", finished["step"], finished.get("eval", {}))
-        # Every training size from the newest step on (progressive resizing: each its own).
-        newest_step = int(epath.Path(newest[0]).name) if newest else 0
-        sizes = resizing.sizes(config.data, plan.steps_per_epoch, newest_step, plan.num_steps)
-        compiled = _Background(
-            lambda: _compile(program, plan, sizes, config.data.image_size, ckpt, eval_info)
-        )
+        compiled = setup.Background(lambda: setup.compile_steps(run, config, newest_step))
         cleanup.callback(compiled.finish)
-        restored = ckpt.restore_latest(program.abstract_state, signature)
-        data_changed = False
-        if restored:
-            state, start_step, saved_meta = restored
-            where = str(ckpt.directory / str(start_step))
-            data_changed = setup.check_same_data(
-                saved_meta, identity, where, config.data.allow_change
-            )
-            setup.log_resume(start_step, saved_meta)
-        else:
-            state, start_step, saved_meta = setup.initial_state(config, program), 0, None
-        history = checkpointing.topology_history(saved_meta, start_step, identity, data_changed)
-        meta = dict(
-            signature,
-            data=identity,
-            topology_history=history,
-            # What tools.export, tools.predict and init_from need to use a step on their own.
-            model=resnet.weights.model_spec(
-                config.model.name,
-                config.model.num_classes,
-                in_channels=train_info.channels,
-                bn_epsilon=config.model.bn_epsilon,
-            ),
-            preprocessing={
-                "mean": list(config.data.mean),
-                "std": list(config.data.std),
-                "image_size": config.data.image_size,
-                "eval_crop_fraction": config.data.eval_crop_fraction,
-            },
-            class_names=list(train_info.class_names),
-        )
+        state, start_step, saved_meta, meta = setup.restore_or_initialize(run, config)
         phase("restore")
         # Only now, with nothing left to refuse, does the run write its events.
-        log, past_events = _begin_attempt(config, workdir, timings, ckpt, start_step, saved_meta)
+        log, past_events = setup.begin_attempt(
+            config, workdir, timings, run.ckpt, start_step, saved_meta
+        )
 
         # 3. Input from the restored step; its first batches load while compilation finishes.
-        train_iter = pipeline.train_batches(
-            train_info,
-            config.data,
-            program.batch_sharding,
-            global_batch_size=plan.global_batch,
-            num_steps=plan.num_steps,
-            start_step=start_step,
-            seed=config.train.seed,
-        )
-        cleanup.callback(train_iter.close)
-        train_iter.start()
-        eval_batches = None
-        if eval_info:
-            eval_batches = pipeline.eval_batches(
-                eval_info, config.data, program.batch_sharding, global_batch_size=plan.eval_batch
-            )
+        train_iter, eval_batches = setup.input_from(run, config, start_step, cleanup)
         (train_step, eval_step), timings["startup/compile_s"] = compiled.result()
         # An older step restored (the newest was damaged) may start lower on the ramp.
+        plan = run.plan
         needed = resizing.sizes(config.data, plan.steps_per_epoch, start_step, plan.num_steps)
         timings["startup/compile_s"] += train_step.compile(needed)
         phase("compile_wait")
@@ -215,20 +122,17 @@ def train_and_evaluate(
         trainer = Trainer(
             config=config,
             workdir=workdir,
-            plan=plan,
-            program=program,
+            run=run,
             train_step=train_step,
             eval_step=eval_step,
             train_iter=train_iter,
             eval_batches=eval_batches,
-            ckpt=ckpt,
             meta=meta,
             writer=writer,
             stop=stop,
             watchdog=watchdog,
             timings=timings,
             started=started,
-            data=data,
             state=state,
             start_step=start_step,
             log=log,
@@ -239,28 +143,12 @@ def train_and_evaluate(
         except BaseException:
             # The original error is the one to report; a failing save is only logged here.
             try:
-                ckpt.wait()
+                run.ckpt.wait()
             except checkpointing.CheckpointSaveError as e:
                 logging.error("While stopping after an error: %s", e)
             raise
-        ckpt.wait()  # every exit path leaves no half-written step behind
+        run.ckpt.wait()  # every exit path leaves no half-written step behind
         return result
-
-
-def _begin_attempt(config, workdir, timings, ckpt, start_step: int, saved_meta):
-    """This attempt's event log, with what start-up has done so far; and the workdir's earlier
-    events (process 0)."""
-    topology = f"{jax.process_count()}x{jax.local_device_count()}"
-    timeout = config.distributed.initialization_timeout_seconds
-    log, past = events.begin_attempt(workdir, topology, timeout)
-    for key, seconds in timings.items():
-        log.emit("phase_ended", phase=key.split("/")[1][:-2], seconds=seconds)
-    for step, reason in ckpt.rejected:
-        log.emit("checkpoint_rejected", step=step, reason=reason)
-    before = ((saved_meta or {}).get("topology_history") or [{}])[-1]
-    was = f"{before.get('processes')}x{before.get('devices_per_process')}" if before else None
-    log.emit("resumed", step=start_step, from_topology=was)
-    return log, past
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -304,37 +192,35 @@ class Trainer:
         *,
         config: ml_collections.ConfigDict,
         workdir: str,
-        plan: plan_lib.Plan,
-        program: program_lib.Program,
+        run: setup.Run,
         train_step: Any,
         eval_step: Any,
         train_iter: Any,
         eval_batches: Any,
-        ckpt: checkpointing.Checkpointer,
         meta: dict[str, Any],
         writer: metrics_lib.Writer,
         stop: liveness.StopRequest,
         watchdog: liveness.Watchdog,
         timings: dict[str, float],
         started: float,  # time.perf_counter() when train_and_evaluate began
-        data: dict[str, Any],
         state: Any,
         start_step: int,
         log: events.EventLog | events.NullLog,
         past_events: list[dict[str, Any]],
     ):
-        self.config, self.workdir, self.plan, self.program = config, workdir, plan, program
+        plan = run.plan
+        self.config, self.workdir, self.plan, self.program = config, workdir, plan, run.program
         self.train_step, self.eval_step = train_step, eval_step
         self.train_iter, self.eval_batches = train_iter, eval_batches
-        self.ckpt, self.meta, self.writer = ckpt, meta, writer
+        self.ckpt, self.meta, self.writer = run.ckpt, meta, writer
         self.stop, self.watchdog = stop, watchdog
-        self.timings, self.started, self.data = timings, started, data
+        self.timings, self.started, self.data = timings, started, run.data
         self.state, self.step, self.start_step = state, start_step, start_step
         self.last_saved: int | None = start_step if start_step else None
         self.meter = metrics_lib.ProgressMeter(plan.global_batch, plan.num_steps, start_step)
         self.pending: list[dict[str, jax.Array]] = []  # metrics not yet logged
         self.in_flight: collections.deque = collections.deque()  # unconfirmed stop flags
-        self.profile = _Profile(config.train.profile_steps, workdir)
+        self.profile = metrics_lib.Profile(config.train.profile_steps, workdir)
         self.startup_end = 0.0
         self.log = log
         self.live = goodput.Live(past_events, log) if jax.process_index() == 0 else None
@@ -510,102 +396,6 @@ class Trainer:
         """The workdir's mean time between faults (process 0: the others' is not used)."""
         prior = float(self.config.checkpoint.expected_fault_interval_seconds)
         return self.live.mtbf_seconds(now, prior) if self.live is not None else prior
-
-
-class _Background:
-    """Runs `fn` in a daemon thread, for work that overlaps the rest of start-up."""
-
-    def __init__(self, fn):
-        self._result = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn):
-        try:
-            self._result = fn()
-        except BaseException as e:  # pylint: disable=broad-except  # re-raised in result()
-            self._error = e
-
-    def finish(self) -> None:
-        """Waits for `fn` without raising, on every way out of the run.
-
-        A process that exits while the thread is inside XLA's compiler aborts ("FATAL:
-        exception not rethrown") instead of exiting with its status. A stop during start-up
-        still ends in time: its deadline exits 75 if this takes too long.
-        """
-        if self._thread.is_alive():
-            logging.info("Waiting for the background compilation to finish before exiting.")
-            self._thread.join()
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
-class TrainSteps:
-    """The train step compiled once per training image size, called like one compiled step:
-    it runs the executable of the batch's size (batches of the old size may still be in
-    flight when a resizing ramp moves on). Never compiles in the loop."""
-
-    def __init__(self, program, global_batch: int):
-        self._program, self._global_batch = program, global_batch
-        self.by_size: dict[int, Any] = {}
-
-    def compile(self, sizes) -> float:
-        """Compiles (or loads, launch.executables) the sizes not yet here; the seconds taken."""
-        start = time.perf_counter()
-        for size in sizes:
-            if size not in self.by_size:
-                self.by_size[size] = self._program.compile_train_step(self._global_batch, size)
-        return time.perf_counter() - start
-
-    def __call__(self, state, batch, *args):
-        size = batch["image"].shape[1]
-        if size not in self.by_size:
-            raise RuntimeError(
-                f"no train step was compiled for {size} px images (compiled: "
-                f"{sorted(self.by_size)}); the input and the resizing ramp disagree"
-            )
-        return self.by_size[size](state, batch, *args)
-
-
-def _compile(program, plan, sizes, eval_size: int, ckpt, eval_info):
-    """The train step at every training size, the eval step, and the pre-save checks,
-    compiled ahead of time."""
-    start = time.perf_counter()
-    train_steps = TrainSteps(program, plan.global_batch)
-    train_steps.compile(sizes)
-    eval_step = program.compile_eval_step(plan.eval_batch, eval_size) if eval_info else None
-    ckpt.prepare(program.abstract_state)
-    return (train_steps, eval_step), time.perf_counter() - start
-
-
-class _Profile:
-    """A jax.profiler trace of steps [first, last] on process 0, into WORKDIR/tensorboard."""
-
-    def __init__(self, steps, workdir: str):
-        self.first, self.last = (int(steps[0]) - 1, int(steps[1])) if steps else (-1, -1)
-        self._directory = str(epath.Path(workdir) / "tensorboard")
-        self._on = False
-
-    def start(self) -> None:
-        if jax.process_index() == 0:
-            jax.profiler.start_trace(self._directory)
-            self._on = True
-
-    def stop(self, state) -> None:
-        if self._on:
-            jax.block_until_ready(state)  # the traced steps must have run
-            jax.profiler.stop_trace()
-            self._on = False
-            logging.info(
-                "Profile of steps %d-%d written under %s",
-                self.first + 1,
-                self.last,
-                self._directory,
-            )
 
 
 def _image_summary(run: Trainer, step: int, batch) -> None:
