@@ -12,7 +12,6 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from configs import demo
 from launch import program as program_lib
 from launch import train
 from launch.status import ExitStatus
@@ -98,10 +97,7 @@ def test_tensorboard_has_every_tag(runs):
 
 def _direct_eval(workdir: str, eval_dir: str) -> dict:
     """Eval metrics computed the plain way: every image in one unpadded batch, numpy maths."""
-    config = demo.get_config()
-    config.data.image_size = 16
-    config.train.global_batch_size = 16
-    config.train.num_steps = STEPS
+    config = helpers.tiny_config("", "", **{"train.num_steps": STEPS})  # the runs' config
     make_model = lambda: program_lib.build_model(config, channels=1)
     tx, _ = program_lib.make_optimizer(config, steps_per_epoch=12, num_steps=STEPS)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -165,9 +165,10 @@ def test_one_changed_value_in_a_checkpoint_is_caught(data, finished, tmp_path):
 
 
 def test_a_full_disk_exits_4_with_the_original_error(data, tmp_path):
-    # ~2.3 MB per checkpoint of this model: the first fits, a later one does not.
+    # ~2.3 MB per checkpoint of ResNet-20: the first fits, a later one does not.
     with _tmpfs(str(tmp_path / "small"), "size=5m") as small:
-        args = helpers.tiny_run_args(*data, small + "/w", **{"train.num_steps": 40})
+        settings = {"train.num_steps": 40, "model.name": "resnet20"}
+        args = helpers.tiny_run_args(*data, small + "/w", **settings)
         run = helpers.launch(args)
     assert run.returncode == ExitStatus.SAVE_FAILED, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
