@@ -26,7 +26,7 @@ def _summary_writer_class():
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
         return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    sys.modules["torch"] = None  # `import torch` raises ImportError
     try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     finally:
