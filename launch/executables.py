@@ -1,4 +1,5 @@
-"""Compiled steps kept per process, so that a restart loads them instead of rebuilding them.
+"""Compiled steps (and the checkpoints' pre-save checks) kept per process, so that a restart
+loads them instead of rebuilding them.
 
 JAX's persistent compilation cache still traces and lowers every program before it can look
 one up, and only process 0 writes entries (on the CPU backend the key also differs between
