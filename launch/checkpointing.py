@@ -29,6 +29,8 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +42,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from launch import distributed, plan
+from launch import distributed, executables, plan
 from pipeline import resizing
 from resnet import steps
 
@@ -122,14 +124,35 @@ def leaf_paths(tree: Any) -> list[str]:
     return ["/".join(map(name, path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def digest_by_path(tree: Any) -> dict[str, list[int]]:
-    rows = np.asarray(jax.device_get(digest(tree))).tolist()
+def digest_by_path(tree: Any, hashes: Any = None) -> dict[str, list[int]]:
+    """The digest of every leaf by its path; `hashes`: `digest(tree)` if already computed."""
+    rows = np.asarray(jax.device_get(digest(tree) if hashes is None else hashes)).tolist()
     return dict(zip(leaf_paths(tree), rows))
 
 
 @jax.jit
 def _pre_save_checks(state: Any) -> tuple[jax.Array, jax.Array]:
     return steps.all_finite(state), digest(state)
+
+
+# The code of the checks: this module and the model's steps (all_finite).
+_CHECKS_SOURCES = (os.path.join("launch", "checkpointing.py"), os.path.join("resnet", "steps.py"))
+
+
+def _compile_checks(state: Any) -> Callable[[Any], Any]:
+    """`_pre_save_checks` compiled for `state` (may be abstract), through launch.executables
+    where its leaves are placed on a mesh: a restart loads it instead of tracing the digest
+    of every leaf again. Without a mesh, the jitted function."""
+    leaves = jax.tree.leaves(state)
+    mesh = getattr(getattr(leaves[0], "sharding", None), "mesh", None) if leaves else None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        return _pre_save_checks
+    key = {
+        "checks": executables.source_digest(_CHECKS_SOURCES),
+        **executables.environment_key(mesh),
+    }
+    lower = lambda: _pre_save_checks.lower(state)
+    return executables.load_or_compile("pre_save_checks", lower, key, state)
 
 
 def _read_meta(step_dir: epath.Path) -> dict | None:
@@ -176,11 +199,12 @@ def judge_step(
     step_dir: epath.Path,
     read_state: Callable[[], Any] | None = None,
     check_meta: Callable[[dict], None] | None = None,
+    digest_of: Callable[[Any], dict[str, list[int]]] = digest_by_path,
 ) -> Verdict:
     """Whether the step in `step_dir` can be trusted: committed (Orbax's marker), with this
     project's metadata, and, when `read_state` is given, arrays that read back and match their
-    exact digest. `check_meta` runs on the metadata before any array is read (it may raise:
-    a step of another configuration is refused, not judged)."""
+    exact digest (`digest_of`, a `digest_by_path`). `check_meta` runs on the metadata before
+    any array is read (it may raise: a step of another configuration is refused, not judged)."""
     if not (step_dir / COMMIT_MARKER).exists():
         return Verdict("uncommitted")
     meta = _read_meta(step_dir)
@@ -197,7 +221,7 @@ def judge_step(
     except Exception as e:  # pylint: disable=broad-except  # any damage: try an older step
         logging.warning("Reading %s failed: %s", step_dir, e)
         return Verdict("unreadable", meta, detail=str(e).splitlines()[0] if str(e) else "")
-    if digest_by_path(state) != meta.get("digest"):
+    if digest_of(state) != meta.get("digest"):
         return Verdict("digest-mismatch", meta)
     return Verdict(None, meta, state)
 
@@ -233,6 +257,10 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         # Jitted; prepare() replaces it with the version compiled ahead of time.
         self._pre_save_checks: Callable[[Any], Any] = _pre_save_checks
+        # The compiled checks by abstract state: prepare() (often in a background thread) and
+        # a restore's digest check share one compile or load.
+        self._checks: dict[str, Callable[[Any], Any]] = {}
+        self._checks_lock = threading.Lock()
         self._paths: list[str] | None = None
         self._pending_step: int | None = None  # saved, commit not yet confirmed
         self._save_start = 0.0
@@ -240,10 +268,23 @@ class Checkpointer:
         self.rejected: list[tuple[int, str]] = []  # (step, reason) moved aside by this process
 
     def prepare(self, state: Any) -> None:
-        """Compiles the pre-save checks now (`state` may be abstract), so that the first save
-        does not stall on it."""
-        self._pre_save_checks = _pre_save_checks.lower(state).compile()
+        """Compiles (or loads) the pre-save checks now (`state` may be abstract), so that the
+        first save does not stall on it. Safe beside a restore in another thread."""
+        self._pre_save_checks = self._checks_for(state)
         self._paths = leaf_paths(state)
+
+    def _checks_for(self, state: Any) -> Callable[[Any], Any]:
+        """The pre-save checks compiled for `state`'s shapes and shardings, once."""
+        signature = executables.abstract_signature(state)
+        with self._checks_lock:
+            if signature not in self._checks:
+                self._checks[signature] = _compile_checks(state)
+            return self._checks[signature]
+
+    def _restored_digest(self, abstract_state: Any) -> Callable[[Any], dict[str, list[int]]]:
+        """A restored state's `digest_by_path`, through the compiled pre-save checks (their
+        digest is the same function): a restore traces and compiles nothing of its own."""
+        return lambda state: digest_by_path(state, self._checks_for(abstract_state)(state)[1])
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -433,7 +474,7 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )["state"]
         check = lambda meta: _check_compatible(meta, expected_meta, str(step_dir))
-        verdict = judge_step(step_dir, read, check)
+        verdict = judge_step(step_dir, read, check, self._restored_digest(abstract_state))
         if distributed.any_host(not verdict.trusted):
             return verdict.reason or "damaged-on-another-host", None, None
         return None, verdict.state, verdict.meta

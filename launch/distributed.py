@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import os
 import re
+import socket
 import time
 from typing import Any
 
@@ -151,7 +152,10 @@ def _join_jax(
     if coordinator_address or num_processes or process_id is not None:
         if not (coordinator_address and num_processes and process_id is not None):
             raise ValueError("--coordinator_address, --num_processes and --process_id go together")
-        init(coordinator_address, num_processes, process_id)
+        timeout = initialization_timeout_seconds
+        if process_id != 0:
+            timeout -= _wait_for_coordinator(coordinator_address, timeout)
+        init(coordinator_address, num_processes, process_id, initialization_timeout=max(1, timeout))
         _check_and_log_devices(0, "")
         return
     # JAX_LOCAL_DEVICE_IDS: the user's own choice, which JAX reads itself.
@@ -171,6 +175,26 @@ def _join_jax(
         slurm.expected,
         f" (Slurm allocated {slurm.expected} GPU(s) to it: CUDA ordinals {slurm.local_device_ids})",
     )
+
+
+def _wait_for_coordinator(address: str, timeout_seconds: float) -> int:
+    """Waits until process 0 listens on `address` (host:port), at most `timeout_seconds`;
+    returns the whole seconds waited.
+
+    A process that asks before the coordinator listens tries again only after gRPC's
+    reconnect backoff (a second, then longer), so a host that starts first would idle.
+    """
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return 0
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_seconds:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                break
+        except OSError:
+            time.sleep(0.02)
+    return int(time.monotonic() - start)
 
 
 def is_distributed() -> bool:

@@ -1,4 +1,5 @@
-"""Compiled steps kept per process, so that a restart loads them instead of rebuilding them.
+"""Compiled steps (and the checkpoints' pre-save checks) kept per process, so that a restart
+loads them instead of rebuilding them.
 
 JAX's persistent compilation cache still traces and lowers every program before it can look
 one up, and only process 0 writes entries (on the CPU backend the key also differs between
@@ -57,9 +58,10 @@ def _count_jax_cache_hit(event: str, **_) -> None:
 jax.monitoring.register_event_listener(_count_jax_cache_hit)
 
 
-def _source_digest() -> str:
+def source_digest(entries: tuple[str, ...] = _SOURCES) -> str:
+    """A digest of the Python files of `entries` (files or folders, relative to the repo)."""
     digest = hashlib.sha256()
-    for entry in _SOURCES:
+    for entry in entries:
         path = os.path.join(_REPO, entry)
         files = (
             sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".py"))
@@ -85,7 +87,8 @@ def _device(d) -> list:
             getattr(d, "slice_index", None)]  # fmt: skip
 
 
-def _abstract(tree: Any) -> str:
+def abstract_signature(tree: Any) -> str:
+    """The tree's structure and every leaf's shape, dtype and sharding, as text."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     shown = [(x.shape, str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
     return f"{treedef}|{shown}"
@@ -95,7 +98,7 @@ def environment_key(mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """What every executable of this process depends on, beyond its own program."""
     backend = jax.devices()[0].client
     return {
-        "sources": _source_digest(),
+        "sources": source_digest(),
         "versions": {p: _version(p) for p in _PACKAGES},
         "platform": [backend.platform, backend.platform_version],
         "mesh": [list(mesh.axis_names), list(mesh.devices.shape)],
@@ -123,7 +126,9 @@ def load_or_compile(
     folder = cache_folder()
     if folder is None:
         return lower().compile()
-    material = json.dumps({"program": key, "args": _abstract(abstract_args)}, sort_keys=True)
+    material = json.dumps(
+        {"program": key, "args": abstract_signature(abstract_args)}, sort_keys=True
+    )
     digest = hashlib.sha256(material.encode()).hexdigest()[:32]
     path = epath.Path(folder) / f"{name}-p{jax.process_index()}-{digest}.jaxexe"
     start = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -12,6 +13,25 @@ from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet.
+
+    tensorboardX imports torch wherever it is installed, only to accept torch tensors; this
+    writer is given floats and numpy arrays, and that import adds over a second to process
+    0's start-up, which every host then waits for at the first step.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class Writer:
@@ -27,9 +47,7 @@ class Writer:
         self._lines: list[str] = []  # gs:// objects cannot be appended to: rewritten whole
         self._active = jax.process_index() == 0
         if self._active:
-            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-            self._writer = SummaryWriter(
+            self._writer = _summary_writer_class()(
                 os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=1000
             )
 
