@@ -309,11 +309,12 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, cleanup) -> Run:
     logging.info("Train data: %s", data["train"])
     logging.info("Eval data: %s", data["eval"] or "none")
     logging.info("Plan: %s", plan.describe())
-    if resizing.ramp(config.data) is not None:
+    ramp = resizing.ramp(config.data)
+    if ramp is not None:
         steps = resizing.changes(config.data, plan.steps_per_epoch, 0, plan.num_steps)
         logging.info(
             "Progressive resizing: %s: %s; evaluation at %d px.",
-            resizing.ramp(config.data).describe(),
+            ramp.describe(),
             ", ".join(f"{size} px from step {step}" for step, size in steps),
             config.data.image_size,
         )
@@ -333,14 +334,17 @@ def newest_step(run: Run, config: ml_collections.ConfigDict) -> int:
     return int(epath.Path(newest[0]).name)
 
 
-def already_finished(finished: dict | None, run: Run, workdir: str) -> bool:
-    """A rerun of a finished job (a supervisor's, a requeue's) ends before compiling. Without
-    its final checkpoint it goes on, and the restore says what is wrong."""
-    return (
+def already_finished(finished: dict | None, run: Run, workdir: str) -> dict | None:
+    """The FINISHED record if this is a rerun of a finished job (a supervisor's, a requeue's),
+    which ends before compiling. Without its final checkpoint it goes on, and the restore says
+    what is wrong."""
+    if (
         finished is not None
         and finished["step"] >= run.plan.num_steps
         and finished["step"] in checkpointing.committed_steps(workdir)
-    )
+    ):
+        return finished
+    return None
 
 
 class Background:

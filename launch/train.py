@@ -85,9 +85,10 @@ def train_and_evaluate(
         # 2. Compile the steps in the background (they need only shapes) while the newest
         #    trustworthy checkpoint is restored, on whatever topology this is.
         newest_step = setup.newest_step(run, config)
-        if setup.already_finished(finished, run, workdir):
-            logging.info("The run had already finished (step %d).", finished["step"])
-            return RunResult("finished", finished["step"], finished.get("eval", {}))
+        done = setup.already_finished(finished, run, workdir)
+        if done is not None:
+            logging.info("The run had already finished (step %d).", done["step"])
+            return RunResult("finished", done["step"], done.get("eval", {}))
         compiled = setup.Background(lambda: setup.compile_steps(run, config, newest_step))
         cleanup.callback(compiled.finish)
         state, start_step, saved_meta, meta = setup.restore_or_initialize(run, config)
