@@ -124,7 +124,7 @@ def _attempt(attempt_id: str, records: list[dict[str, Any]]) -> Attempt:
     if started and started <= set(ended):
         a.status = ended.get(0, max(ended.values()))
     if not a.resumed:
-        a.restore_s = 0.0  # a fresh start's "restore" phase builds the initial state: start-up
+        a.restore_s = 0.0  # a fresh start restores nothing (its "init" phase is start-up)
     a.points.sort()
     return a
 

@@ -92,7 +92,7 @@ def train_and_evaluate(
         compiled = setup.Background(lambda: setup.compile_steps(run, config, newest_step))
         cleanup.callback(compiled.finish)
         state, start_step, saved_meta, meta = setup.restore_or_initialize(run, config)
-        phase("restore")
+        phase("restore" if start_step else "init")  # a fresh start builds its state
         # Only now, with nothing left to refuse, does the run write its events.
         log, past_events = setup.begin_attempt(
             config, workdir, timings, run.ckpt, start_step, saved_meta

@@ -35,7 +35,9 @@ def test_train_and_evaluate_runs_resumes_and_reports(data, tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [8]
     startup = next(r for r in records if r["kind"] == "startup")
-    assert {"startup/data_s", "startup/restore_s", "startup/compile_s"} <= set(startup)
+    # A fresh run builds its state ("init"); it restores nothing.
+    assert {"startup/data_s", "startup/init_s", "startup/compile_s"} <= set(startup)
+    assert "startup/restore_s" not in startup
     finished = json.load(open(os.path.join(workdir, train.FINISHED_MARKER)))
     assert finished["eval"] == result.eval
     assert finished["data"]["train"] == {"path": data[0], "examples": 200, "classes": 10}
