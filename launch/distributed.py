@@ -185,7 +185,7 @@ def _wait_for_coordinator(address: str, timeout_seconds: float) -> int:
     reconnect backoff (a second, then longer), so a host that starts first would idle.
     """
     host, _, port = address.rpartition(":")
-    if not port.isdigit():
+    if not port.isdigit() or "/" in host:  # a gRPC target (dns:///h:p): left to JAX
         return 0
     start = time.monotonic()
     while time.monotonic() - start < timeout_seconds:
@@ -193,7 +193,7 @@ def _wait_for_coordinator(address: str, timeout_seconds: float) -> int:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
                 break
         except OSError:
-            time.sleep(0.02)
+            time.sleep(0.1)
     return int(time.monotonic() - start)
 
 

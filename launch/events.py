@@ -13,8 +13,8 @@ every process of it), and the other fields depend on the event:
 |--------------------|---------------------------------------------------------------------|
 | `attempt_started`  | `topology` ("PxD"), `pid`, `process_start` (wall time the process   |
 |                    | began: start-up counts from there)                                  |
-| `phase_ended`      | `phase` (distributed, data, restore, compile_wait, host_wait),      |
-|                    | `seconds`                                                           |
+| `phase_ended`      | `phase` (distributed, data, restore or init, compile_wait,          |
+|                    | host_wait), `seconds`                                               |
 | `startup`          | `figures` ({"startup/..._s": seconds}): every host is training      |
 | `resumed`          | `step` (0 for a fresh start), `from_topology` or null               |
 | `progress`         | `step`: the loop completed this step (at log intervals)             |
