@@ -123,3 +123,27 @@ def test_a_step_of_another_configuration_is_refused_before_reading(tmp_path):
 
     with pytest.raises(checkpointing.IncompatibleCheckpoint):
         checkpointing.judge_step(step_dir, never, other_config)
+
+
+@pytest.mark.parametrize("broken", ["wrong digest", "raises"])
+def test_compiled_checks_that_misbehave_never_reject_a_good_step(tmp_path, monkeypatch, broken):
+    # Stands in for a stale or damaged entry of executables/: the plain digest decides.
+    checkpoints = _saved(tmp_path)
+    wrong = jnp.zeros_like(checkpointing.digest(STATE))
+
+    def run(state):
+        if broken == "raises":
+            raise RuntimeError("this executable cannot run")
+        return jnp.bool_(True), wrong
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "_checks_for", lambda self, state: run)
+    ckpt = checkpointing.Checkpointer(
+        str(checkpoints), max_to_keep=10, async_save=False, barrier_timeout_seconds=60
+    )
+    try:
+        abstract = {k: np.zeros(v.shape, v.dtype) for k, v in STATE.items()}
+        restored, step, _ = ckpt.restore_latest(abstract, {"model.name": "tiny"})
+    finally:
+        ckpt.close()
+    assert step == 4 and os.listdir(checkpoints) == ["4"]
+    np.testing.assert_array_equal(restored["w"], STATE["w"])
