@@ -29,6 +29,19 @@ def _saved(root, steps=(4,)) -> epath.Path:
     return epath.Path(root) / "checkpoints"
 
 
+def _restore(checkpoints) -> tuple[dict, int]:
+    """(state, step) restored by the launcher's Checkpointer, which moves bad steps aside."""
+    ckpt = checkpointing.Checkpointer(
+        str(checkpoints), max_to_keep=10, async_save=False, barrier_timeout_seconds=60
+    )
+    try:
+        abstract = {k: np.zeros(v.shape, v.dtype) for k, v in STATE.items()}
+        restored, step, _ = ckpt.restore_latest(abstract, {"model.name": "tiny"})
+    finally:
+        ckpt.close()
+    return restored, step
+
+
 def _largest_file(folder: str) -> str:
     files = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names]
     return max(files, key=os.path.getsize)
@@ -99,14 +112,7 @@ def test_restore_and_read_trusted_agree_and_fall_back(tmp_path, damage, reason):
     state, meta, step = checkpointing.read_trusted(str(copy))  # skips, moves nothing
     assert step == 4 and sorted(os.listdir(copy / "checkpoints")) == ["4", "8"]
 
-    ckpt = checkpointing.Checkpointer(
-        str(checkpoints), max_to_keep=10, async_save=False, barrier_timeout_seconds=60
-    )
-    try:
-        abstract = {k: np.zeros(v.shape, v.dtype) for k, v in STATE.items()}
-        restored, restored_step, _ = ckpt.restore_latest(abstract, {"model.name": "tiny"})
-    finally:
-        ckpt.close()
+    restored, restored_step = _restore(checkpoints)
     assert restored_step == 4
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert sorted(os.listdir(checkpoints)) == ["4", f"8.rejected-{reason}"]
@@ -137,13 +143,6 @@ def test_compiled_checks_that_misbehave_never_reject_a_good_step(tmp_path, monke
         return jnp.bool_(True), wrong
 
     monkeypatch.setattr(checkpointing.Checkpointer, "_checks_for", lambda self, state: run)
-    ckpt = checkpointing.Checkpointer(
-        str(checkpoints), max_to_keep=10, async_save=False, barrier_timeout_seconds=60
-    )
-    try:
-        abstract = {k: np.zeros(v.shape, v.dtype) for k, v in STATE.items()}
-        restored, step, _ = ckpt.restore_latest(abstract, {"model.name": "tiny"})
-    finally:
-        ckpt.close()
+    restored, step = _restore(checkpoints)
     assert step == 4 and os.listdir(checkpoints) == ["4"]
     np.testing.assert_array_equal(restored["w"], STATE["w"])
