@@ -19,17 +19,20 @@ side: large photos and the multi-megapixel tail, where decoding costs most.
 docs/measurements.md gives the speed and the fidelity (PSNR against the full decode).
 
 The batch path (`crop_into`). Training writes each crop straight into its slot of a
-preallocated batch array: the JPEG is decoded by libjpeg-turbo into numpy (simplejpeg, at the
-same reduced scale), the crop window is a view of it, and OpenCV resizes that view into the
-slot (area averaging when reducing, bilinear when enlarging) and flips it there. The box and
-the flip come from the same random draws as `random_resized_crop`, so the crop geometry is
-unchanged. The decode is libjpeg-turbo's, as PIL's is, with its fast IDCT (FAST_DCT); a reduced
-decode's window is resampled by PIL, as in random_resized_crop (within the PSNR bar of the full
-decode). OpenCV's resampling of full-scale windows differs from PIL's: area averaging rather
-than a widened triangle when reducing. With the fast IDCT, the crops are at least 33 dB and
-40 dB in the median from PIL's on photo-like images (tests/pipeline/test_transforms.py). Images
-that path does not take (PNG, raw, CMYK JPEGs, or simplejpeg/OpenCV not installed) go through
-`random_resized_crop` into the same slot.
+preallocated batch array. The box and the flip come from the same random draws as
+`random_resized_crop`, so the crop geometry is unchanged (`plan_crop`). Only the window the
+crop needs is decoded (`decode_window`: libjpeg-turbo's partial decoding, pipeline/_jpegcrop.c,
+at the same reduced scale): the rows below it are never read, and the rows above it and the
+columns beside it skip the inverse DCT and colour conversion. Its pixels are exactly those of
+a whole decode (tests/pipeline/test_jpegcrop.py). OpenCV resizes the window into the slot
+(bilinear; an antialiased reduction when reducing) and flips it there. The decode is
+libjpeg-turbo's, as PIL's is, with its fast IDCT (FAST_DCT); a reduced decode's window, and a
+CMYK JPEG's (converted to RGB as PIL converts), are resampled by PIL, as in
+random_resized_crop. OpenCV's resampling of full-scale windows differs from PIL's: with the
+fast IDCT, the crops are at least 33 dB and 40 dB in the median from PIL's on photo-like
+images (tests/pipeline/test_transforms.py). Without the compiled module the whole image is
+decoded (simplejpeg). Images that path does not take (PNG, raw, or simplejpeg/OpenCV not
+installed) go through `random_resized_crop` into the same slot.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ except ImportError:  # pragma: no cover - depends on the install
 else:
     # Parallelism is Grain's (threads, worker processes); OpenCV's own pool would oversubscribe.
     cv2.setNumThreads(1)
+try:  # partial decoding, built at install time against the system's libjpeg-turbo
+    from pipeline import _jpegcrop
+except ImportError:  # pragma: no cover - depends on the install
+    _jpegcrop = None  # type: ignore[assignment]
 
 # What the converter stores; naming them skips PIL's probing of every other format.
 _FORMATS = ("JPEG", "PNG")
@@ -205,27 +212,42 @@ def fast_path_available() -> bool:
     return cv2 is not None and simplejpeg is not None
 
 
+def window_decode_available() -> bool:
+    """Whether partial JPEG decoding (pipeline/_jpegcrop.c) was built at install time."""
+    return _jpegcrop is not None
+
+
 # libjpeg-turbo's fast integer IDCT: within 41.6 dB (median 45 dB) of the accurate one on
 # photo-like JPEGs and 15-25 % less decode time. Fast chroma upsampling is not used: it fell to
 # 32.2 dB, under the 35 dB bar (docs/measurements.md).
 FAST_DCT = True
 _JPEG_SOI = b"\xff\xd8"
+# The end-of-image marker. A file without it at the end (truncated, or with bytes after it) is
+# decoded whole, so that damage below a crop's window is still found and named.
+_JPEG_EOI = b"\xff\xd9"
 _FAST_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to RGB/gray itself
+_CMYK_COLORSPACES = ("CMYK", "YCCK")  # partial decoding to CMYK, converted as PIL converts
 
 
 def jpeg_size(image_bytes: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG the fast path can decode, else None."""
+    header = _jpeg_header(image_bytes)
+    return header[:2] if header and header[2] in _FAST_COLORSPACES else None
+
+
+def _jpeg_header(image_bytes: bytes) -> tuple[int, int, str] | None:
+    """(width, height, colour space) of a JPEG, or None for anything else."""
     if not fast_path_available() or image_bytes[:2] != _JPEG_SOI:
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(image_bytes)
     except ValueError:
         return None  # let PIL read it and say what is wrong
-    return (width, height) if colorspace in _FAST_COLORSPACES else None
+    return width, height, colorspace
 
 
 def decode_scaled(image_bytes: bytes, size: tuple[int, int], scale: int, channels: int):
-    """The JPEG decoded at 1/scale (libjpeg's scaled IDCT) as HxWxC uint8."""
+    """The whole JPEG decoded at 1/scale (libjpeg's scaled IDCT) as HxWxC uint8."""
     width, height = size
     return simplejpeg.decode_jpeg(
         image_bytes,
@@ -237,8 +259,72 @@ def decode_scaled(image_bytes: bytes, size: tuple[int, int], scale: int, channel
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class CropPlan:
+    """What crop_into decides from a JPEG's header and the draws, before decoding anything."""
+
+    size: tuple[int, int]  # (width, height) of the stored image
+    box: tuple[int, int, int, int]  # the crop, full-resolution pixels
+    scale: int  # the JPEG is decoded at 1/scale
+    window: tuple[int, int, int, int]  # what to decode, in pixels of the 1/scale image
+    cmyk: bool  # decoded as CMYK and converted by PIL, as PIL's own decode is
+
+
+def plan_crop(image_bytes: bytes, aug: Augmentation, rng: np.random.Generator) -> CropPlan | None:
+    """The box (random_resized_crop's draws), the decoding scale and window of a JPEG the fast
+    path takes; None, drawing nothing, for anything else."""
+    header = _jpeg_header(image_bytes)
+    cmyk = header is not None and header[2] in _CMYK_COLORSPACES and _jpegcrop is not None
+    if header is None or not (header[2] in _FAST_COLORSPACES or cmyk):
+        return None
+    size = header[:2]
+    box = random_box(*size, aug, rng)
+    scale = dct_scale((box[2] - box[0], box[3] - box[1]), aug.image_size)
+    scale = scale if aug.scaled_decode else 1
+    return CropPlan(size, box, scale, _window(box, size, scale, aug.image_size, cmyk), cmyk)
+
+
+def _window(box, size, scale: int, image_size: int, pil: bool) -> tuple[int, int, int, int]:
+    """The pixels of the image decoded at 1/scale that resizing `box` (full-resolution) reads:
+    the box itself for OpenCV at full scale; for PIL's resampling (of a reduced decode, or of
+    CMYK), the box widened by the filter's reach (the reduction factor, plus one pixel)."""
+    if scale == 1 and not pil:
+        return box
+    width, height = (-(-side // scale) for side in size)
+    reach = math.ceil(max(box[2] - box[0], box[3] - box[1]) / scale / image_size) + 1
+    return (
+        max(box[0] // scale - reach, 0),
+        max(box[1] // scale - reach, 0),
+        min(-(-box[2] // scale) + reach, width),
+        min(-(-box[3] // scale) + reach, height),
+    )
+
+
+def decode_window(image_bytes: bytes, plan: CropPlan, channels: int) -> tuple[np.ndarray, int, int]:
+    """The plan's window of the JPEG decoded at 1/plan.scale, and only that (libjpeg-turbo's
+    partial decoding, pipeline/_jpegcrop.c): (pixels, x0, y0), the pixels starting at column
+    x0 <= the window's left and at its top row y0, equal to a whole decode's pixels there.
+
+    A whole decode (simplejpeg) where partial decoding is not built or the file does not end
+    with its end-of-image marker. ValueError for bytes libjpeg cannot decode."""
+    if _jpegcrop is None or (image_bytes[-2:] != _JPEG_EOI and not plan.cmyk):
+        return decode_scaled(image_bytes, plan.size, plan.scale, channels), 0, 0
+    if plan.cmyk and image_bytes[-2:] != _JPEG_EOI:
+        raise ValueError("a CMYK JPEG without its end-of-image marker")  # PIL decides
+    pixels, height, width, x0 = _jpegcrop.decode_crop(
+        image_bytes, *plan.window, plan.scale, 4 if plan.cmyk else channels, FAST_DCT
+    )
+    if plan.cmyk:  # PIL's reading of CMYK JPEGs (inverted, Adobe's convention) and conversion
+        image = Image.frombuffer("CMYK", (width, height), pixels, "raw", "CMYK;I", 0, 1)
+        array = _to_array(image.convert(_mode(channels)), channels)
+    else:
+        array = np.frombuffer(pixels, np.uint8).reshape(height, width, channels)
+    return array, x0, plan.window[1]
+
+
 def resize_fractional(pixels: np.ndarray, box, scale: int, image_size: int) -> np.ndarray:
-    """`box` (full-resolution pixels) of `pixels` (decoded at 1/scale), resized by PIL.
+    """`box` (full-resolution pixels, relative to the first pixel of `pixels`) of `pixels`
+    (decoded at 1/scale), resized by PIL.
 
     Reduced pixel i covers full-resolution pixels [i * scale, (i + 1) * scale) (the last one
     a partial block), so the box maps by `scale` itself and stays inside the reduced image.
@@ -250,15 +336,30 @@ def resize_fractional(pixels: np.ndarray, box, scale: int, image_size: int) -> n
 
 
 def resize_into(out: np.ndarray, window: np.ndarray) -> None:
-    """Resizes `window` (HxWxC) into `out` (SxSxC), in place: area averaging when reducing
-    both sides (an antialiased reduction, like PIL's), bilinear otherwise."""
+    """Resizes `window` (HxWxC) into `out` (SxSxC), in place: bilinear when enlarging; when
+    reducing both sides, an antialiased reduction like PIL's in two steps: bilinear to 2S x 2S,
+    then the mean of each 2 x 2 block. OpenCV's area averaging by a whole factor is fast; by
+    any other factor it took 2.2 times as long and came out further from PIL's result
+    (docs/measurements.md)."""
     size = out.shape[0]
-    reducing = window.shape[0] > size and window.shape[1] > size
-    interpolation = cv2.INTER_AREA if reducing else cv2.INTER_LINEAR
     if out.shape[2] == 1:
-        cv2.resize(window[:, :, 0], (size, size), dst=out[:, :, 0], interpolation=interpolation)
+        window, out = window[:, :, 0], out[:, :, 0]
+    if window.shape[0] > size and window.shape[1] > size:
+        window = cv2.resize(window, (2 * size, 2 * size), interpolation=cv2.INTER_LINEAR)
+        cv2.resize(window, (size, size), dst=out, interpolation=cv2.INTER_AREA)
     else:
-        cv2.resize(window, (size, size), dst=out, interpolation=interpolation)
+        cv2.resize(window, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
+
+
+def resize_planned(out: np.ndarray, pixels: np.ndarray, x0: int, y0: int, plan: CropPlan) -> None:
+    """The plan's box of decode_window's pixels, resized into `out`: by OpenCV at full scale,
+    by PIL where the box has fractional bounds (a reduced decode) or the decode was CMYK."""
+    scale = plan.scale
+    left, top, right, bottom = (v - o * scale for v, o in zip(plan.box, (x0, y0, x0, y0)))
+    if scale == 1 and not plan.cmyk:
+        resize_into(out, pixels[top:bottom, left:right])
+    else:
+        out[...] = resize_fractional(pixels, (left, top, right, bottom), scale, out.shape[0])
 
 
 def crop_into(
@@ -267,28 +368,22 @@ def crop_into(
     """random_resized_crop of a stored image, written into `out` (a batch slot, SxSxC).
 
     The same random draws, box and flip as random_resized_crop; JPEGs are decoded by
-    libjpeg-turbo into numpy and resized by OpenCV straight into `out`.
+    libjpeg-turbo into numpy, only the window the crop needs, and resized straight into `out`.
     """
-    size = jpeg_size(image_bytes)
-    if size is None:
-        out[...] = random_resized_crop(open_image(image_bytes), aug, rng)
-        return
     draws = rng.bit_generator.state
-    box = random_box(*size, aug, rng)
-    scale = dct_scale((box[2] - box[0], box[3] - box[1]), aug.image_size)
-    scale = scale if aug.scaled_decode else 1
-    try:
-        pixels = decode_scaled(image_bytes, size, scale, aug.channels)
-    except ValueError:
-        # A damaged JPEG: PIL decides, with the same draws, as it does everywhere else (it
-        # refuses a truncated file, for one, and says so).
-        rng.bit_generator.state = draws
+    plan = plan_crop(image_bytes, aug, rng)
+    if plan is not None:
+        try:
+            pixels, x0, y0 = decode_window(image_bytes, plan, aug.channels)
+        except ValueError:
+            # A damaged JPEG: PIL decides, with the same draws, as it does everywhere else (it
+            # refuses a truncated file, for one, and says so).
+            plan = None
+            rng.bit_generator.state = draws
+    if plan is None:
         out[...] = random_resized_crop(open_image(image_bytes), aug, rng)
         return
-    if pixels.shape[1] == size[0]:
-        resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
-    else:  # a reduced decode: the box has fractional bounds there, which only PIL resamples
-        out[...] = resize_fractional(pixels, box, scale, aug.image_size)
+    resize_planned(out, pixels, x0, y0, plan)
     if aug.random_flip and rng.random() < 0.5:
         cv2.flip(out, 1, dst=out)
 

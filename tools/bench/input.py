@@ -303,22 +303,16 @@ class _StageClock:
 
 
 def _crop_in_stages(clock, out, image, aug, rng) -> None:
-    """transforms.crop_into, step by step, each step charged to its stage."""
-    size = transforms.jpeg_size(image)
-    if size is None:
+    """transforms.crop_into, its steps one by one, each charged to its stage."""
+    plan = transforms.plan_crop(image, aug, rng)
+    if plan is None:
         out[...] = transforms.random_resized_crop(transforms.open_image(image), aug, rng)
         clock.lap("pil_fallback")
         return
-    box = transforms.random_box(*size, aug, rng)
-    scale = transforms.dct_scale((box[2] - box[0], box[3] - box[1]), aug.image_size)
-    scale = scale if aug.scaled_decode else 1
     clock.lap("header_and_box")
-    pixels = transforms.decode_scaled(image, size, scale, aug.channels)
+    pixels, x0, y0 = transforms.decode_window(image, plan, aug.channels)
     clock.lap("decode")
-    if pixels.shape[1] == size[0]:
-        transforms.resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
-    else:
-        out[...] = transforms.resize_fractional(pixels, box, scale, aug.image_size)
+    transforms.resize_planned(out, pixels, x0, y0, plan)
     clock.lap("crop_and_resize")
     if aug.random_flip and rng.random() < 0.5:
         transforms.cv2.flip(out, 1, dst=out)

@@ -1,0 +1,117 @@
+"""Partial JPEG decoding (pipeline/_jpegcrop.c): a window decodes to exactly the pixels a
+whole decode has there, at every scale, and crop_into built on it gives the crops of whole
+decodes, with the same draws; damage is still found and named."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import transforms
+from tools.bench import photo_like
+
+pytestmark = pytest.mark.skipif(
+    not (transforms.fast_path_available() and transforms.window_decode_available()),
+    reason="pipeline._jpegcrop not built (it needs libjpeg-turbo's headers: BUILD.md)",
+)
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """4:2:0 (the usual), 4:4:4, 4:2:2, grayscale, progressive, and sizes no MCU divides."""
+    seeds, _ = photo_like.load_seeds(0)
+    rng = np.random.default_rng(11)
+    make = lambda size: photo_like.make_image(rng, seeds, size)  # noqa: E731
+    return [
+        _jpeg(make((1203, 907))),
+        _jpeg(make((500, 375)), subsampling=0),
+        _jpeg(make((333, 500)), subsampling=1),
+        _jpeg(make((641, 479)).convert("L")),
+        _jpeg(make((800, 600)), progressive=True),
+    ]
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+def test_a_window_is_exactly_the_whole_decode_there(photos, scale, channels):
+    from pipeline import _jpegcrop
+
+    rng = np.random.default_rng(scale * 10 + channels)
+    for blob in photos:
+        width, height = transforms.jpeg_size(blob)
+        whole = transforms.decode_scaled(blob, (width, height), scale, channels)
+        rows, cols = whole.shape[:2]
+        for _ in range(12):
+            left, right = sorted(rng.choice(cols + 1, 2, replace=False).tolist())
+            top, bottom = sorted(rng.choice(rows + 1, 2, replace=False).tolist())
+            pixels, h, w, x0 = _jpegcrop.decode_crop(
+                blob, left, top, right, bottom, scale, channels, transforms.FAST_DCT
+            )
+            window = np.frombuffer(pixels, np.uint8).reshape(h, w, channels)
+            assert h == bottom - top and x0 <= left and x0 + w >= right
+            np.testing.assert_array_equal(
+                window[:, left - x0 : right - x0], whole[top:bottom, left:right]
+            )
+
+
+def test_crop_into_gives_the_crops_of_whole_decodes(photos, monkeypatch):
+    """Bit-identical where OpenCV resizes (full scale). Where PIL resamples a reduced decode,
+    a pixel may differ by one level: PIL's fixed-point resampling of the same pixels is not
+    exactly invariant to where the image starts and ends."""
+    aug = transforms.Augmentation(image_size=96)
+    scaled = 0
+    for i, blob in enumerate(photos):
+        for k in range(24):
+            plan = transforms.plan_crop(blob, aug, np.random.default_rng((i, k)))
+            slots, draws = [], []
+            for build in (transforms._jpegcrop, None):  # pylint: disable=protected-access
+                with monkeypatch.context() as patch:
+                    patch.setattr(transforms, "_jpegcrop", build)
+                    rng = np.random.default_rng((i, k))
+                    slots.append(np.zeros((96, 96, 3), np.uint8))
+                    transforms.crop_into(slots[-1], blob, aug, rng)
+                    draws.append(rng.bit_generator.state)
+            assert draws[0] == draws[1]
+            if plan.scale == 1:
+                np.testing.assert_array_equal(slots[0], slots[1])
+            else:
+                scaled += 1
+                assert np.abs(slots[0].astype(int) - slots[1]).max() <= 1
+    assert scaled >= 10
+
+
+def test_damage_below_the_window_is_still_found(photos):
+    """A file cut short is decoded whole (no end-of-image marker), so PIL refuses it even when
+    the crop lies above the cut."""
+    blob = photos[0][: len(photos[0]) * 3 // 4]
+    aug = transforms.Augmentation(image_size=64, crop_scale=(0.08, 0.1))
+    for seed in range(8):
+        plan = transforms.plan_crop(blob, aug, np.random.default_rng(seed))
+        if plan.box[3] < 907 // 2:  # a crop in the top half, above the cut
+            break
+    with pytest.raises(OSError, match="truncated"):
+        transforms.crop_into(
+            np.empty((64, 64, 3), np.uint8), blob, aug, rng=np.random.default_rng(seed)
+        )
+
+
+def test_bad_arguments_and_bytes_raise_value_errors(photos):
+    from pipeline import _jpegcrop
+
+    with pytest.raises(ValueError, match="outside"):
+        _jpegcrop.decode_crop(photos[1], 0, 0, 501, 10, 1, 3, True)
+    with pytest.raises(ValueError, match="bad arguments"):
+        _jpegcrop.decode_crop(photos[1], 0, 0, 10, 10, 3, 3, True)
+    with pytest.raises(ValueError, match="4 channels"):
+        _jpegcrop.decode_crop(photos[1], 0, 0, 10, 10, 1, 4, True)
+    with pytest.raises(ValueError, match="JPEG"):
+        _jpegcrop.decode_crop(b"\xff\xd8not a jpeg\xff\xd9", 0, 0, 10, 10, 1, 3, True)
