@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import conversion, dataset, records
+from pipeline import conversion, dataset, records, transforms
 from tools.bench import input as bench_input
 from tools.bench import photo_like
 
@@ -85,6 +85,12 @@ def test_peer_mode_times_each_store_against_torchvision_on_the_same_jpegs():
     for row in stages.values():
         assert row["decode"] > 0 and row["crop_and_resize"] > 0 and row["read"] > 0
         assert row["pipeline_total"] > 0
+    # What decoding whole images, or entropy decoding alone, would cost on the same sample.
+    alternatives = result["alternatives_cpu_ms_per_image"]
+    assert sorted(alternatives) == ["bounded_40", "original", "original_full_decode"]
+    for row in alternatives.values():
+        assert row["whole_decode"] > 0
+        assert (row["entropy_only"] > 0) == transforms.window_decode_available()
 
 
 def test_peer_jpegs_are_the_stored_bytes(tmp_path):

@@ -71,6 +71,11 @@ STAGES = (
     "batching",
     "pil_fallback",
 )
+# What the decode and resize stages would cost done otherwise, timed on the same images and
+# not part of the stages' sum: the whole image decoded (simplejpeg); its entropy decoding alone
+# (the partial decode of its last row, which must entropy-decode every row above it); the
+# reduced crops resized by OpenCV's area averaging in one step.
+ALTERNATIVES = ("whole_decode", "entropy_only", "area_resize")
 
 
 def _cpu_seconds() -> dict[int, float]:
@@ -294,7 +299,14 @@ class _StageClock:
 
     def __init__(self):
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.alternatives = dict.fromkeys(ALTERNATIVES, 0.0)
         self._last = time.process_time()
+
+    def time_alternative(self, name: str, run) -> None:
+        started = time.process_time()
+        run()
+        self._last = time.process_time()
+        self.alternatives[name] += self._last - started
 
     def lap(self, stage: str) -> None:
         now = time.process_time()
@@ -317,6 +329,32 @@ def _crop_in_stages(clock, out, image, aug, rng) -> None:
     if aug.random_flip and rng.random() < 0.5:
         transforms.cv2.flip(out, 1, dst=out)
     clock.lap("flip")
+    _time_alternatives(clock, image, plan, aug.channels, pixels, x0, y0, out)
+
+
+def _time_alternatives(clock, image, plan, channels, pixels, x0, y0, out) -> None:
+    if plan.cmyk or not transforms.window_decode_available():
+        return
+    clock.time_alternative(
+        "whole_decode", lambda: transforms.decode_scaled(image, plan.size, plan.scale, channels)
+    )
+    width, rows = (-(-side // plan.scale) for side in plan.size)
+    last_row = (0, rows - 1, min(width, 8), rows)
+    clock.time_alternative(
+        "entropy_only",
+        lambda: transforms._jpegcrop.decode_crop(image, *last_row, plan.scale, channels, True),
+    )
+    left, top, right, bottom = (v - o for v, o in zip(plan.box, (x0, y0, x0, y0)))
+    crop = pixels[top:bottom, left:right]
+    size = out.shape[0]
+    if plan.scale == 1 and crop.shape[0] > size and crop.shape[1] > size:
+        scratch = np.empty_like(out)
+        clock.time_alternative(
+            "area_resize",
+            lambda: transforms.cv2.resize(
+                crop, (size, size), dst=scratch, interpolation=transforms.cv2.INTER_AREA
+            ),
+        )
 
 
 def stage_breakdown(data_dir: str, args: dict, scaled_decode: bool, sample: int) -> dict:
@@ -343,7 +381,11 @@ def stage_breakdown(data_dir: str, args: dict, scaled_decode: bool, sample: int)
             clock.lap("batching")
             _crop_in_stages(clock, images[i], example.image, aug, rng)
     per_image = {k: 1e3 * v / len(positions) for k, v in clock.seconds.items()}
-    return {k: round(v, 4) for k, v in per_image.items()}
+    alternatives = {k: 1e3 * v / len(positions) for k, v in clock.alternatives.items()}
+    return {
+        "stages": {k: round(v, 4) for k, v in per_image.items()},
+        "alternatives": {k: round(v, 4) for k, v in alternatives.items()},
+    }
 
 
 def print_breakdown(breakdowns: dict, results: list[dict]) -> dict:
@@ -353,15 +395,23 @@ def print_breakdown(breakdowns: dict, results: list[dict]) -> dict:
     header = "".join(f"{k:>16}" for k in (*STAGES, "grain_and_glue", "pipeline_total"))
     print(f"per-stage CPU-ms per image (one thread; see the module docstring)\n{'':>24}{header}")
     for r in results:
-        stages = breakdowns.get(r["name"])
-        if stages is None:
+        breakdown = breakdowns.get(r["name"])
+        if breakdown is None:
             continue
+        stages = breakdown["stages"]
         total = 1e3 / max(r["images_per_cpu_s"], 1e-9)
         row = {**stages, "grain_and_glue": round(total - sum(stages.values()), 4)}
         row["pipeline_total"] = round(total, 4)
         out[f"{r['name']} workers={r['num_workers']}"] = row
         label = f"{r['name']} w={r['num_workers']}"
         print(f"{label:>24}" + "".join(f"{v:16.3f}" for v in row.values()), flush=True)
+    header = "".join(f"{k:>16}" for k in ALTERNATIVES)
+    print(
+        f"alternatives, CPU-ms per image of the same sample (not in the stages)\n{'':>24}{header}"
+    )
+    for name, breakdown in breakdowns.items():
+        values = breakdown["alternatives"].values()
+        print(f"{name:>24}" + "".join(f"{v:16.3f}" for v in values), flush=True)
     return out
 
 
@@ -576,6 +626,9 @@ def main(argv: list[str]) -> None:
                 if isinstance(c, Pipeline) and c.augment
             }
             result["stages_cpu_ms_per_image"] = print_breakdown(breakdowns, result["results"])
+            result["alternatives_cpu_ms_per_image"] = {
+                name: breakdown["alternatives"] for name, breakdown in breakdowns.items()
+            }
     result["ratios"] = ratios(result["results"])
     for key, value in result["ratios"].items():
         print(f"ratio {key}: {value['per_cpu_s']:.2f} per CPU-second, {value['wall']:.2f} wall")
