@@ -307,10 +307,11 @@ def decode_window(image_bytes: bytes, plan: CropPlan, channels: int) -> tuple[np
 
     A whole decode (simplejpeg) where partial decoding is not built or the file does not end
     with its end-of-image marker. ValueError for bytes libjpeg cannot decode."""
-    if _jpegcrop is None or (image_bytes[-2:] != _JPEG_EOI and not plan.cmyk):
-        return decode_scaled(image_bytes, plan.size, plan.scale, channels), 0, 0
-    if plan.cmyk and image_bytes[-2:] != _JPEG_EOI:
+    complete = image_bytes[-2:] == _JPEG_EOI
+    if plan.cmyk and not complete:
         raise ValueError("a CMYK JPEG without its end-of-image marker")  # PIL decides
+    if _jpegcrop is None or not complete:
+        return decode_scaled(image_bytes, plan.size, plan.scale, channels), 0, 0
     pixels, height, width, x0 = _jpegcrop.decode_crop(
         image_bytes, *plan.window, plan.scale, 4 if plan.cmyk else channels, FAST_DCT
     )
@@ -339,8 +340,8 @@ def resize_into(out: np.ndarray, window: np.ndarray) -> None:
     """Resizes `window` (HxWxC) into `out` (SxSxC), in place: bilinear when enlarging; when
     reducing both sides, an antialiased reduction like PIL's in two steps: bilinear to 2S x 2S,
     then the mean of each 2 x 2 block. OpenCV's area averaging by a whole factor is fast; by
-    any other factor it took 2.2 times as long and came out further from PIL's result
-    (docs/measurements.md)."""
+    any other factor it runs generic code, slower than both steps together (`area_resize` in
+    tools.bench.input's breakdown, docs/measurements.md)."""
     size = out.shape[0]
     if out.shape[2] == 1:
         window, out = window[:, :, 0], out[:, :, 0]
