@@ -4,6 +4,7 @@ decodes, with the same draws; damage is still found and named."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 
 import numpy as np
@@ -98,10 +99,23 @@ def test_damage_below_the_window_is_still_found(photos):
         plan = transforms.plan_crop(blob, aug, np.random.default_rng(seed))
         if plan.box[3] < 907 // 2:  # a crop in the top half, above the cut
             break
+    else:
+        pytest.fail("no crop in the top half in 8 draws")
     with pytest.raises(OSError, match="truncated"):
         transforms.crop_into(
             np.empty((64, 64, 3), np.uint8), blob, aug, rng=np.random.default_rng(seed)
         )
+
+
+def test_threads_decode_at_once_and_alike(photos):
+    """The GIL is released while libjpeg works (Grain decodes in threads): 4 threads decoding
+    the same windows give what one thread gives."""
+    from pipeline import _jpegcrop
+
+    jobs = [(blob, 0, 8, 150, 90, scale, 3, True) for blob in photos for scale in (1, 2)] * 4
+    serial = [_jpegcrop.decode_crop(*job) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda job: _jpegcrop.decode_crop(*job), jobs)) == serial
 
 
 def test_bad_arguments_and_bytes_raise_value_errors(photos):
