@@ -31,7 +31,7 @@ def photos():
     """4:2:0 (the usual), 4:4:4, 4:2:2, grayscale, progressive, and sizes no MCU divides."""
     seeds, _ = photo_like.load_seeds(0)
     rng = np.random.default_rng(11)
-    make = lambda size: photo_like.make_image(rng, seeds, size)  # noqa: E731
+    make = lambda size: photo_like.make_image(rng, seeds, size)
     return [
         _jpeg(make((1203, 907))),
         _jpeg(make((500, 375)), subsampling=0),
