@@ -229,12 +229,6 @@ _FAST_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to R
 _CMYK_COLORSPACES = ("CMYK", "YCCK")  # partial decoding to CMYK, converted as PIL converts
 
 
-def jpeg_size(image_bytes: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG the fast path can decode, else None."""
-    header = _jpeg_header(image_bytes)
-    return header[:2] if header and header[2] in _FAST_COLORSPACES else None
-
-
 def _jpeg_header(image_bytes: bytes) -> tuple[int, int, str] | None:
     """(width, height, colour space) of a JPEG, or None for anything else."""
     if not fast_path_available() or image_bytes[:2] != _JPEG_SOI:

@@ -63,8 +63,7 @@ def test_the_window_of_the_reduced_decode_matches_the_full_decode_within_the_bar
     full = dataclasses.replace(aug, scaled_decode=False)
     worst, reduced = np.inf, 0
     for i, blob in enumerate(photos):
-        size = transforms.jpeg_size(blob)
-        assert size is not None
+        size = Image.open(io.BytesIO(blob)).size
         whole = transforms.stored_pixels(blob, channels)
         for k in range(8):
             box = transforms.random_box(*size, aug, np.random.default_rng((i, k)))
@@ -133,7 +132,7 @@ def test_what_the_fast_path_does_not_take_goes_through_pil_unchanged(photos):
     aug = transforms.Augmentation(image_size=64)
     png = io.BytesIO()
     Image.open(io.BytesIO(photos[2])).save(png, format="PNG")
-    assert transforms.jpeg_size(png.getvalue()) is None
+    assert transforms.plan_crop(png.getvalue(), aug, np.random.default_rng(0)) is None
     out, reference = _both(png.getvalue(), dataclasses.replace(aug, scaled_decode=False), 1)
     np.testing.assert_array_equal(out, reference)
 
@@ -143,8 +142,9 @@ def test_a_cmyk_jpeg_is_read_and_converted_as_pil_does(photos, monkeypatch):
     draws, and within 40 dB of PIL's crop (the fast IDCT); through PIL itself without
     partial decoding."""
     cmyk = _jpeg(Image.open(io.BytesIO(photos[3])).convert("CMYK"))
-    assert transforms.jpeg_size(cmyk) is None  # not on simplejpeg's path
     aug = transforms.Augmentation(image_size=64, scaled_decode=False)
+    plan = transforms.plan_crop(cmyk, aug, np.random.default_rng(0))
+    assert (plan is not None and plan.cmyk) == transforms.window_decode_available()
     for seed in range(4):
         out, reference = _both(cmyk, aug, seed)
         if transforms.window_decode_available():
