@@ -263,6 +263,13 @@ class CropPlan:
     window: tuple[int, int, int, int]  # what to decode, in pixels of the 1/scale image
     cmyk: bool  # decoded as CMYK and converted by PIL, as PIL's own decode is
 
+    def box_in(self, x0: int, y0: int) -> tuple[int, int, int, int]:
+        """The box in full-resolution pixels from the first pixel of a window decode_window
+        returned starting at (x0, y0) of the 1/scale image."""
+        left, top, right, bottom = self.box
+        dx, dy = x0 * self.scale, y0 * self.scale
+        return (left - dx, top - dy, right - dx, bottom - dy)
+
 
 def plan_crop(image_bytes: bytes, aug: Augmentation, rng: np.random.Generator) -> CropPlan | None:
     """The box (random_resized_crop's draws), the decoding scale and window of a JPEG the fast
@@ -349,12 +356,11 @@ def resize_into(out: np.ndarray, window: np.ndarray) -> None:
 def resize_planned(out: np.ndarray, pixels: np.ndarray, x0: int, y0: int, plan: CropPlan) -> None:
     """The plan's box of decode_window's pixels, resized into `out`: by OpenCV at full scale,
     by PIL where the box has fractional bounds (a reduced decode) or the decode was CMYK."""
-    scale = plan.scale
-    left, top, right, bottom = (v - o * scale for v, o in zip(plan.box, (x0, y0, x0, y0)))
-    if scale == 1 and not plan.cmyk:
-        resize_into(out, pixels[top:bottom, left:right])
+    box = plan.box_in(x0, y0)
+    if plan.scale == 1 and not plan.cmyk:
+        resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
     else:
-        out[...] = resize_fractional(pixels, (left, top, right, bottom), scale, out.shape[0])
+        out[...] = resize_fractional(pixels, box, plan.scale, out.shape[0])
 
 
 def crop_into(

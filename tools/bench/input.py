@@ -71,11 +71,12 @@ STAGES = (
     "batching",
     "pil_fallback",
 )
-# What the decode and resize stages would cost done otherwise, timed on the same images and
-# not part of the stages' sum: the whole image decoded (simplejpeg); its entropy decoding alone
-# (the partial decode of its last row, which must entropy-decode every row above it); the
-# reduced crops resized by OpenCV's area averaging in one step.
-ALTERNATIVES = ("whole_decode", "entropy_only", "area_resize")
+# The decode and resize stages against what they would cost done otherwise, timed on the same
+# images (the JPEGs partial decoding takes as RGB or gray) and not part of the stages' sum: the
+# window decoded as the pipeline does; the whole image decoded (simplejpeg); its entropy
+# decoding alone (the partial decode of its last row, which must entropy-decode every row above
+# it); the reduced crops resized by OpenCV's area averaging in one step.
+ALTERNATIVES = ("window_decode", "whole_decode", "entropy_only", "area_resize")
 
 
 def _cpu_seconds() -> dict[int, float]:
@@ -335,6 +336,7 @@ def _crop_in_stages(clock, out, image, aug, rng) -> None:
 def _time_alternatives(clock, image, plan, channels, pixels, x0, y0, out) -> None:
     if plan.cmyk or not transforms.window_decode_available():
         return
+    clock.time_alternative("window_decode", lambda: transforms.decode_window(image, plan, channels))
     clock.time_alternative(
         "whole_decode", lambda: transforms.decode_scaled(image, plan.size, plan.scale, channels)
     )
@@ -342,9 +344,11 @@ def _time_alternatives(clock, image, plan, channels, pixels, x0, y0, out) -> Non
     last_row = (0, rows - 1, min(width, 8), rows)
     clock.time_alternative(
         "entropy_only",
-        lambda: transforms._jpegcrop.decode_crop(image, *last_row, plan.scale, channels, True),
+        lambda: transforms._jpegcrop.decode_crop(
+            image, *last_row, plan.scale, channels, transforms.FAST_DCT
+        ),
     )
-    left, top, right, bottom = (v - o for v, o in zip(plan.box, (x0, y0, x0, y0)))
+    left, top, right, bottom = plan.box_in(x0, y0)
     crop = pixels[top:bottom, left:right]
     size = out.shape[0]
     if plan.scale == 1 and crop.shape[0] > size and crop.shape[1] > size:
