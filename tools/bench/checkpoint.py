@@ -1,12 +1,16 @@
 r"""Training-loop stall per checkpoint save: asynchronous against synchronous, side by side.
 
-    python -m tools.bench.checkpoint [--steps=60 --every=10] [-- EXTRA_LAUNCHER_FLAGS...]
+    python -m tools.bench.checkpoint [--steps=60 --every=10 --topology=2x2] \
+        [-- EXTRA_LAUNCHER_FLAGS...]
 
 Runs the real launcher on the demo config twice in a row, once with `checkpoint.async_save`
 on and once off, saving every `--every` steps, and reads the stall of each save from the
-launcher's events (`save_started` `blocked_s`, process 0; launch.events). With async saves
-the stall is the device-to-host copy and the pre-save checks; with sync saves it is the whole
-write. The first save of each run is reported separately (it also pays one-off set-up).
+launcher's events (`save_started` `blocked_s`, process 0; launch.events). `--topology` PxD
+runs P launcher processes of D CPU devices each (`launch.local_cluster`), so that the state
+is replicated across devices and hosts as in a real job. With async saves the stall is the
+pre-save checks and Orbax's synchronous part (its barrier, the step directory, the
+device-to-host copy); with sync saves it is the whole write. The first save of each run is
+reported separately (it also pays one-off set-up).
 """
 
 import os
@@ -22,12 +26,16 @@ from launch import events
 flags.DEFINE_integer("steps", 60, "Training steps per run.")
 flags.DEFINE_integer("every", 10, "Save every this many steps.")
 flags.DEFINE_string("config", "configs/demo.py", "Launcher config.")
+flags.DEFINE_string("topology", "2x2", "PxD: launcher processes x CPU devices per process.")
 FLAGS = flags.FLAGS
 
 
 def run_once(async_save: bool, workdir: str, extra: list[str]) -> list[float]:
+    processes, devices = (int(n) for n in FLAGS.topology.split("x"))
     cmd = [
-        sys.executable, "-m", "launch.main", f"--config={FLAGS.config}", f"--workdir={workdir}",
+        sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
+        f"--devices_per_process={devices}", "--",
+        f"--config={FLAGS.config}", f"--workdir={workdir}",
         f"--config.train.num_steps={FLAGS.steps}",
         f"--config.checkpoint.every_steps={FLAGS.every}",
         f"--config.checkpoint.async_save={async_save}",
@@ -46,7 +54,9 @@ def main(argv):
         # The demo data is converted once, into its cache: the second run reads it there.
         stalls = {"async": run_once(True, os.path.join(root, "async"), extra)}
         stalls["sync"] = run_once(False, os.path.join(root, "sync"), extra)
-    print(f"{FLAGS.config}, {FLAGS.steps} steps, a save every {FLAGS.every} steps")
+    print(
+        f"{FLAGS.config}, {FLAGS.topology}, {FLAGS.steps} steps, a save every {FLAGS.every} steps"
+    )
     for mode, values in stalls.items():
         rest = values[1:] or values
         print(
