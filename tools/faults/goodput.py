@@ -7,8 +7,8 @@ structured events (`launch.events`, tailed from the workdir as they are written)
 - keeps the per-attempt record the storm acts on (`new_attempt`, `feed`): the loop start,
   the resume step, progress points, saves, the agreed stop;
 - splits the wall time (`summarize`) with `launch.goodput`, the same accounting the launcher
-  writes live, using the storm's exact spawn, exit and fault times, and against the
-  uninterrupted reference run: goodput = the reference's productive time / the faulted wall;
+  writes live, using the storm's exact spawn, exit and fault times: goodput = the faulted
+  run's productive time / its wall time; beside it the uninterrupted reference's own figures;
 - draws the chart (`chart`): global step against wall time, each fault marked and labelled.
 
 Times are seconds on the storm's clock (time.time() less the storm's origin). Everything is
@@ -139,35 +139,37 @@ def summarize(
     records: list[dict[str, Any]],
     reference_records: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Goodput against the uninterrupted reference, and the badput split (seconds, fractions).
+    """Goodput and the badput split (seconds, fractions) of the faulted run, and the
+    uninterrupted reference beside it.
 
-    Productive time is what the reference needed for its steps: from its training loop to its
-    exit (the loop, the final eval and the final save, which every run needs), less its save
-    stalls. "other" is what the faulted run's productive time took beyond that: slower steps
-    on other topologies, machine load; negative when they ran faster. So wall = productive +
-    every bucket. `records` are the events on the storm's clock (`on_storm_clock`).
+    Goodput is the faulted run's productive time over its wall time (`launch.goodput`, the
+    accounting the launcher writes live, with the storm's exact spawn, exit and fault times):
+    the buckets and the productive time add up to the wall time. `vs_reference` is the
+    reference's productive time (its loop to its exit, less its save stalls) over the faulted
+    run's wall time, a cross-check that holds only while every attempt ran the reference's
+    topology: a step on a topology that is faster on this machine would count in the faulted
+    run's favour. `records` are the events on the storm's clock (`on_storm_clock`).
     """
     split = accounting.account(launcher_attempts(attempts, records))
     (ref,) = launcher_attempts([reference], reference_records)
     ref_split = accounting.account([ref])
     wall = split["wall_s"]
-    productive = ref_split["productive_s"]
     badput = dict(split["badput_s"])
-    badput["other"] = split["productive_s"] - productive
     phases: dict[str, float] = {}  # the launcher's own start-up figures, summed over attempts
     for a in attempts:
         for key, value in (a["startup"] or {}).items():
             phases[key] = phases.get(key, 0.0) + value
     ref_start = ref.loop if ref.loop is not None else ref.start
     return {
-        "goodput": productive / wall,
-        "event_goodput": split["goodput"],  # the launcher's own figure, as it writes it live
+        "goodput": split["goodput"],
         "wall_s": wall,
-        "productive_s": productive,
+        "productive_s": split["productive_s"],
+        "vs_reference": ref_split["productive_s"] / wall,
         "reference": {
             "wall_s": ref_split["wall_s"],
+            "productive_s": ref_split["productive_s"],
             "startup_s": ref_start - ref.start,
-            "own_goodput": productive / ref_split["wall_s"],
+            "own_goodput": ref_split["goodput"],
             "launcher_startup_s": reference["startup"],
         },
         "wall_ratio": ref_split["wall_s"] / wall,

@@ -24,11 +24,13 @@ run in WORKDIR/storm, and the report lands in WORKDIR/fault_storm.json and .png.
    After every fault the same command is started again until it exits 0. An attempt still
    alive `--kill_after` seconds after its fault is killed, process groups and all, and that
    time counts as recovery.
-3. The report: goodput = the reference's time for its steps (from its training loop to its
-   exit: the loop, the final eval and save) / the faulted run's wall time; the badput split
-   (`tools.faults.goodput`); fault and restart counts; and whether the finished run is right: final
-   state bit-identical to the reference when the topology never changed, else within the
-   tolerances below, and the same eval figures in FINISHED.
+3. The report: goodput = the faulted run's productive time / its wall time, and the badput
+   split, by the launcher's own accounting of its events with the storm's exact spawn, exit
+   and fault times (`tools.faults.goodput`); the reference's own goodput beside it, and the
+   reference's productive time / the faulted wall time (`vs_reference`, a cross-check only
+   where the topology never changed); fault and restart counts; and whether the finished
+   run is right: final state bit-identical to the reference when the topology never
+   changed, else within the tolerances below, and the same eval figures in FINISHED.
 
 Exit status: 0 the run finished and is right, 1 it finished but a check failed, 2 bad flags,
 3 it could not finish (a non-retriable launcher status, or --max_attempts).
@@ -716,7 +718,7 @@ def main(argv):
     brief = {
         k: report[k]
         for k in (
-            "goodput", "wall_s", "productive_s", "wall_ratio", "badput_fraction", "faults",
+            "goodput", "wall_s", "productive_s", "vs_reference", "badput_fraction", "faults",
             "restarts", "ok",
         )
     }  # fmt: skip
