@@ -25,12 +25,12 @@ crop needs is decoded (`decode_window`: libjpeg-turbo's partial decoding, pipeli
 at the same reduced scale): the rows below it are never read, and the rows above it and the
 columns beside it skip the inverse DCT and colour conversion. Its pixels are exactly those of
 a whole decode (tests/pipeline/test_jpegcrop.py). OpenCV resizes the window into the slot
-(bilinear; an antialiased reduction when reducing) and flips it there. The decode is
-libjpeg-turbo's, as PIL's is, with its fast IDCT (FAST_DCT); a reduced decode's window, and a
-CMYK JPEG's (converted to RGB as PIL converts), are resampled by PIL, as in
-random_resized_crop. OpenCV's resampling of full-scale windows differs from PIL's: with the
-fast IDCT, the crops are at least 33 dB and 40 dB in the median from PIL's on photo-like
-images (tests/pipeline/test_transforms.py). Without the compiled module the whole image is
+(bilinear; an antialiased reduction when reducing; an affine warp where a reduced decode
+leaves the box with fractional bounds) and flips it there. The decode is libjpeg-turbo's, as
+PIL's is, with its fast IDCT (FAST_DCT); a CMYK JPEG's window is converted to RGB as PIL
+converts it. OpenCV's resampling differs from PIL's: with the fast IDCT, the crops are at
+least 33 dB and 40 dB in the median from PIL's on photo-like images
+(tests/pipeline/test_transforms.py). Without the compiled module the whole image is
 decoded (simplejpeg). Images that path does not take (PNG, raw, or simplejpeg/OpenCV not
 installed) go through `random_resized_crop` into the same slot.
 """
@@ -261,7 +261,7 @@ class CropPlan:
     box: tuple[int, int, int, int]  # the crop, full-resolution pixels
     scale: int  # the JPEG is decoded at 1/scale
     window: tuple[int, int, int, int]  # what to decode, in pixels of the 1/scale image
-    cmyk: bool  # decoded as CMYK and converted by PIL, as PIL's own decode is
+    cmyk: bool  # decoded as CMYK and converted to RGB by PIL, as PIL's own decode is
 
     def box_in(self, x0: int, y0: int) -> tuple[int, int, int, int]:
         """The box in full-resolution pixels from the first pixel of a window decode_window
@@ -282,22 +282,21 @@ def plan_crop(image_bytes: bytes, aug: Augmentation, rng: np.random.Generator) -
     box = random_box(*size, aug, rng)
     scale = dct_scale((box[2] - box[0], box[3] - box[1]), aug.image_size)
     scale = scale if aug.scaled_decode else 1
-    return CropPlan(size, box, scale, _window(box, size, scale, aug.image_size, cmyk), cmyk)
+    return CropPlan(size, box, scale, _window(box, size, scale), cmyk)
 
 
-def _window(box, size, scale: int, image_size: int, pil: bool) -> tuple[int, int, int, int]:
+def _window(box, size, scale: int) -> tuple[int, int, int, int]:
     """The pixels of the image decoded at 1/scale that resizing `box` (full-resolution) reads:
-    the box itself for OpenCV at full scale; for PIL's resampling (of a reduced decode, or of
-    CMYK), the box widened by the filter's reach (the reduction factor, plus one pixel)."""
-    if scale == 1 and not pil:
+    the box itself at full scale; at a reduction, the box's fractional bounds widened to whole
+    pixels and by one more, the bilinear sampling's neighbours."""
+    if scale == 1:
         return box
     width, height = (-(-side // scale) for side in size)
-    reach = math.ceil(max(box[2] - box[0], box[3] - box[1]) / scale / image_size) + 1
     return (
-        max(box[0] // scale - reach, 0),
-        max(box[1] // scale - reach, 0),
-        min(-(-box[2] // scale) + reach, width),
-        min(-(-box[3] // scale) + reach, height),
+        max(box[0] // scale - 1, 0),
+        max(box[1] // scale - 1, 0),
+        min(-(-box[2] // scale) + 1, width),
+        min(-(-box[3] // scale) + 1, height),
     )
 
 
@@ -324,17 +323,35 @@ def decode_window(image_bytes: bytes, plan: CropPlan, channels: int) -> tuple[np
     return array, x0, plan.window[1]
 
 
-def resize_fractional(pixels: np.ndarray, box, scale: int, image_size: int) -> np.ndarray:
-    """`box` (full-resolution pixels, relative to the first pixel of `pixels`) of `pixels`
-    (decoded at 1/scale), resized by PIL.
+def resize_reduced_into(out: np.ndarray, pixels: np.ndarray, box, scale: int) -> None:
+    """Resizes `box` (full-resolution pixels, relative to the first pixel of `pixels`) of
+    `pixels` (decoded at 1/scale) into `out` (SxSxC), as resize_into resizes a window.
 
     Reduced pixel i covers full-resolution pixels [i * scale, (i + 1) * scale) (the last one
-    a partial block), so the box maps by `scale` itself and stays inside the reduced image.
+    a partial block), so the box maps by `scale` itself, to fractional bounds, and stays
+    inside the reduced image. OpenCV's resize takes whole pixels only: an affine warp samples
+    the fractional box bilinearly, at the pixel centres cv2.resize would use.
     """
-    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-    reduced = tuple(v / scale for v in box)
-    out = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=reduced)
-    return np.asarray(out).reshape(image_size, image_size, pixels.shape[2])
+    size = out.shape[0]
+    if out.shape[2] == 1:
+        pixels, out = pixels[:, :, 0], out[:, :, 0]
+    left, top, right, bottom = (v / scale for v in box)
+    reduce = right - left > size and bottom - top > size
+    side = 2 * size if reduce else size
+    sx, sy = (right - left) / side, (bottom - top) / side
+    # Output pixel j's centre, j + 0.5, samples the box at left + (j + 0.5) * sx: in the
+    # source's pixel-centre coordinates, that less 0.5.
+    warp = np.array([[sx, 0.0, left + 0.5 * sx - 0.5], [0.0, sy, top + 0.5 * sy - 0.5]])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    if reduce:
+        sampled = cv2.warpAffine(
+            pixels, warp, (side, side), flags=flags, borderMode=cv2.BORDER_REPLICATE
+        )
+        cv2.resize(sampled, (size, size), dst=out, interpolation=cv2.INTER_AREA)
+    else:
+        cv2.warpAffine(
+            pixels, warp, (size, size), dst=out, flags=flags, borderMode=cv2.BORDER_REPLICATE
+        )
 
 
 def resize_into(out: np.ndarray, window: np.ndarray) -> None:
@@ -354,13 +371,12 @@ def resize_into(out: np.ndarray, window: np.ndarray) -> None:
 
 
 def resize_planned(out: np.ndarray, pixels: np.ndarray, x0: int, y0: int, plan: CropPlan) -> None:
-    """The plan's box of decode_window's pixels, resized into `out`: by OpenCV at full scale,
-    by PIL where the box has fractional bounds (a reduced decode) or the decode was CMYK."""
+    """The plan's box of decode_window's pixels, resized into `out` by OpenCV."""
     box = plan.box_in(x0, y0)
-    if plan.scale == 1 and not plan.cmyk:
+    if plan.scale == 1:
         resize_into(out, pixels[box[1] : box[3], box[0] : box[2]])
     else:
-        out[...] = resize_fractional(pixels, box, plan.scale, out.shape[0])
+        resize_reduced_into(out, pixels, box, plan.scale)
 
 
 def crop_into(

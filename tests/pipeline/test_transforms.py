@@ -57,8 +57,9 @@ def _both(blob: bytes, aug: transforms.Augmentation, seed) -> tuple[np.ndarray, 
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_the_window_of_the_reduced_decode_matches_the_full_decode_within_the_bar(photos, channels):
-    """Decode fidelity: at scale 1 the decode is PIL's to within 40 dB (the fast IDCT); a
-    reduced decode's window, resampled as PIL resamples the full decode, is within the bar."""
+    """Decode fidelity: at scale 1 the decode is PIL's to within 40 dB (the fast IDCT); the
+    box of a reduced decode, resized by OpenCV, is within the bar of PIL's crop of the full
+    decode."""
     aug = transforms.Augmentation(image_size=224, channels=channels, random_flip=False)
     full = dataclasses.replace(aug, scaled_decode=False)
     worst, reduced = np.inf, 0
@@ -73,7 +74,8 @@ def test_the_window_of_the_reduced_decode_matches_the_full_decode_within_the_bar
                 assert _psnr(pixels, whole) >= 40.0, _psnr(pixels, whole)
                 continue
             reduced += 1
-            window = transforms.resize_fractional(pixels, box, scale, 224)
+            window = np.empty((224, 224, channels), np.uint8)
+            transforms.resize_reduced_into(window, pixels, box, scale)
             rng = np.random.default_rng((i, k))
             reference = transforms.random_resized_crop(transforms.open_image(blob), full, rng)
             worst = min(worst, _psnr(window, reference))
@@ -138,21 +140,24 @@ def test_what_the_fast_path_does_not_take_goes_through_pil_unchanged(photos):
 
 
 def test_a_cmyk_jpeg_is_read_and_converted_as_pil_does(photos, monkeypatch):
-    """CMYK JPEGs are decoded (a window, as CMYK) and converted to RGB as PIL does: the same
-    draws, and within 40 dB of PIL's crop (the fast IDCT); through PIL itself without
-    partial decoding."""
+    """CMYK JPEGs are decoded (a window, as CMYK) and converted to RGB as PIL does, then
+    resized like any other crop: the same draws, and as close to PIL's crop as RGB JPEGs'
+    crops are (at least 33 dB); through PIL itself without partial decoding."""
     cmyk = _jpeg(Image.open(io.BytesIO(photos[3])).convert("CMYK"))
-    aug = transforms.Augmentation(image_size=64, scaled_decode=False)
+    aug = transforms.Augmentation(image_size=64)
     plan = transforms.plan_crop(cmyk, aug, np.random.default_rng(0))
     assert (plan is not None and plan.cmyk) == transforms.window_decode_available()
-    for seed in range(4):
+    scales = set()
+    for seed in range(8):
         out, reference = _both(cmyk, aug, seed)
+        scales.add(transforms.plan_crop(cmyk, aug, np.random.default_rng(seed)).scale)
         if transforms.window_decode_available():
-            assert _psnr(out, reference) >= 40.0, _psnr(out, reference)
+            assert _psnr(out, reference) >= 33.0, _psnr(out, reference)
         else:
             np.testing.assert_array_equal(out, reference)
+    assert len(scales) > 1, scales  # full-scale and reduced decodes both
     monkeypatch.setattr(transforms, "_jpegcrop", None)
-    out, reference = _both(cmyk, aug, 0)
+    out, reference = _both(cmyk, dataclasses.replace(aug, scaled_decode=False), 0)
     np.testing.assert_array_equal(out, reference)
 
 
