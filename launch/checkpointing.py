@@ -49,10 +49,11 @@ from resnet import steps
 COMMIT_MARKER = "commit_success.txt"
 FORMAT = "resnet-multihost"
 # Orbax splits each replicated array into one part per replica, so that every host writes
-# some of it ("replica-parallel"). Each part is sliced and copied to the host one by one, in
-# the loop's stall: on the demo's 159 small arrays that took most of the stall (a save held
-# the loop 2.4x longer on 4 CPU devices; tools.bench.checkpoint). Only arrays whose part is
-# at least this large are split; smaller ones are written whole by their first replica.
+# some of it ("replica-parallel"). Each part is sliced on its device and copied to the host
+# one by one, in the loop's stall: on the demo's 159 small arrays that was most of the stall,
+# and each process's first save also compiled a slice program per shape (docs/design.md).
+# Only arrays whose part is at least this large are split; smaller ones are written whole by
+# their first replica.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
