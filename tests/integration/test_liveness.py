@@ -96,9 +96,17 @@ def test_hosts_meet_before_training_and_a_missing_host_has_a_deadline():
     assert "process 0: not every host reached 'probe' within 2s" in missing.stdout
 
 
-def _freeze_one_host_mid_run(args, seen):
+def _freeze_one_host_mid_run(args, workdir, seen):
+    """Two hosts training; host 1 frozen (SIGSTOP) once host 0 has seen a checkpoint commit.
+    A save commits only with both hosts, so a freeze before that would leave nothing to
+    resume from, however early the save started."""
     hosts = helpers.start_hosts(args, processes=2, devices=2)
-    assert helpers.wait_for_line(hosts[0], "step 6/", seen), "".join(seen)[-3000:]
+    for line in hosts[0].stdout:
+        seen.append(line)
+        if any(r["event"] == "save_committed" for r in events.read(workdir) if r["process"] == 0):
+            break
+    else:
+        raise AssertionError("".join(seen)[-3000:])
     hosts[1].send_signal(signal.SIGSTOP)
     return hosts
 
@@ -119,7 +127,7 @@ def test_a_stalled_peer_ends_the_run_with_stacks_and_the_rerun_resumes(data, tmp
     }
     args = helpers.tiny_run_args(*data, workdir, **overrides)
     seen = []
-    hosts = _freeze_one_host_mid_run(args, seen)
+    hosts = _freeze_one_host_mid_run(args, workdir, seen)
     try:
         took = _drain(hosts[0], seen)
     finally:
@@ -143,9 +151,9 @@ def test_the_agreed_save_has_a_deadline_after_sigterm(data, tmp_path):
         "distributed.preemption_grace_seconds": 8,
         "distributed.heartbeat_timeout_seconds": 120,
     }
-    seen = []
+    seen, workdir = [], str(tmp_path / "w")
     hosts = _freeze_one_host_mid_run(
-        helpers.tiny_run_args(*data, str(tmp_path / "w"), **overrides), seen
+        helpers.tiny_run_args(*data, workdir, **overrides), workdir, seen
     )
     try:
         hosts[0].send_signal(signal.SIGTERM)  # its peer can never agree on a step now
