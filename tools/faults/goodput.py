@@ -172,7 +172,6 @@ def summarize(
             "own_goodput": ref_split["goodput"],
             "launcher_startup_s": reference["startup"],
         },
-        "wall_ratio": ref_split["wall_s"] / wall,
         "badput_s": {k: round(v, 3) for k, v in badput.items()},
         "badput_fraction": {k: round(v / wall, 4) for k, v in badput.items()},
         "launcher_startup_phases_s": {k: round(v, 1) for k, v in phases.items()},
