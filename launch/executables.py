@@ -1,21 +1,27 @@
-"""Compiled steps (and the checkpoints' pre-save checks) kept per process, so that a restart
-loads them instead of rebuilding them.
+"""Compiled steps (and the checkpoints' pre-save checks) kept across restarts and shared
+between processes, so that a restart loads them and a cluster compiles each program once.
 
 JAX's persistent compilation cache still traces and lowers every program before it can look
 one up, and only process 0 writes entries (on the CPU backend the key also differs between
-processes, so the other processes of a simulated cluster never hit it). Here each process
-keeps its own serialized executables next to that cache, in `executables/`, and a restart
-with the same program loads them without tracing, lowering or compiling.
+processes, by the topology's fingerprint alone, so the other processes of a simulated cluster
+never hit it). Here the serialized executables live next to that cache, in `executables/`,
+and a restart with the same program loads them without tracing, lowering or compiling.
+
+Every process of an SPMD program runs the same executable, so it is compiled once. Process 0
+loads or compiles it and hands it to the others through the coordination service (as JAX's
+`jax_share_binary_between_hosts` does on GPUs); a process that finds the file itself does not
+wait. Where process 0 cannot hand one over (it was loaded from JAX's own cache, or did not
+serialize), it says so and each process compiles its own.
 
 Safety is in the key. It covers everything the executable depends on: the source of the
 modules that define the model and the steps, the whole run config, the arguments that shape
 the schedule, the abstract arguments with their shardings, every device of the mesh (id,
-process, kind, coordinates, slice), this process's index, the jax/jaxlib/flax/optax
-versions, the backend's platform version, XLA's flags and JAX's own configuration. Anything
-else that changes means another file name, so a changed program recompiles and is never
-loaded in place of the one asked for. A file that cannot be read or loaded is reported and
-replaced by a fresh compile. Loading runs code from the file (pickle), so it is only read
-from the run's own cache folder, with the trust the run's checkpoints have.
+process, kind, coordinates, slice), the jax/jaxlib/flax/optax versions, the backend's
+platform version, XLA's flags and JAX's own configuration. Anything else that changes means
+another file name, so a changed program recompiles and is never loaded in place of the one
+asked for. A file that cannot be read or loaded is reported and replaced by a fresh compile.
+Loading runs code from the file (pickle), so it is only read from the run's own cache folder
+or taken from process 0 of the run, with the trust the run's checkpoints have.
 
 Only fresh compiles are kept: an executable that JAX itself loaded from its persistent cache
 serializes incompletely on the CPU backend (loading that copy fails at the first call with
@@ -39,12 +45,17 @@ import jax
 from absl import logging
 from etils import epath
 from jax.experimental import serialize_executable
+from orbax.checkpoint import multihost as ocp_multihost
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 _ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TPU_ACCELERATOR_TYPE", "MEGASCALE_NUM_SLICES")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The code a step is made of: the model, its layers, the steps and how they are put together.
 _SOURCES = ("resnet", os.path.join("launch", "program.py"))
+# Where process 0 hands executables over in the coordination service, and how long another
+# process waits for one before compiling its own.
+_KV_PREFIX = "launch/executables/"
+SHARE_TIMEOUT_SECONDS = 1800
 
 
 _jax_cache_hits: collections.Counter[int] = collections.Counter()  # per compiling thread
@@ -95,7 +106,8 @@ def abstract_signature(tree: Any) -> str:
 
 
 def environment_key(mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """What every executable of this process depends on, beyond its own program."""
+    """What every executable on `mesh` depends on, beyond its own program: the same in every
+    process of the run."""
     backend = jax.devices()[0].client
     return {
         "sources": source_digest(),
@@ -103,7 +115,6 @@ def environment_key(mesh: jax.sharding.Mesh) -> dict[str, Any]:
         "platform": [backend.platform, backend.platform_version],
         "mesh": [list(mesh.axis_names), list(mesh.devices.shape)],
         "devices": [_device(d) for d in mesh.devices.flat],
-        "process": jax.process_index(),
         "env": {name: os.environ.get(name, "") for name in _ENV},
         "jax_config": sorted((k, repr(v)) for k, v in jax.config.values.items()),
     }
@@ -116,12 +127,21 @@ def cache_folder() -> str | None:
 
 
 def load_or_compile(
-    name: str, lower: Callable[[], jax.stages.Lowered], key: dict[str, Any], abstract_args: Any
+    name: str,
+    lower: Callable[[], jax.stages.Lowered],
+    key: dict[str, Any],
+    abstract_args: Any,
+    *,
+    compiled_by: int = 0,
 ) -> jax.stages.Compiled:
-    """The executable of `lower()`, loaded from this process's cache when the key matches.
+    """The executable of `lower()`: loaded from the cache folder when the key matches, else
+    compiled by process `compiled_by` (negative: counted from the last) and handed to the
+    others.
 
     `name` names the program in the file name and log ("train_step"); `key` holds what the
-    program depends on besides `abstract_args` (see `environment_key`).
+    program depends on besides `abstract_args` (see `environment_key`). Every process of a
+    multi-process run calls this for the same programs; giving programs that compile at the
+    same time different `compiled_by` spreads the compiling over the hosts.
     """
     folder = cache_folder()
     if folder is None:
@@ -129,40 +149,112 @@ def load_or_compile(
     material = json.dumps(
         {"program": key, "args": abstract_signature(abstract_args)}, sort_keys=True
     )
-    digest = hashlib.sha256(material.encode()).hexdigest()[:32]
-    path = epath.Path(folder) / f"{name}-p{jax.process_index()}-{digest}.jaxexe"
+    entry = f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
+    path = epath.Path(folder) / f"{entry}.jaxexe"
     start = time.perf_counter()
-    compiled = _load(path)
-    if compiled is not None:
-        logging.info("Loaded the compiled %s (%.1fs).", name, time.perf_counter() - start)
-        return compiled
-    hits = _jax_cache_hits[threading.get_ident()]
-    compiled = lower().compile()
-    if _jax_cache_hits[threading.get_ident()] == hits:
-        _save(path, compiled)
+    compiler = compiled_by % jax.process_count()
+    if jax.process_index() == compiler:
+        handed_over = b""  # tells the others to compile their own
+        try:
+            compiled = _load(path, _read(path))  # the others find the same file
+            if compiled is None:
+                compiled, handed_over = _compile(lower, path)
+                return compiled
+        finally:
+            if jax.process_count() > 1:
+                _hand_over(entry, handed_over)
+    else:
+        compiled = _load(path, _read(path))
+        if compiled is None:
+            compiled = _from_process(compiler, entry, path)
+        if compiled is None:
+            return _compile(lower, path)[0]
+    logging.info("Loaded the compiled %s (%.1fs).", name, time.perf_counter() - start)
     return compiled
 
 
-def _load(path: epath.Path) -> jax.stages.Compiled | None:
+def _client():
+    return ocp_multihost.get_jax_distributed_client()
+
+
+def _hand_over(entry: str, payload: bytes) -> None:
     try:
-        if not path.exists():
-            return None
-        blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+        _client().key_value_set_bytes(_KV_PREFIX + entry, payload, allow_overwrite=True)
+    except Exception as e:  # pylint: disable=broad-except  # the others compile their own
+        logging.warning("Could not hand the compiled %s to the other processes: %s", entry, e)
+
+
+def _compile(lower: Callable[[], jax.stages.Lowered], path: epath.Path):
+    """(the fresh executable, its serialized form, written to `path`; or b"" where JAX's own
+    cache answered or it does not serialize)."""
+    hits = _jax_cache_hits[threading.get_ident()]
+    compiled = lower().compile()
+    payload = b""
+    if _jax_cache_hits[threading.get_ident()] == hits:
+        payload = _serialize(compiled, path)
+        if payload:
+            _write(path, payload)
+    return compiled, payload
+
+
+def _from_process(
+    compiler: int, entry: str, path: epath.Path
+) -> jax.stages.Compiled | None:
+    """The executable process `compiler` hands over (kept in this process's cache folder
+    too, which on a shared one is already there), or None where it has none to give."""
+    try:
+        payload = _client().blocking_key_value_get_bytes(
+            _KV_PREFIX + entry, SHARE_TIMEOUT_SECONDS * 1000
+        )
+    except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline
+        logging.warning(
+            "No compiled %s came from process %d (%s); compiling it.", entry, compiler, e
+        )
+        return None
+    compiled = _load(path, payload, source=f"{entry} from process {compiler}")
+    if compiled is not None and not path.exists():
+        _write(path, payload)
+    return compiled
+
+
+def _read(path: epath.Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # absent (the usual miss), or unreadable: compiled again
+        return b""
+
+
+def _load(path: epath.Path, payload: bytes, source: str = "") -> jax.stages.Compiled | None:
+    """The executable in `payload`, or None if it is empty or cannot be loaded (a damaged file
+    is removed: a fresh compile replaces it)."""
+    if not payload:
+        return None
+    try:
+        blob, in_tree, out_tree = pickle.loads(payload)
         return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
     except Exception as e:  # pylint: disable=broad-except  # unreadable: compile it again
-        logging.warning("Compiled program %s could not be loaded (%s); compiling it.", path, e)
-        path.unlink(missing_ok=True)  # a cache entry: a fresh compile replaces it
+        where = source or str(path)
+        logging.warning("Compiled program %s could not be loaded (%s); compiling it.", where, e)
+        if not source:
+            path.unlink(missing_ok=True)  # a cache entry: a fresh compile replaces it
         return None
 
 
-def _save(path: epath.Path, compiled: jax.stages.Compiled) -> None:
+def _serialize(compiled: jax.stages.Compiled, path: epath.Path) -> bytes:
+    try:
+        return pickle.dumps(serialize_executable.serialize(compiled))
+    except (ValueError, NotImplementedError, pickle.PicklingError) as e:
+        logging.warning("Compiled program not kept for restarts (%s): %s", path, e)
+        return b""
+
+
+def _write(path: epath.Path, payload: bytes) -> None:
     """Writes the executable atomically (a temp file renamed into place); a cache, so a
     failure to write is logged and the run goes on."""
     try:
-        payload = pickle.dumps(serialize_executable.serialize(compiled))
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
         temp.write_bytes(payload)
         temp.replace(path)
-    except (OSError, ValueError, NotImplementedError, pickle.PicklingError) as e:
+    except OSError as e:
         logging.warning("Compiled program not kept for restarts (%s): %s", path, e)

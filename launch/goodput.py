@@ -6,9 +6,10 @@ into productive time and badput, named after Google's ml-goodput-measurement bad
 
 | bucket                                     | what                                             |
 |--------------------------------------------|--------------------------------------------------|
-| `program_startup`                          | process start to every host training (their TPU   |
-|                                            | initialization, training prep and program start- |
-|                                            | up), less the restore                            |
+| `program_startup`                          | process start to every host training: the first  |
+|                                            | step dispatched (their TPU initialization,       |
+|                                            | training prep and program start-up), less the    |
+|                                            | restore                                          |
 | `unproductive_checkpoint_restore_time`     | the restore phase                                |
 | `unproductive_checkpoint_save_time`        | the loop's stall per save (`blocked_s`), in kept |
 |                                            | progress                                         |
@@ -50,7 +51,7 @@ class Attempt:
     start: float  # the earliest process start of the attempt
     end: float  # its last event (the storm sets the process exit)
     topology: str | None = None
-    loop: float | None = None  # every host is training (the `startup` event)
+    loop: float | None = None  # every host is training (the `startup` event's first dispatch)
     restore_s: float = 0.0
     resumed: int | None = None  # the step it resumed from (0: a fresh start)
     points: list[tuple[float, int]] = dataclasses.field(default_factory=list)
@@ -141,7 +142,11 @@ def _apply(a: Attempt, r: dict[str, Any], started: set, ended: dict) -> None:
     elif kind == "resumed" and a.resumed is None:
         a.resumed = int(r["step"])
     elif kind == "startup" and a.loop is None:
-        a.loop, a.startup_figures = t, r.get("figures")
+        # The event comes once the first steps are done; training began at their dispatch
+        # (every host dispatches it just after the same barrier).
+        since = r.get("training_since")
+        a.loop = float(since) if isinstance(since, (int, float)) and since <= t else t
+        a.startup_figures = r.get("figures")
     elif kind in ("progress", "save_started", "stop_agreed"):
         a.points.append((t, int(r["step"])))
         if kind == "save_started" and int(r["step"]) not in a.saves:

@@ -284,6 +284,12 @@ def build_program(
         out_shardings=(replicated, replicated),
         donate_argnums=2,  # the running totals
     )
+    executable_key = {
+        "config": config.to_json_best_effort(sort_keys=True),
+        "build": [channels, steps_per_epoch, num_steps, donate],
+        **executables.environment_key(mesh),
+    }
+    init_on_mesh = jax.jit(init, out_shardings=replicated)
     return Program(
         mesh=mesh,
         graphdef=graphdef,
@@ -291,15 +297,15 @@ def build_program(
         schedule=schedule,
         tx=tx,
         ids_on_device=augment is not None,
-        init=jax.jit(init, out_shardings=replicated),
+        # Kept like the steps (launch.executables), and compiled by the last process while
+        # process 0 compiles the train step.
+        init=lambda: executables.load_or_compile(
+            "init", init_on_mesh.lower, executable_key, (), compiled_by=-1
+        )(),
         train_step=train_step,
         eval_step=eval_step,
         channels=channels,
-        executable_key={
-            "config": config.to_json_best_effort(sort_keys=True),
-            "build": [channels, steps_per_epoch, num_steps, donate],
-            **executables.environment_key(mesh),
-        },
+        executable_key=executable_key,
     )
 
 

@@ -223,6 +223,7 @@ class Trainer:
         self.in_flight: collections.deque = collections.deque()  # unconfirmed stop flags
         self.profile = metrics_lib.Profile(config.train.profile_steps, workdir)
         self.startup_end = 0.0
+        self.training_since: float | None = None  # wall time of the first step's dispatch
         self.log = log
         self.live = goodput.Live(past_events, log) if jax.process_index() == 0 else None
         self.saves = interval.Saves(
@@ -276,6 +277,8 @@ class Trainer:
         if self.step == self.profile.first:
             self.profile.start()
         votes = self.program.stop_votes(self.stop.requested)
+        if self.training_since is None:
+            self.training_since = time.time()
         self.state, step_metrics = self.train_step(self.state, batch, votes)
         self.step += 1
         if self.step == self.profile.last:
@@ -365,14 +368,16 @@ class Trainer:
         return RunResult("finished", self.step, results)
 
     def _startup_done(self) -> None:
-        """Every host has completed the first steps: start-up ends here."""
+        """Every host has completed the first steps: the start-up figures. Training (what
+        goodput counts as productive) began when the first step was dispatched: the steps
+        queued behind it since are kept progress."""
         now = time.perf_counter()
         self.timings["startup/first_step_s"] = now - self.startup_end
         self.timings["startup/total_s"] = (
             now - self.started + self.timings.get("startup/distributed_s", 0.0)
         )
         _log_startup(self, self.step)
-        self.log.emit("startup", figures=dict(self.timings))
+        self.log.emit("startup", figures=dict(self.timings), training_since=self.training_since)
         self.saves.training(self.step)
 
     def _progress(self) -> None:

@@ -47,7 +47,7 @@ def uninterrupted(digits, tmp_path_factory):
 
 def _compiled(workdir: str, name: str) -> list[str]:
     folder = os.path.join(workdir, "compilation_cache", "executables")
-    return [f for f in os.listdir(folder) if f.startswith(f"{name}-p0-")]
+    return [f for f in os.listdir(folder) if f.startswith(f"{name}-")]
 
 
 def test_each_size_is_compiled_once_and_evaluation_stays_at_its_size(uninterrupted):

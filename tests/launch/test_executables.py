@@ -1,10 +1,13 @@
-"""Compiled steps kept per process (launch.executables): loaded on a match, never in place of
+"""Compiled steps kept across restarts (launch.executables): loaded on a match, never in place of
 another program, and a damaged entry is compiled again.
 
 The rules are shown in-process on a small sharded program that compiles in milliseconds; one
 slow test runs them on the real train step of `launch.program`."""
 
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +59,7 @@ def test_a_restart_loads_the_same_executable_without_lowering(cache_dir):
     first = _Small()
     expected = first.run(first.compile())
     (entry,) = os.listdir(cache_dir)
-    assert entry.startswith(f"small-p{jax.process_index()}-")
+    assert entry.startswith("small-")  # one file for every process of the run
     again = _Small()  # a restart builds everything anew
     assert again.run(again.compile(_never_lower)) == expected
 
@@ -72,7 +75,8 @@ def test_another_program_or_shape_is_compiled_not_loaded(cache_dir):
 
 def test_the_key_covers_sources_versions_devices_and_flags():
     key = executables.environment_key(distributed.make_mesh())
-    assert {"sources", "versions", "platform", "mesh", "devices", "process", "env"} <= set(key)
+    assert {"sources", "versions", "platform", "mesh", "devices", "env"} <= set(key)
+    assert "process" not in key  # every process runs the same executable
     assert key["versions"]["jax"] == jax.__version__
     assert len(key["devices"]) == jax.device_count()
 
@@ -131,3 +135,35 @@ def test_the_real_train_step_is_loaded_on_a_restart(data, cache_dir):
     args = (again.abstract_state, again.abstract_batch(16, 16), votes)
     loaded = executables.load_or_compile("train_step", _never_lower, again.executable_key, args)
     np.testing.assert_equal(step_once(again, loaded), expected)
+
+
+def _probe(cache: str, compiled_by: int, processes: int = 2) -> dict[int, tuple[bool, float]]:
+    """Runs tests/executables_probe.py in `processes` launcher-like processes; each one's
+    (whether it compiled, its result)."""
+    cmd = [
+        sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
+        "--devices_per_process=2", "--module=tests.executables_probe", "--",
+        f"--cache={cache}", f"--compiled_by={compiled_by}",
+    ]  # fmt: skip
+    run = subprocess.run(
+        cmd, cwd=helpers.REPO, env=helpers.child_env(2), capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    found = re.findall(r"process (\d+): compiled=(True|False) result=([\d.]+)", run.stdout)
+    assert len(found) == processes, run.stdout[-3000:]
+    return {int(p): (compiled == "True", float(result)) for p, compiled, result in found}
+
+
+@pytest.mark.slow  # two runs of 3 processes
+def test_one_process_compiles_and_hands_the_executable_to_the_others(tmp_path):
+    """A cluster compiles a program once: the process it names compiles it (the last one
+    here) and the others load what it hands over; a restart loads it everywhere. Across real
+    processes joined by jax.distributed."""
+    cache = str(tmp_path / "cache")
+    expected = float((np.arange(48).reshape(12, 4) * np.arange(4)).sum())
+    first = _probe(cache, compiled_by=-1, processes=3)
+    assert first == {0: (False, expected), 1: (False, expected), 2: (True, expected)}
+    assert len(os.listdir(os.path.join(cache, "executables"))) == 1  # one for all
+    again = _probe(cache, compiled_by=0, processes=3)
+    assert again == {p: (False, expected) for p in range(3)}

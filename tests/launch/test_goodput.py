@@ -77,6 +77,25 @@ def test_the_buckets_and_the_productive_time_add_up_to_the_wall_time():
     assert "goodput/badput_wasted_progress_from_disruption_fraction" in fractions
 
 
+def test_training_counts_from_the_first_steps_dispatch_not_from_the_startup_event():
+    """The `startup` event comes when the first step is done, with more queued behind it;
+    those steps are kept progress, so productive time starts at the first dispatch."""
+    records = [
+        _event(0.5, "attempt_started", process_start=0.0, topology="1x4"),
+        _event(1.0, "resumed", step=0),
+        _event(9.0, "startup", figures={}, training_since=8.0),
+        _event(20.0, "attempt_ended", status=0, outcome="finished"),
+    ]
+    (attempt,) = goodput.summarize(records)
+    assert attempt.loop == 8.0
+    (row,) = goodput.account([attempt])["per_attempt"]
+    assert row[goodput.STARTUP] == pytest.approx(8.0) and row["productive"] == pytest.approx(12.0)
+    # An event without the field (an older launcher's) or with a nonsense one: its own time.
+    for since in (None, 30.0, "8"):
+        odd = [dict(r, training_since=since) if r["event"] == "startup" else r for r in records]
+        assert goodput.summarize(odd)[0].loop == 9.0
+
+
 def test_a_live_run_counts_up_to_now_and_loses_nothing_yet():
     records = [r for r in _storm_like_run() if r["attempt"] != "c"]
     records += [_event(31.0, "attempt_started", attempt="c", process_start=30.0)]

@@ -113,8 +113,9 @@ def on_storm_clock(records: list[dict[str, Any]], origin: float) -> list[dict[st
     moved = []
     for r in records:
         r = dict(r, t=r["t"] - origin)
-        if "process_start" in r:
-            r["process_start"] -= origin
+        for key in ("process_start", "training_since"):
+            if isinstance(r.get(key), (int, float)):
+                r[key] -= origin
         moved.append(r)
     return moved
 
