@@ -7,8 +7,9 @@ Runs the real launcher on the demo config through `launch.local_cluster`: a firs
 cache) is preempted with SIGTERM at `--preempt_at`; then, `--repeats` times, a restart with an
 empty compilation cache (cold) and a restart with the cache that the cold one filled (warm),
 each stopped with SIGTERM once every host is training (the launcher's `startup` event,
-launch.events). The figure is the wall time from starting the processes to that event, with
-the launcher's own start-up breakdown (the event's figures). The last line printed is JSON.
+launch.events). The figure is the wall time from starting the processes to the end of the
+first step, which that event records, with the launcher's own start-up breakdown (the event's
+figures). The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _start(workdir: str, cache: str, extra: list[str], output) -> subprocess.Pop
 
 def _run_until(workdir: str, cache: str, extra: list[str], until) -> tuple[float, dict]:
     """Starts a run, SIGTERMs it at the first event for which `until` is true; (seconds from
-    the start to that event, the event)."""
+    the start to that event (for `startup`: to the first step's end, which it records), the
+    event)."""
     tail = events.Tail(workdir)
     tail.read()  # the events of earlier runs
     start = time.time()
@@ -65,7 +67,7 @@ def _run_until(workdir: str, cache: str, extra: list[str], until) -> tuple[float
         log = output.read().decode(errors="replace")
     if seen is None or proc.returncode != 75:
         sys.exit(f"run ended with status {proc.returncode} first:\n{log[-3000:]}")
-    return seen["t"] - start, seen
+    return seen.get("first_step_done", seen["t"]) - start, seen
 
 
 def _is_step(step: int):
