@@ -290,6 +290,15 @@ def build_program(
         **executables.environment_key(mesh),
     }
     init_on_mesh = jax.jit(init, out_shardings=replicated)
+
+    @functools.cache  # once per program, like jax.jit's own cache
+    def compiled_init():
+        # Kept like the steps (launch.executables), and compiled by the last process while
+        # process 0 compiles the train step.
+        return executables.load_or_compile(
+            "init", init_on_mesh.lower, executable_key, (), compiled_by=-1
+        )
+
     return Program(
         mesh=mesh,
         graphdef=graphdef,
@@ -297,11 +306,7 @@ def build_program(
         schedule=schedule,
         tx=tx,
         ids_on_device=augment is not None,
-        # Kept like the steps (launch.executables), and compiled by the last process while
-        # process 0 compiles the train step.
-        init=lambda: executables.load_or_compile(
-            "init", init_on_mesh.lower, executable_key, (), compiled_by=-1
-        )(),
+        init=lambda: compiled_init()(),
         train_step=train_step,
         eval_step=eval_step,
         channels=channels,

@@ -38,6 +38,11 @@ def test_train_and_evaluate_runs_resumes_and_reports(data, tmp_path):
     # A fresh run builds its state ("init"); it restores nothing.
     assert {"startup/data_s", "startup/init_s", "startup/compile_s"} <= set(startup)
     assert "startup/restore_s" not in startup
+    # Training began at the first step's dispatch; start-up ends when that step was done.
+    with open(os.path.join(workdir, "events", "p0.jsonl")) as f:
+        (event,) = [e for e in map(json.loads, f) if e["event"] == "startup"]
+    assert event["training_since"] < event["first_step_done"] <= event["t"]
+    assert event["figures"]["startup/first_step_s"] > 0
     finished = json.load(open(os.path.join(workdir, train.FINISHED_MARKER)))
     assert finished["eval"] == result.eval
     assert finished["data"]["train"] == {"path": data[0], "examples": 200, "classes": 10}
