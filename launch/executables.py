@@ -197,9 +197,7 @@ def _compile(lower: Callable[[], jax.stages.Lowered], path: epath.Path):
     return compiled, payload
 
 
-def _from_process(
-    compiler: int, entry: str, path: epath.Path
-) -> jax.stages.Compiled | None:
+def _from_process(compiler: int, entry: str, path: epath.Path) -> jax.stages.Compiled | None:
     """The executable process `compiler` hands over (kept in this process's cache folder
     too, which on a shared one is already there), or None where it has none to give."""
     try:

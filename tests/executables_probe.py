@@ -40,9 +40,7 @@ def main(_):
         return fn.lower(*args)
 
     key = executables.environment_key(mesh)
-    compiled = executables.load_or_compile(
-        "probe", lower, key, args, compiled_by=FLAGS.compiled_by
-    )
+    compiled = executables.load_or_compile("probe", lower, key, args, compiled_by=FLAGS.compiled_by)
     rows = np.arange(48, dtype=np.float32).reshape(12, 4)
     x = jax.make_array_from_callback((12, 4), sharding, lambda index: rows[index])
     result = float(jax.device_get(compiled(x)))
