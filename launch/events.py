@@ -231,7 +231,9 @@ def begin_attempt(workdir: str, topology: str, timeout_s: float):
     import jax  # pylint: disable=g-import-not-at-top
 
     attempt = agree_attempt_id(timeout_s)
+    # Another process may have begun this attempt already: its events are not earlier ones.
     past = read(workdir) if jax.process_index() == 0 else []
+    past = [r for r in past if r.get("attempt") != attempt]
     log = start(EventLog(workdir, jax.process_index(), attempt))
     log.emit(
         "attempt_started", topology=topology, pid=os.getpid(), process_start=process_start_time()

@@ -48,3 +48,13 @@ def test_an_attempt_begins_with_its_start_event_and_the_earlier_ones(tmp_path):
     (started,) = log.records
     assert started["event"] == "attempt_started" and started["topology"] == "1x1"
     assert started["process_start"] <= started["t"] and started["attempt"] != "old"
+
+
+def test_events_another_process_wrote_for_this_attempt_are_not_earlier_ones(tmp_path, monkeypatch):
+    """Process 1 may start the attempt before process 0 reads the workdir: its unfinished
+    attempt must not count as an interrupted earlier one (a fault, for the MTBF)."""
+    monkeypatch.setattr(events, "agree_attempt_id", lambda timeout_s: "now")
+    events.EventLog(str(tmp_path), process=1, attempt="now").emit("attempt_started")
+    events.EventLog(str(tmp_path), process=0, attempt="old").emit("attempt_ended", status=0)
+    _, past = events.begin_attempt(str(tmp_path), "2x2", timeout_s=1.0)
+    assert [r["attempt"] for r in past] == ["old"]
