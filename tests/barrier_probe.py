@@ -6,24 +6,17 @@ import time
 
 from absl import app, flags
 
+from tests import probe_cluster
+
 flags.DEFINE_float("late_seconds", 0.0, "How long the last process sleeps before the barrier.")
 flags.DEFINE_float("timeout_seconds", 30.0, "The barrier's deadline.")
-flags.DEFINE_string("coordinator_address", None, "")
-flags.DEFINE_integer("num_processes", None, "")
-flags.DEFINE_integer("process_id", None, "")
 FLAGS = flags.FLAGS
 
 
 def main(_):
     from launch import distributed  # pylint: disable=g-import-not-at-top
 
-    distributed.initialize(
-        FLAGS.coordinator_address,
-        FLAGS.num_processes,
-        FLAGS.process_id,
-        heartbeat_timeout_seconds=30,
-        initialization_timeout_seconds=60,
-    )
+    probe_cluster.join()
     if FLAGS.process_id == FLAGS.num_processes - 1:
         time.sleep(FLAGS.late_seconds)
     try:

@@ -9,11 +9,10 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tests import probe_cluster
+
 flags.DEFINE_string("cache", None, "JAX's compilation cache folder (executables/ goes in it).")
 flags.DEFINE_integer("compiled_by", 0, "The process that is to compile the program.")
-flags.DEFINE_string("coordinator_address", None, "")
-flags.DEFINE_integer("num_processes", None, "")
-flags.DEFINE_integer("process_id", None, "")
 FLAGS = flags.FLAGS
 
 
@@ -22,13 +21,7 @@ def main(_):
     from launch import distributed, executables
 
     jax.config.update("jax_compilation_cache_dir", FLAGS.cache)
-    distributed.initialize(
-        FLAGS.coordinator_address,
-        FLAGS.num_processes,
-        FLAGS.process_id,
-        heartbeat_timeout_seconds=30,
-        initialization_timeout_seconds=60,
-    )
+    probe_cluster.join()
     mesh = distributed.make_mesh()
     sharding = NamedSharding(mesh, P("batch"))
     fn = jax.jit(lambda x: (x * jnp.arange(4.0)).sum(), in_shardings=sharding)

@@ -7,31 +7,23 @@ import os
 import numpy as np
 from absl import app, flags
 
+from tests import probe_cluster
+
 flags.DEFINE_string("train_dir", None, "Train dataset.")
 flags.DEFINE_string("eval_dir", None, "Eval dataset.")
 flags.DEFINE_string("out", None, "Folder for process_<i>.json.")
 flags.DEFINE_integer("global_batch_size", 8, "")
 flags.DEFINE_integer("num_steps", 6, "")
 flags.DEFINE_integer("start_step", 0, "First global step read (a resumed run's position).")
-flags.DEFINE_string("coordinator_address", None, "")
-flags.DEFINE_integer("num_processes", None, "")
-flags.DEFINE_integer("process_id", None, "")
 FLAGS = flags.FLAGS
 
 
 def main(_):
-    from launch import distributed  # pylint: disable=g-import-not-at-top
-
-    distributed.initialize(
-        FLAGS.coordinator_address,
-        FLAGS.num_processes,
-        FLAGS.process_id,
-        heartbeat_timeout_seconds=10,
-        initialization_timeout_seconds=60,
-    )
+    probe_cluster.join(heartbeat_timeout_seconds=10)
     import jax  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
+    from launch import distributed  # pylint: disable=g-import-not-at-top
     from pipeline import dataset, global_batches, transforms  # pylint: disable=g-import-not-at-top
 
     mesh = distributed.make_mesh()
