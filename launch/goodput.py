@@ -142,11 +142,7 @@ def _apply(a: Attempt, r: dict[str, Any], started: set, ended: dict) -> None:
     elif kind == "resumed" and a.resumed is None:
         a.resumed = int(r["step"])
     elif kind == "startup" and a.loop is None:
-        # The event comes once the first steps are done; training began at their dispatch
-        # (every host dispatches it just after the same barrier).
-        since = r.get("training_since")
-        a.loop = float(since) if isinstance(since, (int, float)) and since <= t else t
-        a.startup_figures = r.get("figures")
+        a.loop, a.startup_figures = training_began(r), r.get("figures")
     elif kind in ("progress", "save_started", "stop_agreed"):
         a.points.append((t, int(r["step"])))
         if kind == "save_started" and int(r["step"]) not in a.saves:
@@ -157,6 +153,14 @@ def _apply(a: Attempt, r: dict[str, Any], started: set, ended: dict) -> None:
         a.commits[int(r["step"])] = (t, float(r.get("seconds", 0.0)))
     elif kind == "fault":
         a.faults.append((t, str(r.get("kind", "unknown"))))
+
+
+def training_began(startup: dict[str, Any]) -> float:
+    """When the attempt began training, from its `startup` event: the event comes once the
+    first step is done; training began at that step's dispatch (`training_since`; every host
+    dispatches it just after the same barrier). The event's own time where that is missing."""
+    since, t = startup.get("training_since"), startup["t"]
+    return float(since) if isinstance(since, (int, float)) and since <= t else t
 
 
 def reach_time(attempt: Attempt, step: int) -> float | None:

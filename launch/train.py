@@ -224,7 +224,6 @@ class Trainer:
         self.profile = metrics_lib.Profile(config.train.profile_steps, workdir)
         self.startup_end = 0.0
         self.training_since: float | None = None  # wall time of the first step's dispatch
-        self._first_step: Any = None  # an output of the first step, until it is seen done
         self._first_step_done: tuple[float, float] | None = None  # (wall, perf_counter) times
         self.log = log
         self.live = goodput.Live(past_events, log) if jax.process_index() == 0 else None
@@ -287,26 +286,18 @@ class Trainer:
             self.profile.stop(self.state)
         self.pending.append(step_metrics)
         self.in_flight.append(step_metrics["stop"])
-        self._note_first_step(step_metrics["stop"])
+        # When the first step finished, without waiting for it: its flag heads `in_flight`
+        # until it is read, and is looked at after each dispatch (a backend that runs one
+        # step at a time has finished it when the next dispatch returns).
+        if self._first_step_done is None and self.in_flight[0].is_ready():
+            self._first_step_done = (time.time(), time.perf_counter())
         if len(self.in_flight) <= LAG:
             return False
         agreed_stop = bool(jax.device_get(self.in_flight.popleft()))  # waits for that step
         self.watchdog.beat()
         if self.step - self.start_step == LAG + 1:
-            self._note_first_step(None)  # its result was just read: done by now
             self._startup_done()
         return agreed_stop
-
-    def _note_first_step(self, output: Any) -> None:
-        """Notes when the first step has finished, without waiting for it: it is looked at
-        after each dispatch (a backend that runs one step at a time has finished it when the
-        next dispatch returns), and once its result has been read."""
-        if self._first_step_done is not None:
-            return
-        if self._first_step is None:
-            self._first_step = output
-        elif output is None or self._first_step.is_ready():
-            self._first_step_done = (time.time(), time.perf_counter())
 
     def evaluate(self) -> dict[str, float] | None:
         """Evaluates the current state; None if the hosts agreed to stop midway."""
@@ -386,7 +377,8 @@ class Trainer:
         """The first step is done on every host (its result was read): the start-up figures,
         up to when it finished. Training (what goodput counts as productive) began when it was
         dispatched: the steps queued behind it since are kept progress."""
-        assert self._first_step_done is not None
+        if self._first_step_done is None:  # not seen earlier: done when its result was read
+            self._first_step_done = (time.time(), time.perf_counter())
         done_wall, done = self._first_step_done
         self.timings["startup/first_step_s"] = done - self.startup_end
         self.timings["startup/total_s"] = (

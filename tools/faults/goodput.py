@@ -34,7 +34,7 @@ def new_attempt(index: int, topology: tuple[int, int], spawn: float) -> dict[str
         "status": None,
         "ids": [],  # the launcher's attempt ids (launch.events) seen in this invocation
         "startup": None,  # the launcher's start-up figures, seconds by phase
-        "loop_start": None,  # every host is in the training loop (the `startup` event)
+        "loop_start": None,  # every host is training (launch.goodput.training_began)
         "resumed_from": 0,
         "elastic": None,  # "2x2->1x4" when it resumed a checkpoint of another topology
         "points": [],  # [time, global step]: progress, saves, the agreed stop
@@ -57,7 +57,8 @@ def feed(attempt: dict[str, Any], t: float, record: dict[str, Any]) -> dict[str,
     if record.get("attempt") and record["attempt"] not in attempt["ids"]:
         attempt["ids"].append(record["attempt"])
     if kind == "startup" and attempt["loop_start"] is None:
-        attempt["loop_start"] = t
+        # As the accounting counts it: the first step's dispatch, on the storm's clock.
+        attempt["loop_start"] = t - (record["t"] - accounting.training_began(record))
         attempt["startup"] = {k.split("/")[-1][:-2]: v for k, v in record["figures"].items()}
     elif kind == "resumed":
         attempt["resumed_from"] = int(step)
