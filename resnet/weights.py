@@ -67,7 +67,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import resnet
-from resnet.model import ZeroPadShortcut
 
 FORMAT = "resnet-multihost-weights"
 VERSION = 1
@@ -263,13 +262,14 @@ def _check_model_spec(model: Any, where: str) -> dict[str, Any]:
     return spec
 
 
-def _complete_model_spec(spec: dict[str, Any], abstract: nnx.Module) -> dict[str, Any]:
-    """Writes out the defaults the constructor applied, so that model.json is explicit."""
+def _complete_model_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Writes out the defaults the constructor applies, so that model.json is explicit."""
     spec = dict(spec)
     spec.setdefault("in_channels", _constructor_default("in_channels"))
     spec.setdefault("bn_epsilon", float(_constructor_default("bn_epsilon")))
-    if "shortcut" not in spec:  # the family's default (projection for ImageNet, zero_pad CIFAR)
-        spec["shortcut"] = "zero_pad" if modules_of(abstract, ZeroPadShortcut) else "projection"
+    # The family's (projection for ImageNet, zero_pad CIFAR), read from the table that
+    # create_model reads: every training start writes this, so no model is built for it.
+    spec.setdefault("shortcut", resnet.ARCHITECTURES[spec["name"]].shortcut)
     return {k: spec[k] for k in MODEL_KEYS}
 
 
@@ -278,7 +278,7 @@ def model_spec(name: str, num_classes: int, **options) -> dict[str, Any]:
     the stored options (those that change the function), defaults written out."""
     stored = {k: options[k] for k in MODEL_OPTIONS if k in options}
     spec = _check_model_spec({"name": name, "num_classes": num_classes, **stored}, "model_spec")
-    return _complete_model_spec(spec, abstract_model(spec))
+    return _complete_model_spec(spec)
 
 
 def _check_preprocessing(pre: Any, in_channels: int, where: str) -> dict[str, Any]:
@@ -362,9 +362,8 @@ def save(
         raise FileExistsError(f"{path} exists; weights are written to a new directory only")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    spec = _check_model_spec(model, "save")
+    spec = _complete_model_spec(_check_model_spec(model, "save"))
     abstract = abstract_model(spec)
-    spec = _complete_model_spec(spec, abstract)
     pre = _check_preprocessing(preprocessing, spec["in_channels"], "save")
     names = _check_class_names(
         None if class_names is None else list(class_names), spec["num_classes"], "save"

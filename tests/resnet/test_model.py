@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import resnet
+import resnet.weights
 
 # torchvision's counts for num_classes=1000 (nnx.Param only).
 IMAGENET_COUNTS = {
@@ -119,6 +120,17 @@ def test_cifar_projection_shortcut_adds_two_projections():
     extra = (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
     n = resnet.count_params(abstract_model("resnet20", shortcut="projection"))
     assert n == CIFAR_COUNTS["resnet20"] + extra
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet8", "resnet20"])
+def test_the_weights_spec_names_the_shortcuts_the_built_model_has(name):
+    # resnet.weights.model_spec reads the family's default from the table, without a model.
+    spec = resnet.weights.model_spec(name, 10)
+    model = abstract_model(name)
+    kinds = {"projection": resnet.ProjectionShortcut, "zero_pad": resnet.ZeroPadShortcut}
+    assert resnet.weights.modules_of(model, kinds[spec["shortcut"]])
+    other = next(k for k in kinds if k != spec["shortcut"])
+    assert not resnet.weights.modules_of(model, kinds[other])
 
 
 def test_count_params_excludes_batch_stats():
