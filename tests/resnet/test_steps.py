@@ -33,7 +33,7 @@ def test_all_finite_skips_integer_leaves():
 def test_every_leaf_kept_on_the_flag_reads_it_once():
     # The train step keeps every leaf's old value where the flag is false. XLA copies a cheap
     # flag into each fusion that reads it; the flag must stay one value, or the executable
-    # grows as leaves x leaves (a quarter of a ResNet-20 train step's instructions).
+    # grows as leaves x leaves (most of a ResNet-20 train step's instructions).
     def keep_all(tree):
         finite = steps_lib.all_finite(tree)
         return [jnp.where(finite, x * 2, x) for x in tree["floats"]]
