@@ -144,11 +144,11 @@ def test_the_accounting_splits_wall_time_into_buckets_that_add_up():
     ref = _startup(110.0, "r", 0.1) + [_event(120.0, "save_started", "r", step=50, blocked_s=1)]
     reference = _attempt(0, 100.0, ref, 140.0, 0)
     assert attempts[0]["loop_start"] == 10.0 and attempts[1]["resumed_from"] == 10
+    assert attempts[1]["agreed_stop"] == [27.5, 22] and attempts[0]["ids"] == ["a"]
     # With the dispatch time the launcher records, training began there (as accounted).
     dispatched = goodput.new_attempt(0, (2, 2), 0.0)
     goodput.feed(dispatched, 10.0, _event(10.0, "startup", "d", figures={}, training_since=9.2))
     assert dispatched["loop_start"] == pytest.approx(9.2)
-    assert attempts[1]["agreed_stop"] == [27.5, 22] and attempts[0]["ids"] == ["a"]
 
     summary = goodput.summarize(attempts, reference, a + b + c, ref)
     rows = summary["per_attempt"]
