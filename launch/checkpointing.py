@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import threading
 import time
@@ -44,7 +45,6 @@ from etils import epath
 
 from launch import distributed, executables, plan
 from pipeline import resizing
-from resnet import steps
 
 COMMIT_MARKER = "commit_success.txt"
 FORMAT = "resnet-multihost"
@@ -100,28 +100,50 @@ def _words(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
 
 
-@jax.jit
-def digest(tree: Any) -> jax.Array:
-    """Two uint32 hashes per leaf, of its exact bits; the same whatever the reduction order.
+def _checks(tree: Any) -> tuple[jax.Array, jax.Array]:
+    """(every float leaf finite, the digest: two uint32 hashes per leaf, of its exact bits).
 
-    Each hash is a sum mod 2**32 of the words times an odd, position-dependent factor, so
-    changing any single value always changes both; integer sums do not depend on the order
+    Each hash is a sum mod 2**32 of the leaf's words times an odd, position-dependent factor,
+    so changing any single value always changes both; integer sums do not depend on the order
     XLA adds in, so the digest is identical on every backend and device count.
+
+    Leaves of one shape and dtype are stacked and reduced together: a few reductions per
+    distinct shape instead of several per leaf. For ResNet-20's state (160 leaves, 12 shapes)
+    that makes the compiled checks a third of the size (0.5 MB), and a restart that loads them
+    spends a quarter of the time doing it (tests/launch/test_checkpointing.py).
     """
-    rows = []
-    for leaf in jax.tree.leaves(tree):
-        words = _words(leaf)
-        index = jnp.arange(words.size, dtype=jnp.uint32)
+    leaves = jax.tree.leaves(tree)
+    groups: dict[tuple, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault((jnp.shape(leaf), jnp.result_type(leaf)), []).append(i)
+    finite, hashes, order = [jnp.bool_(True)], [], []
+    for (shape, dtype), indices in groups.items():
+        stacked = jnp.stack([leaves[i] for i in indices])
+        if jnp.issubdtype(dtype, jnp.inexact):
+            finite.append(jnp.all(jnp.isfinite(stacked)))
+        words = _words(stacked).reshape(len(indices), math.prod(shape))
+        index = jnp.arange(words.shape[1], dtype=jnp.uint32)
         mixed = words ^ (words >> 15)
-        rows.append(
+        hashes.append(
             jnp.stack(
                 [
-                    jnp.sum(words * (2 * index + 1), dtype=jnp.uint32),
-                    jnp.sum(mixed * (jnp.uint32(0x9E3779B1) + 2 * index), dtype=jnp.uint32),
-                ]
+                    jnp.sum(words * (2 * index + 1), axis=1, dtype=jnp.uint32),
+                    jnp.sum(mixed * (jnp.uint32(0x9E3779B1) + 2 * index), axis=1, dtype=jnp.uint32),
+                ],
+                axis=1,
             )
         )
-    return jnp.stack(rows)
+        order += indices
+    if not leaves:
+        return jnp.bool_(True), jnp.zeros((0, 2), jnp.uint32)
+    # Back from the groups' order to the leaves' order.
+    return jnp.all(jnp.stack(finite)), jnp.concatenate(hashes)[np.argsort(order)]
+
+
+@jax.jit
+def digest(tree: Any) -> jax.Array:
+    """Two uint32 hashes per leaf (rows in the order of jax.tree.leaves), of its exact bits."""
+    return _checks(tree)[1]
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -137,12 +159,10 @@ def digest_by_path(tree: Any, hashes: Any = None) -> dict[str, list[int]]:
     return dict(zip(leaf_paths(tree), rows))
 
 
-@jax.jit
-def _pre_save_checks(state: Any) -> tuple[jax.Array, jax.Array]:
-    return steps.all_finite(state), digest(state)
+_pre_save_checks = jax.jit(_checks)
 
 
-# The code of the checks beyond what every executable's key holds (resnet/, with all_finite).
+# The code of the checks beyond what every executable's key holds.
 _CHECKS_SOURCES = (os.path.join("launch", "checkpointing.py"),)
 
 
