@@ -60,3 +60,8 @@ def test_the_checks_reduce_per_shape_not_per_leaf():
     text = checkpointing._pre_save_checks.lower(tree).compile().as_text()
     reductions = len(re.findall(r"\breduce\(", text))
     assert 0 < reductions <= 3 * 2, reductions
+
+
+def test_an_empty_tree_has_an_empty_digest():
+    finite, hashes = checkpointing._pre_save_checks({})
+    assert bool(finite) and np.asarray(hashes).shape == (0, 2)
