@@ -188,7 +188,7 @@ def test_the_schedule_is_seeded_and_brings_every_kind_once_per_round():
     assert draw(6) != first
 
 
-def _fake_run(workdir, params_by_step, history, top1=0.9):
+def _fake_run(workdir, params_by_step, history, top1=0.9, loss=0.3):
     """A finished run's files as the launcher leaves them: committed states and FINISHED."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -199,7 +199,7 @@ def _fake_run(workdir, params_by_step, history, top1=0.9):
             checkpointer.save(os.path.join(step_dir, "state"), state)
         open(os.path.join(step_dir, "commit_success.txt"), "w").close()
     topology = [{"processes": p, "devices_per_process": d, "from_step": s} for p, d, s in history]
-    figures = {"eval/loss": 0.3, "eval/top1": top1, "eval/top5": 1.0, "eval/count": 100.0}
+    figures = {"eval/loss": loss, "eval/top1": top1, "eval/top5": 1.0, "eval/count": 100.0}
     record = {"step": max(params_by_step), "eval": figures, "topology_history": topology}
     with open(os.path.join(workdir, "FINISHED"), "w") as f:
         json.dump(record, f)
@@ -232,3 +232,19 @@ def test_the_result_check_is_exact_on_one_topology_and_tolerant_across_topologie
     assert not late["ok"] and not late["checkpoints_before_change_identical"]
     far = check("far")
     assert not far["ok"] and far["param_rel_l2"] == pytest.approx(0.6, rel=1e-5)
+
+
+def test_the_eval_loss_is_compared_relatively_with_an_absolute_slack_near_zero(tmp_path):
+    state = {4: {"w": np.ones((4, 4), np.float32)}, 8: {"w": np.full((4, 4), 0.9, np.float32)}}
+    moved = [(2, 2, 0), (1, 4, 4)]
+    for name, loss in (("ref", 0.015), ("near_zero", 0.0185), ("too_far", 0.0245)):
+        _fake_run(str(tmp_path / name), state, [(2, 2, 0)] if name == "ref" else moved, loss=loss)
+    check = lambda name: fault_storm.check(str(tmp_path / "ref"), str(tmp_path / name), "2x2")
+    # 23% apart, within 0.005 + 20% of 0.015: the same model near a loss of zero.
+    near = check("near_zero")
+    assert near["ok"] and near["eval_loss_rel_diff"] == pytest.approx(0.2333, rel=1e-3), near
+    assert not check("too_far")["ok"]  # 0.0095 apart: more than 0.005 + 0.003
+    big = fault_storm.check(
+        str(tmp_path / "ref"), str(tmp_path / "near_zero"), "2x2", loss_atol=0.0
+    )
+    assert not big["ok"]  # relative alone, 23% is too far
