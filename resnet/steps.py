@@ -178,6 +178,8 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 def all_finite(tree: Any) -> jax.Array:
     """True when every float in `tree` is finite (integer leaves such as counters are skipped)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
     flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
     # Padded so that it stays one reduction: XLA rewrites the reduction of stacked scalars as a
     # chain of ands and copies that chain into every fusion that reads the result (in the train

@@ -6,10 +6,11 @@ import textwrap
 
 import portpicker
 
+from tests import helpers
+
 _JOIN = textwrap.dedent(
     """
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import sys
     import jax, numpy as np
     from launch import distributed
     distributed.initialize(
@@ -24,7 +25,12 @@ _JOIN = textwrap.dedent(
 def test_a_single_process_reduces_in_memory_not_over_gloo():
     address = f"localhost:{portpicker.pick_unused_port()}"
     out = subprocess.run(
-        [sys.executable, "-c", _JOIN, address], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _JOIN, address],
+        cwd=helpers.REPO,
+        env=helpers.child_env(4),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "None 1 [6.0, 6.0, 6.0, 6.0]"

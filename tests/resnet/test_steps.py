@@ -28,6 +28,7 @@ def test_all_finite_is_false_for_any_nan_or_infinity_in_any_float_leaf():
 
 def test_all_finite_skips_integer_leaves():
     assert bool(steps_lib.all_finite({"step": jnp.int32(2**31 - 1), "x": jnp.ones(3)}))
+    assert bool(steps_lib.all_finite({"step": jnp.int32(3)}))  # no float leaf at all
 
 
 def test_every_leaf_kept_on_the_flag_reads_it_once():

@@ -243,6 +243,7 @@ def test_the_eval_loss_is_compared_relatively_with_an_absolute_slack_near_zero(t
     # 23% apart, within 0.005 + 20% of 0.015: the same model near a loss of zero.
     near = check("near_zero")
     assert near["ok"] and near["eval_loss_rel_diff"] == pytest.approx(0.2333, rel=1e-3), near
+    assert near["eval_loss_diff"] == pytest.approx(0.0035)
     assert not check("too_far")["ok"]  # 0.0095 apart: more than 0.005 + 0.003
     big = fault_storm.check(
         str(tmp_path / "ref"), str(tmp_path / "near_zero"), "2x2", loss_atol=0.0

@@ -468,6 +468,7 @@ def check(
         "eval_storm": got["eval"],
         "eval_identical": ref["eval"] == got["eval"],
         "eval_top1_diff": d_top1,
+        "eval_loss_diff": d_loss_abs,
         "eval_loss_rel_diff": d_loss,
     }
     ok = ref["step"] == got["step"] and result["checkpoints_before_change_identical"]
