@@ -6,20 +6,37 @@
  * columns), and the rows below the window are never read. Combined with the scaled IDCT
  * (scale_denom 2, 4, 8) this is what tf.data's decode_and_crop_jpeg does.
  *
+ * That still entropy-decodes every row above the window and the whole width of its own rows:
+ * Huffman codes have no boundaries to seek to. Restart markers are such boundaries: the
+ * entropy coder starts afresh after each one (DC predictions reset, byte-aligned). A JPEG
+ * whose restart intervals tile each MCU row (restart_index below writes one, losslessly) is
+ * decoded from the intervals that cover the window and one MCU around it, and no others:
+ * they are cut out and joined, with the header's size changed and the markers renumbered,
+ * into a smaller JPEG of the same coefficients, so that only the window's share of the
+ * entropy-coded data is read. The margin of one MCU gives chroma upsampling its neighbours
+ * on every side: the window's pixels are those of a whole decode.
+ *
  * decode_crop(data, left, top, right, bottom, scale, channels, fast_dct)
  *     -> (pixels: bytearray, height, width, x0)
  * decodes rows [top, bottom) of the image decoded at 1/scale, columns from x0 <= left (the
  * iMCU boundary libjpeg aligns to) to at least `right`; `pixels` is height x width x channels
  * uint8, rows contiguous: gray (1), RGB (3) or, for CMYK and YCCK JPEGs only, CMYK as stored (4).
- * Errors raise ValueError with libjpeg's message.
  *
- * The GIL is released while libjpeg works, so Grain's threads decode in parallel.
+ * restart_index(data, max_mcus) -> bytes
+ * re-encodes a JPEG losslessly (the same DCT coefficients, quantisation and sampling, so the
+ * same pixels once decoded): one baseline scan, optimised Huffman tables, and a restart marker
+ * every k MCUs, k the largest divisor of the MCUs in a row up to max_mcus, so that the
+ * intervals tile the rows. Markers (EXIF, ICC profiles, comments) are kept.
+ *
+ * Errors raise ValueError with libjpeg's message. The GIL is released while libjpeg works,
+ * so Grain's threads decode in parallel.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <setjmp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <jpeglib.h>
@@ -40,6 +57,133 @@ static void error_exit(j_common_ptr cinfo) {
  * image is, on the same draws, as for any JPEG this module refuses. */
 static void emit_message(j_common_ptr cinfo, int level) {
   if (level < 0) error_exit(cinfo);
+}
+
+/* Where a restart-indexed JPEG's window lies in its entropy-coded data, and the smaller JPEG
+ * made of it. */
+typedef struct {
+  unsigned char *bytes; /* the smaller JPEG (malloc), or NULL: decode the whole stream */
+  size_t size;
+  JDIMENSION x_origin, y_origin; /* its first pixel in the image decoded at 1/scale */
+} Excerpt;
+
+/* The offset of the SOF segment among [2, end), or 0. */
+static size_t find_sof(const unsigned char *data, size_t end) {
+  size_t pos = 2;
+  while (pos + 4 <= end && data[pos] == 0xFF) {
+    unsigned char marker = data[pos + 1];
+    if (marker == 0xFF) { /* fill byte */
+      pos++;
+      continue;
+    }
+    if (marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC)
+      return pos;
+    pos += 2 + ((size_t)data[pos + 2] << 8 | data[pos + 3]);
+  }
+  return 0;
+}
+
+static void put16(unsigned char *at, unsigned int value) {
+  at[0] = (unsigned char)(value >> 8);
+  at[1] = (unsigned char)value;
+}
+
+/* Fills `excerpt` for the window (output pixels at 1/scale) of the JPEG whose header `cinfo`
+ * has read from `data`; leaves excerpt->bytes NULL where the JPEG is not restart-indexed or
+ * the excerpt would be the whole image (or memory is short: the whole stream decodes too). */
+static void cut_excerpt(j_decompress_ptr cinfo, const unsigned char *data, size_t size,
+                       unsigned int left, unsigned int top, unsigned int right,
+                       unsigned int bottom, unsigned int scale, Excerpt *excerpt) {
+  excerpt->bytes = NULL;
+  excerpt->x_origin = excerpt->y_origin = 0;
+  unsigned int interval = cinfo->restart_interval;
+  if (interval == 0 || cinfo->progressive_mode || cinfo->arith_code ||
+      cinfo->comps_in_scan != cinfo->num_components)
+    return;
+  int interleaved = cinfo->num_components > 1;
+  JDIMENSION mcu_w = interleaved ? 8 * cinfo->max_h_samp_factor : 8;
+  JDIMENSION mcu_h = interleaved ? 8 * cinfo->max_v_samp_factor : 8;
+  JDIMENSION width = cinfo->image_width, height = cinfo->image_height;
+  JDIMENSION mcu_cols = (width + mcu_w - 1) / mcu_w, mcu_rows = (height + mcu_h - 1) / mcu_h;
+  if (mcu_cols % interval != 0) return;
+  JDIMENSION per_row = mcu_cols / interval;
+
+  /* The window in full-resolution pixels, in whole MCUs, one more each side. */
+  JDIMENSION x1 = right * scale < width ? right * scale : width;
+  JDIMENSION y1 = bottom * scale < height ? bottom * scale : height;
+  JDIMENSION c0 = left * scale / mcu_w, c1 = (x1 + mcu_w - 1) / mcu_w + 1;
+  JDIMENSION r0 = top * scale / mcu_h, r1 = (y1 + mcu_h - 1) / mcu_h + 1;
+  c0 = c0 > 0 ? c0 - 1 : 0;
+  r0 = r0 > 0 ? r0 - 1 : 0;
+  c1 = c1 < mcu_cols ? c1 : mcu_cols;
+  r1 = r1 < mcu_rows ? r1 : mcu_rows;
+  JDIMENSION i0 = c0 / interval, i1 = (c1 + interval - 1) / interval; /* intervals in a row */
+  if (r0 == 0 && r1 == mcu_rows && i0 == 0 && i1 == per_row) return;
+
+  /* The entropy-coded data starts where the header reader stopped, after the SOS segment. */
+  size_t scan = (size_t)(cinfo->src->next_input_byte - data);
+  size_t sof = find_sof(data, scan);
+  if (sof == 0) return;
+
+  /* Offsets of the intervals up to the last row needed: interval j is [start, end). */
+  size_t last = (size_t)r1 * per_row, count = 0;
+  size_t *bounds = malloc(2 * last * sizeof(size_t));
+  if (bounds == NULL) return;
+  size_t pos = scan;
+  bounds[0] = scan;
+  while (count < last) {
+    const unsigned char *ff = memchr(data + pos, 0xFF, size - pos);
+    if (ff == NULL || (size_t)(ff - data) + 1 >= size) break;
+    size_t at = (size_t)(ff - data);
+    unsigned char next = data[at + 1];
+    if (next == 0x00 || next == 0xFF) { /* a stuffed 0xFF, or fill before a marker */
+      pos = at + (next == 0x00 ? 2 : 1);
+      continue;
+    }
+    bounds[2 * count + 1] = at; /* a restart marker, or the end of the scan */
+    count++;
+    if (next < 0xD0 || next > 0xD7) break;
+    if (count < last) bounds[2 * count] = at + 2;
+    pos = at + 2;
+  }
+  if (count != last) { /* not laid out as the header says: libjpeg decodes it and judges */
+    free(bounds);
+    return;
+  }
+
+  size_t header = scan, total = header + 2;
+  for (JDIMENSION r = r0; r < r1; r++)
+    for (JDIMENSION i = i0; i < i1; i++) {
+      size_t j = (size_t)r * per_row + i;
+      total += bounds[2 * j + 1] - bounds[2 * j] + 2;
+    }
+  unsigned char *out = malloc(total);
+  if (out == NULL) {
+    free(bounds);
+    return;
+  }
+  memcpy(out, data, header);
+  JDIMENSION sub_w = (i1 * interval * mcu_w < width ? i1 * interval * mcu_w : width) -
+                     i0 * interval * mcu_w;
+  JDIMENSION sub_h = (r1 * mcu_h < height ? r1 * mcu_h : height) - r0 * mcu_h;
+  put16(out + sof + 5, sub_h);
+  put16(out + sof + 7, sub_w);
+  size_t at = header;
+  unsigned int marker = 0;
+  for (JDIMENSION r = r0; r < r1; r++)
+    for (JDIMENSION i = i0; i < i1; i++) {
+      size_t j = (size_t)r * per_row + i, length = bounds[2 * j + 1] - bounds[2 * j];
+      memcpy(out + at, data + bounds[2 * j], length);
+      at += length;
+      out[at++] = 0xFF;
+      out[at++] = (unsigned char)(0xD0 + (marker++ & 7));
+    }
+  out[at - 1] = 0xD9; /* the last interval ends the image */
+  free(bounds);
+  excerpt->bytes = out;
+  excerpt->size = at;
+  excerpt->x_origin = i0 * interval * mcu_w / scale;
+  excerpt->y_origin = r0 * mcu_h / scale;
 }
 
 static PyObject *decode_crop(PyObject *self, PyObject *args) {
@@ -63,6 +207,7 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   /* volatile: read after a longjmp back into this frame. */
   PyObject *volatile pixels = NULL;
   PyThreadState *volatile thread = NULL;
+  unsigned char *volatile excerpt_bytes = NULL;
   JDIMENSION x0 = left, width = right - left;
 
   cinfo.err = jpeg_std_error(&errors.base);
@@ -73,6 +218,7 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   if (setjmp(errors.escape)) {
     jpeg_destroy_decompress(&cinfo);
     if (thread != NULL) PyEval_RestoreThread(thread);
+    free(excerpt_bytes);
     PyBuffer_Release(&data);
     Py_XDECREF(pixels);
     PyErr_Format(PyExc_ValueError, "JPEG: %s", errors.message);
@@ -82,6 +228,26 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   thread = PyEval_SaveThread();
   jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
   jpeg_read_header(&cinfo, TRUE);
+  JDIMENSION full_w = (cinfo.image_width + scale - 1) / scale;
+  JDIMENSION full_h = (cinfo.image_height + scale - 1) / scale;
+  if (right > full_w || bottom > full_h) {
+    snprintf(errors.message, sizeof errors.message,
+             "window %u,%u,%u,%u is outside the %ux%u image", left, top, right, bottom, full_w,
+             full_h);
+    longjmp(errors.escape, 1);
+  }
+  Excerpt excerpt;
+  cut_excerpt(&cinfo, (const unsigned char *)data.buf, (size_t)data.len, left, top, right, bottom,
+              scale, &excerpt);
+  if (excerpt.bytes != NULL) {
+    /* Decode the excerpt instead, the window moved into its coordinates. */
+    excerpt_bytes = excerpt.bytes;
+    jpeg_abort_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, excerpt.bytes, (unsigned long)excerpt.size);
+    jpeg_read_header(&cinfo, TRUE);
+    left -= excerpt.x_origin, right -= excerpt.x_origin;
+    top -= excerpt.y_origin, bottom -= excerpt.y_origin;
+  }
   /* libjpeg converts neither way between CMYK and RGB or gray. */
   int cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
   if (cmyk != (channels == 4)) {
@@ -94,12 +260,6 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   cinfo.scale_denom = scale;
   cinfo.dct_method = fast_dct ? JDCT_IFAST : JDCT_ISLOW;
   jpeg_start_decompress(&cinfo);
-  if (right > cinfo.output_width || bottom > cinfo.output_height) {
-    snprintf(errors.message, sizeof errors.message,
-             "window %u,%u,%u,%u is outside the %ux%u image", left, top, right, bottom,
-             cinfo.output_width, cinfo.output_height);
-    longjmp(errors.escape, 1);
-  }
   /* Chroma upsampling treats the edges of a cropped row as the image's edges, so the
    * window is widened by one iMCU column each side (as far as the image goes): its own
    * columns then come out as in a whole decode. crop_scanline aligns x0 down to an iMCU. */
@@ -115,6 +275,7 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   pixels = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(row_bytes * (bottom - top)));
   if (pixels == NULL) {
     jpeg_destroy_decompress(&cinfo);
+    free(excerpt_bytes);
     PyBuffer_Release(&data);
     return NULL;
   }
@@ -136,8 +297,80 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   jpeg_abort_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
   PyEval_RestoreThread(thread);
+  free(excerpt_bytes);
   PyBuffer_Release(&data);
-  return Py_BuildValue("(NIII)", pixels, bottom - top, width, x0);
+  return Py_BuildValue("(NIII)", pixels, bottom - top, width, x0 + excerpt.x_origin);
+}
+
+/* A jpegtran-like lossless re-encoding with restart markers that tile the MCU rows. */
+static PyObject *restart_index(PyObject *self, PyObject *args) {
+  Py_buffer data;
+  unsigned int max_mcus;
+  if (!PyArg_ParseTuple(args, "y*I", &data, &max_mcus)) return NULL;
+  if (max_mcus == 0 || max_mcus > 65535) {
+    PyBuffer_Release(&data);
+    PyErr_Format(PyExc_ValueError, "restart_index: max_mcus %u is not in 1..65535", max_mcus);
+    return NULL;
+  }
+  struct jpeg_decompress_struct source;
+  struct jpeg_compress_struct target;
+  ErrorManager errors;
+  PyThreadState *volatile thread = NULL;
+  unsigned char *encoded = NULL; /* written by libjpeg through its address */
+  unsigned long encoded_size = 0;
+
+  source.err = jpeg_std_error(&errors.base);
+  target.err = &errors.base;
+  errors.base.error_exit = error_exit;
+  errors.base.emit_message = emit_message;
+  errors.message[0] = '\0';
+  jpeg_create_decompress(&source);
+  jpeg_create_compress(&target);
+  if (setjmp(errors.escape)) {
+    jpeg_destroy_compress(&target);
+    jpeg_destroy_decompress(&source);
+    free(encoded);
+    if (thread != NULL) PyEval_RestoreThread(thread);
+    PyBuffer_Release(&data);
+    PyErr_Format(PyExc_ValueError, "JPEG: %s", errors.message);
+    return NULL;
+  }
+
+  thread = PyEval_SaveThread();
+  jpeg_mem_src(&source, (const unsigned char *)data.buf, (unsigned long)data.len);
+  jpeg_save_markers(&source, JPEG_COM, 0xFFFF);
+  for (int m = 0; m < 16; m++) jpeg_save_markers(&source, JPEG_APP0 + m, 0xFFFF);
+  jpeg_read_header(&source, TRUE);
+  jvirt_barray_ptr *coefficients = jpeg_read_coefficients(&source);
+  jpeg_copy_critical_parameters(&source, &target);
+  target.optimize_coding = TRUE;
+  JDIMENSION mcu_w = source.num_components > 1 ? 8 * source.max_h_samp_factor : 8;
+  JDIMENSION mcu_cols = (source.image_width + mcu_w - 1) / mcu_w;
+  unsigned int interval = max_mcus < mcu_cols ? max_mcus : mcu_cols;
+  while (mcu_cols % interval != 0) interval--;
+  target.restart_interval = interval;
+  jpeg_mem_dest(&target, &encoded, &encoded_size);
+  jpeg_write_coefficients(&target, coefficients);
+  for (jpeg_saved_marker_ptr m = source.marker_list; m != NULL; m = m->next) {
+    /* The writer emits its own JFIF and Adobe segments from the copied parameters. */
+    if (target.write_JFIF_header && m->marker == JPEG_APP0 && m->data_length >= 5 &&
+        memcmp(m->data, "JFIF", 5) == 0)
+      continue;
+    if (target.write_Adobe_marker && m->marker == JPEG_APP0 + 14 && m->data_length >= 5 &&
+        memcmp(m->data, "Adobe", 5) == 0)
+      continue;
+    jpeg_write_marker(&target, m->marker, m->data, m->data_length);
+  }
+  jpeg_finish_compress(&target);
+  jpeg_finish_decompress(&source);
+  PyEval_RestoreThread(thread);
+  thread = NULL;
+  PyObject *result = PyBytes_FromStringAndSize((const char *)encoded, (Py_ssize_t)encoded_size);
+  jpeg_destroy_compress(&target);
+  jpeg_destroy_decompress(&source);
+  free(encoded);
+  PyBuffer_Release(&data);
+  return result;
 }
 
 static PyMethodDef methods[] = {
@@ -145,6 +378,10 @@ static PyMethodDef methods[] = {
      "decode_crop(data, left, top, right, bottom, scale, channels, fast_dct) -> "
      "(pixels, height, width, x0): rows [top, bottom) and columns from x0 <= left to at "
      "least `right` of the JPEG decoded at 1/scale, as height x width x channels uint8."},
+    {"restart_index", restart_index, METH_VARARGS,
+     "restart_index(data, max_mcus) -> bytes: the JPEG re-encoded losslessly, baseline, with "
+     "optimised Huffman tables and restart intervals of at most max_mcus MCUs that tile "
+     "each MCU row."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegcrop",

@@ -118,9 +118,17 @@ def define_flags(values: flags.FlagValues) -> flags.FlagValues:
     flags.DEFINE_integer(
         "jpeg_quality",
         JPEG_QUALITY,
-        "JPEG quality of the images that are downscaled (untouched JPEGs keep their bytes).",
+        "JPEG quality of the images that are downscaled (others keep their coefficients).",
         lower_bound=1,
         upper_bound=100,
+        flag_values=values,
+    )
+    flags.DEFINE_bool(
+        "jpeg_restarts",
+        True,
+        "imagefolder: store JPEGs re-encoded losslessly (same pixels) with restart markers, so "
+        "that training decodes only a crop's share of each (docs/data.md); off: their bytes "
+        "as they are.",
         flag_values=values,
     )
     flags.DEFINE_enum(
@@ -179,6 +187,7 @@ def run(f: flags.FlagValues, extra: list[str]) -> int:
                 shorter_side=f.shorter_side,
                 max_side=f.max_side,
                 jpeg_quality=f.jpeg_quality,
+                jpeg_restarts=f.jpeg_restarts,
                 encoding=f.encoding,
             )
         except stopping.Interrupted as e:

@@ -22,9 +22,11 @@ from pipeline.conversion.imagefolder import read_imagefolder
 from pipeline.conversion.images import (
     DEFAULT_MAX_PIXELS,
     JPEG_QUALITY,
+    JPEG_RESTART_MCUS,
     MAX_PIXELS_LIMIT,
     ImageOptions,
     encode_array,
+    restarts_available,
 )
 from pipeline.conversion.mnist import read_mnist
 from pipeline.conversion.progress import Progress
@@ -74,21 +76,24 @@ def convert(
     shorter_side: int | None = None,
     max_side: int | None = None,
     jpeg_quality: int = JPEG_QUALITY,
+    jpeg_restarts: bool = True,
     encoding: str | None = None,
     progress_stream=None,
 ) -> dict:
     """Converts a dataset to ArrayRecord shards plus metadata.json; returns the metadata.
 
-    `keep(example_id)` selects examples (those it rejects are not written and not counted as
-    skipped). imagefolder images over `max_pixels`, or whose shorter side exceeds
-    `shorter_side` or longer side `max_side`, are downscaled once (Lanczos; JPEG stays JPEG at
-    `jpeg_quality`, others become PNG); smaller ones are stored untouched. `encoding`: "raw"
-    (uint8 pixels; the default for mnist and cifar) or "encoded" (PNG/JPEG; the default for
-    imagefolder). Progress goes to `progress_stream` (default stderr): one redrawn line on a
-    terminal, log lines otherwise. Raises ConversionError for bad input or options,
-    unreadable files under `strict`, raw images of differing sizes, an output that is in use
-    or must not be replaced (see publishing.existing_output), an output nested with the input,
-    and I/O errors.
+        `keep(example_id)` selects examples (those it rejects are not written and not counted as
+        skipped). imagefolder images over `max_pixels`, or whose shorter side exceeds
+        `shorter_side` or longer side `max_side`, are downscaled once (Lanczos; JPEG stays JPEG at
+        `jpeg_quality`, others become PNG); smaller ones are stored untouched. JPEGs are stored
+    re-encoded losslessly with restart markers unless `jpeg_restarts` is False (images.py).
+    `encoding`: "raw"
+        (uint8 pixels; the default for mnist and cifar) or "encoded" (PNG/JPEG; the default for
+        imagefolder). Progress goes to `progress_stream` (default stderr): one redrawn line on a
+        terminal, log lines otherwise. Raises ConversionError for bad input or options,
+        unreadable files under `strict`, raw images of differing sizes, an output that is in use
+        or must not be replaced (see publishing.existing_output), an output nested with the input,
+        and I/O errors.
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -122,7 +127,13 @@ def convert(
             f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}"
         )
     raw = encoding == records.RAW
-    opts = ImageOptions(max_pixels, shorter_side, max_side, jpeg_quality, raw)
+    opts = ImageOptions(max_pixels, shorter_side, max_side, jpeg_quality, raw, jpeg_restarts)
+    # The longest restart interval (MCUs) of JPEGs stored with markers; null where none can be.
+    restart_mcus = (
+        JPEG_RESTART_MCUS
+        if format == "imagefolder" and not raw and jpeg_restarts and restarts_available()
+        else None
+    )
     if not output_dir:  # abspath("") would be the current folder
         raise ConversionError("--output is empty; name the dataset folder to write")
     if not os.path.exists(input_path):
@@ -195,6 +206,7 @@ def convert(
             "shorter_side": shorter_side,
             "max_side": max_side,
             "jpeg_quality": jpeg_quality,
+            "jpeg_restart_mcus": restart_mcus,
             "stored_size": stored_size_stats(out["stored"]),
             "downscaled": {
                 "count": len(out["downscaled"]),

@@ -1,6 +1,8 @@
 """Partial JPEG decoding (pipeline/_jpegcrop.c): a window decodes to exactly the pixels a
-whole decode has there, at every scale, and crop_into built on it gives the crops of whole
-decodes, with the same draws; damage is still found and named."""
+whole decode has there, at every scale, with restart markers (decoding only the intervals
+under the window) or without, and crop_into built on it gives the crops of whole decodes, with
+the same draws; damage is still found and named. restart_index re-encodes a JPEG with markers
+that tile its MCU rows and the same pixels."""
 
 from __future__ import annotations
 
@@ -41,13 +43,68 @@ def photos():
     ]
 
 
+@pytest.fixture(scope="module")
+def indexed(photos):
+    """The photos with restart markers every 1, 2 or 3 MCUs (or what divides their rows)."""
+    from pipeline import _jpegcrop
+
+    return [_jpegcrop.restart_index(blob, 1 + i % 3) for i, blob in enumerate(photos)]
+
+
+def _restart_interval(blob: bytes) -> int:
+    at = blob.find(b"\xff\xdd", 2, blob.find(b"\xff\xda"))  # DRI, before the scan
+    return 0 if at < 0 else int.from_bytes(blob[at + 4 : at + 6], "big")
+
+
+def _mcus_per_row(image: Image.Image) -> int:
+    samples = image.layer if len(image.layer) > 1 else [(0, 1, 1, 0)]
+    return -(-image.size[0] // (8 * max(h for _, h, _, _ in samples)))
+
+
+def test_restart_index_keeps_the_pixels_and_tiles_the_rows(photos):
+    """The same pixels in the same mode, EXIF and ICC profile kept; baseline; markers every k
+    MCUs, k <= max_mcus dividing a row's MCUs. CMYK too."""
+    from pipeline import _jpegcrop
+
+    seeds, _ = photo_like.load_seeds(0)
+    rng = np.random.default_rng(5)
+    icc = b"\0\0\0\x10not a real profile"
+    marked = _jpeg(
+        photo_like.make_image(rng, seeds, (208, 160)), icc_profile=icc, exif=b"Exif\0\0MM"
+    )
+    cmyk = _jpeg(photo_like.make_image(rng, seeds, (150, 100)).convert("CMYK"))
+    for blob in [*photos, marked, cmyk]:
+        for max_mcus in (1, 2, 4, 7):
+            out = _jpegcrop.restart_index(blob, max_mcus)
+            before, after = Image.open(io.BytesIO(blob)), Image.open(io.BytesIO(out))
+            assert after.mode == before.mode and after.size == before.size
+            np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+            interval, row = _restart_interval(out), _mcus_per_row(before)
+            assert 1 <= interval <= max_mcus and row % interval == 0
+            assert not after.info.get("progressive") and after.layer == before.layer
+            if blob is cmyk:  # a window decodes as CMYK, as the whole image does
+                whole = np.frombuffer(
+                    _jpegcrop.decode_crop(out, 0, 0, 150, 100, 1, 4, 1)[0], np.uint8
+                )
+                pixels, h, w, x0 = _jpegcrop.decode_crop(out, 70, 40, 130, 90, 1, 4, True)
+                window = np.frombuffer(pixels, np.uint8).reshape(h, w, 4)[:, 70 - x0 : 130 - x0]
+                np.testing.assert_array_equal(window, whole.reshape(100, 150, 4)[40:90, 70:130])
+            if blob is marked:
+                assert after.info["icc_profile"] == icc and after.info["exif"] == b"Exif\0\0MM"
+    with pytest.raises(ValueError, match="max_mcus"):
+        _jpegcrop.restart_index(photos[0], 0)
+    with pytest.raises(ValueError, match="JPEG"):
+        _jpegcrop.restart_index(b"\xff\xd8not a jpeg\xff\xd9", 2)
+
+
+@pytest.mark.parametrize("restarts", [False, True])
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("scale", [1, 2, 4, 8])
-def test_a_window_is_exactly_the_whole_decode_there(photos, scale, channels):
+def test_a_window_is_exactly_the_whole_decode_there(photos, indexed, scale, channels, restarts):
     from pipeline import _jpegcrop
 
     rng = np.random.default_rng(scale * 10 + channels)
-    for blob in photos:
+    for blob in indexed if restarts else photos:
         whole = transforms.decode_scaled(blob, Image.open(io.BytesIO(blob)).size, scale, channels)
         rows, cols = whole.shape[:2]
         for _ in range(12):
@@ -63,12 +120,39 @@ def test_a_window_is_exactly_the_whole_decode_there(photos, scale, channels):
             )
 
 
-def test_crop_into_gives_the_crops_of_whole_decodes(photos, monkeypatch):
+def _decodes_as(blob: bytes, whole: np.ndarray, left, top, right, bottom) -> bool:
+    """Whether decode_crop gives `whole`'s pixels in the window (False if it raises)."""
+    from pipeline import _jpegcrop
+
+    try:
+        pixels, h, w, x0 = _jpegcrop.decode_crop(blob, left, top, right, bottom, 1, 3, True)
+    except ValueError:
+        return False
+    got = np.frombuffer(pixels, np.uint8).reshape(h, w, 3)[:, left - x0 : right - x0]
+    return np.array_equal(got, whole[top:bottom, left:right])
+
+
+def test_only_the_intervals_under_a_window_are_read(indexed, photos):
+    """Damage to the entropy-coded data above and left of a window leaves it exactly as the
+    whole decode of the undamaged JPEG: that data is not read. Without restart markers the
+    same damage reaches the window (every row above it is entropy-decoded)."""
+    for blob in (indexed[0], photos[0]):  # 1203 x 907, 4:2:0
+        sos = blob.index(b"\xff\xda")
+        scan = sos + 2 + int.from_bytes(blob[sos + 2 : sos + 4], "big")
+        end = blob.find(b"\xff\xd0", scan)  # the first restart marker
+        end = scan + 200 if end < 0 else end
+        damaged = blob[:scan] + bytes(end - scan) + blob[end:]  # the first MCU's data zeroed
+        whole = transforms.decode_scaled(blob, (1203, 907), 1, 3)
+        assert not _decodes_as(damaged, whole, 0, 0, 64, 64)  # the damage is real
+        assert _decodes_as(damaged, whole, 600, 500, 900, 700) == (blob is indexed[0])
+
+
+def test_crop_into_gives_the_crops_of_whole_decodes(photos, indexed, monkeypatch):
     """Bit-identical, at full scale and at every reduction (the resize of a reduced decode's
     fractional box samples the same pixels wherever the window starts)."""
     aug = transforms.Augmentation(image_size=96)
     scaled = 0
-    for i, blob in enumerate(photos):
+    for i, blob in enumerate(photos + indexed):
         for k in range(24):
             plan = transforms.plan_crop(blob, aug, np.random.default_rng((i, k)))
             slots, draws = [], []

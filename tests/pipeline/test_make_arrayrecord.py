@@ -132,9 +132,24 @@ def all_bytes(folder):
 # ------------------------------------------------------------------------ round trips
 
 
-def test_imagefolder_round_trip(tmp_path):
+def restart_interval(jpeg: bytes) -> int | None:
+    """The restart interval (MCUs) in a JPEG's DRI segment, None without one."""
+    at = jpeg.find(b"\xff\xdd", 2, jpeg.find(b"\xff\xda"))
+    return None if at < 0 else int.from_bytes(jpeg[at + 4 : at + 6], "big")
+
+
+@pytest.mark.parametrize("jpeg_restarts", [True, False])
+def test_imagefolder_round_trip(tmp_path, jpeg_restarts):
+    """JPEGs are stored with restart markers, the same pixels (or, with jpeg_restarts=False,
+    byte for byte); PNG as it is; BMP as PNG."""
     expected = make_imagefolder(tmp_path / "in")
-    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), progress=True)
+    meta = mar.convert(
+        "imagefolder",
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        progress=True,
+        jpeg_restarts=jpeg_restarts,
+    )
     assert meta == read_all(tmp_path / "out")[0]
     meta, examples = read_all(tmp_path / "out")
     assert meta["class_names"] == ["bird", "cat", "dog"] and meta["num_classes"] == 3
@@ -142,11 +157,15 @@ def test_imagefolder_round_trip(tmp_path):
     assert meta["image_format"] == "mixed" and meta["image_shape"] is None
     assert meta["skipped"] == {"count": 0, "files": []} and meta["source"] == "in"
     assert meta["writer_options"] == mar.WRITER_OPTIONS and "group_size:1" in mar.WRITER_OPTIONS
+    assert meta["jpeg_restart_mcus"] == (2 if jpeg_restarts else None)
     for i, (rel, (kind, want)) in enumerate(sorted(expected.items())):
         ex = examples[i]
         assert (ex.example_id, ex.label) == (i, ["bird", "cat", "dog"].index(rel.split("/")[0]))
-        if kind == "bytes":
-            assert ex.image == want  # JPEG kept byte for byte
+        if kind == "bytes" and not jpeg_restarts:
+            assert ex.image == want
+        elif kind == "bytes":
+            assert ex.image != want and restart_interval(ex.image) in (1, 2)
+            np.testing.assert_array_equal(decode_pixels(ex.image), decode_pixels(want))
         else:
             assert ex.image.startswith(b"\x89PNG")  # PNG as is, BMP re-encoded as PNG
             np.testing.assert_array_equal(decode_pixels(ex.image), want)
@@ -904,7 +923,11 @@ def test_bounded_size_resizes_larger_images_once_and_stores_smaller_ones_untouch
     direct = Image.open(tmp_path / "in" / "x" / "a_big.jpg").resize((150, 100), Image.LANCZOS)
     error = np.abs(decode_pixels(big_jpeg.image).astype(int) - np.asarray(direct, int))
     assert error.mean() < 3
-    assert small.image == (tmp_path / "in" / "x" / "c_small.jpg").read_bytes()  # untouched
+    # Not resized: the original's pixels, its coefficients re-encoded with restart markers.
+    original = (tmp_path / "in" / "x" / "c_small.jpg").read_bytes()
+    assert restart_interval(small.image) and not restart_interval(original)
+    np.testing.assert_array_equal(decode_pixels(small.image), decode_pixels(original))
+    assert restart_interval(big_jpeg.image) and restart_interval(gray.image)
     with Image.open(io.BytesIO(gray.image)) as img:
         assert img.size == (320, 80) and img.mode == "L"  # max_side binds; gray stays gray
     stats = meta["stored_size"]
@@ -915,12 +938,15 @@ def test_bounded_size_resizes_larger_images_once_and_stores_smaller_ones_untouch
     assert stats["height"]["p0"] == 80 and stats["height"]["p100"] == 150
     assert stats["bytes"]["p100"] == max(len(e.image) for e in (big_jpeg, big_png, small, gray))
     assert stats["total_bytes"] == sum(len(e.image) for e in (big_jpeg, big_png, small, gray))
-    # The default stays a lossless pass-through, and says so.
+    # The default stays lossless, and says so.
     shutil.rmtree(tmp_path / "out")
     meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"))
     assert meta["shorter_side"] is None and meta["max_side"] is None
     assert meta["downscaled"]["count"] == 0 and meta["encoding"] == "encoded"
-    assert read_all(tmp_path / "out")[1][0].image == (tmp_path / "in/x/a_big.jpg").read_bytes()
+    np.testing.assert_array_equal(
+        decode_pixels(read_all(tmp_path / "out")[1][0].image),
+        decode_pixels((tmp_path / "in/x/a_big.jpg").read_bytes()),
+    )
 
 
 def test_bad_size_options_are_expected_errors(tmp_path):

@@ -50,16 +50,19 @@ def test_peer_mode_times_each_store_against_torchvision_on_the_same_jpegs():
         "--num_workers=1",
         "--shorter_side=40",
         "--full_decode",
+        "--without_restarts",
         "--peer=torchvision",
         "--stage_sample=16",
     )
     names = [(r["name"], r["num_workers"]) for r in result["results"]]
     assert names == [
         ("original", 1),
+        ("original_without_restarts", 1),
         ("bounded_40", 1),
         ("original_full_decode", 1),
         ("torchvision_original", 1),
         ("torchvision_bounded_40", 1),
+        ("torchvision_source_files", 1),
     ]
     for r in result["results"]:
         _check(r)
@@ -67,6 +70,8 @@ def test_peer_mode_times_each_store_against_torchvision_on_the_same_jpegs():
         "bounded_40/torchvision_bounded_40 workers=1",
         "original/torchvision_original workers=1",
         "original/original_full_decode workers=1",
+        "original/original_without_restarts workers=1",
+        "original/torchvision_source_files workers=1",
     ):
         assert result["ratios"][key]["per_cpu_s"] > 0 and result["ratios"][key]["wall"] > 0
     assert result["photo_like"]["count"] == 16
@@ -81,16 +86,25 @@ def test_peer_mode_times_each_store_against_torchvision_on_the_same_jpegs():
         "bounded_40 workers=1",
         "original workers=1",
         "original_full_decode workers=1",
+        "original_without_restarts workers=1",
     ]
     for row in stages.values():
         assert row["decode"] > 0 and row["crop_and_resize"] > 0 and row["read"] > 0
         assert row["pipeline_total"] > 0
-    # What decoding whole images, or entropy decoding alone, would cost on the same sample.
+    # What decoding whole images would cost on the same sample.
     alternatives = result["alternatives_cpu_ms_per_image"]
-    assert sorted(alternatives) == ["bounded_40", "original", "original_full_decode"]
+    assert sorted(alternatives) == [
+        "bounded_40",
+        "original",
+        "original_full_decode",
+        "original_without_restarts",
+    ]
     for row in alternatives.values():
         assert row["whole_decode"] > 0
-        assert (row["entropy_only"] > 0) == transforms.window_decode_available()
+        assert (row["window_decode"] > 0) == transforms.window_decode_available()
+    # The stores hold JPEGs with restart markers, except the one converted without.
+    assert stores["original"]["jpeg_restart_mcus"] == stores["bounded_40"]["jpeg_restart_mcus"]
+    assert stores["original_without_restarts"]["jpeg_restart_mcus"] is None
 
 
 def test_peer_jpegs_are_the_stored_bytes(tmp_path):

@@ -16,8 +16,11 @@ Every configuration is timed in this one process, on the same images: our train 
 (pipeline.dataset.train_dataset: ArrayRecord read, decode, random-resized-crop, flip,
 batching) on each store, and with --peer=torchvision, torchvision's loader (`ImageFolder` +
 `RandomResizedCrop` + `RandomHorizontalFlip` + `PILToTensor`, `DataLoader` with the same batch
-size and the same number of worker processes) on the same JPEG bytes as each store: the
-original files, and each bounded store's records written back out as files. Wall-clock
+size and the same number of worker processes) on the same JPEG bytes as each store: its
+records written back out as files (`torchvision_<store>`), and the source files themselves
+(`torchvision_source_files`; the stores hold them re-encoded losslessly with restart markers,
+the same pixels: pipeline/conversion/images.py). --without_restarts also times the originals
+stored as they are (`original_without_restarts`). Wall-clock
 images/s depends on how many cores the run got; images per CPU-second (user + system time of
 this process and every live child process, Grain's and DataLoader's workers included, over
 the timed window) does not, so that is the per-core figure compared. --rounds splits each
@@ -58,6 +61,8 @@ PEERS = ("none", "torchvision")
 RATIOS = (
     ("original_full_decode", "torchvision_original"),
     ("original", "original_full_decode"),
+    ("original", "original_without_restarts"),
+    ("original", "torchvision_source_files"),
     ("raw", "png"),
     ("raw_handover", "png"),
 )
@@ -73,10 +78,9 @@ STAGES = (
 )
 # The decode and resize stages against what they would cost done otherwise, timed on the same
 # images (the JPEGs partial decoding takes as RGB or gray) and not part of the stages' sum: the
-# window decoded as the pipeline does; the whole image decoded (simplejpeg); its entropy
-# decoding alone (the partial decode of its last row, which must entropy-decode every row above
-# it); the reduced crops resized by OpenCV's area averaging in one step.
-ALTERNATIVES = ("window_decode", "whole_decode", "entropy_only", "area_resize")
+# window decoded as the pipeline does; the whole image decoded (simplejpeg); the reduced crops
+# resized by OpenCV's area averaging in one step.
+ALTERNATIVES = ("window_decode", "whole_decode", "area_resize")
 
 
 def _cpu_seconds() -> dict[int, float]:
@@ -274,6 +278,7 @@ def describe_store(data_dir: str, sample: int = 256) -> dict:
         "data_dir": data_dir,
         "num_examples": info.num_examples,
         "encoding": info.encoding,
+        "jpeg_restart_mcus": records.read_metadata(data_dir).get("jpeg_restart_mcus"),
         "mean_stored_kb": round(float(np.mean([len(b) for b in blobs])) / 1e3, 1),
         "mean_stored_wh": [round(float(np.mean([s[k] for s in sizes]))) for k in (0, 1)],
         "mean_stored_megapixels": round(float(np.mean([w * h for w, h in sizes])) / 1e6, 3),
@@ -339,14 +344,6 @@ def _time_alternatives(clock, image, plan, channels, pixels, x0, y0, out) -> Non
     clock.time_alternative("window_decode", lambda: transforms.decode_window(image, plan, channels))
     clock.time_alternative(
         "whole_decode", lambda: transforms.decode_scaled(image, plan.size, plan.scale, channels)
-    )
-    width, rows = (-(-side // plan.scale) for side in plan.size)
-    last_row = (0, rows - 1, min(width, 8), rows)
-    clock.time_alternative(
-        "entropy_only",
-        lambda: transforms._jpegcrop.decode_crop(
-            image, *last_row, plan.scale, channels, transforms.FAST_DCT
-        ),
     )
     left, top, right, bottom = plan.box_in(x0, y0)
     crop = pixels[top:bottom, left:right]
@@ -504,6 +501,16 @@ def _define_flags() -> None:
     flags.DEFINE_bool(
         "full_decode", False, "Also time the original store with scaled JPEG decoding off."
     )
+    flags.DEFINE_bool(
+        "jpeg_restarts",
+        True,
+        "Convert the stores with restart markers (tools.make_arrayrecord's default).",
+    )
+    flags.DEFINE_bool(
+        "without_restarts",
+        False,
+        "Also time the originals converted without restart markers (their bytes as they are).",
+    )
     flags.DEFINE_enum("peer", "none", PEERS, "Time this peer's loader on the same JPEG files.")
     flags.DEFINE_bool("pil_loop", False, "Also time a plain one-process PIL loop on the JPEGs.")
     flags.DEFINE_integer("image_size", 224, "Output crop size.", lower_bound=1)
@@ -582,11 +589,14 @@ def main(argv: list[str]) -> None:
                 manifest["made_s"] = round(time.perf_counter() - started, 1)
                 result["photo_like"] = manifest
                 print(f"photo-like JPEGs: {json.dumps(manifest, sort_keys=True)}")
-            stores = [("original", {})]
+            restarts = {"jpeg_restarts": f.jpeg_restarts}
+            stores = [("original", restarts)]
+            if f.without_restarts:
+                stores.append(("original_without_restarts", {"jpeg_restarts": False}))
             for side in [int(s) for s in f.shorter_side] or ([None] if f.max_side else []):
                 bound = {"shorter_side": side, "max_side": f.max_side}
                 name = f"bounded_{side}" if side else f"bounded_max_{f.max_side}"
-                stores.append((name, {**bound, "jpeg_quality": f.jpeg_quality}))
+                stores.append((name, {**bound, "jpeg_quality": f.jpeg_quality, **restarts}))
             for name, options in stores:
                 out, secs = _convert(
                     "imagefolder",
@@ -601,9 +611,10 @@ def main(argv: list[str]) -> None:
                     "convert_s": round(secs, 2),
                 }
                 configs.append(Pipeline(name, out))
-                peer_folders[name] = (
-                    folder if name == "original" else export_jpegs(out, out + "_jpeg")
-                )
+                if name != "original_without_restarts":  # its bytes are the source files
+                    peer_folders[name] = export_jpegs(out, out + "_jpeg")
+            # The files themselves: the original store holds them re-encoded with restart markers.
+            peer_folders["source_files"] = folder
             if f.full_decode:
                 configs.append(
                     Pipeline(
