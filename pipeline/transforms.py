@@ -23,8 +23,10 @@ preallocated batch array. The box and the flip come from the same random draws a
 `random_resized_crop`, so the crop geometry is unchanged (`plan_crop`). Only the window the
 crop needs is decoded (`decode_window`: libjpeg-turbo's partial decoding, pipeline/_jpegcrop.c,
 at the same reduced scale): the rows below it are never read, and the rows above it and the
-columns beside it skip the inverse DCT and colour conversion. Its pixels are exactly those of
-a whole decode (tests/pipeline/test_jpegcrop.py). OpenCV resizes the window into the slot
+columns beside it skip the inverse DCT and colour conversion. In a JPEG with restart markers
+that tile its MCU rows (what the converter stores: pipeline/conversion/images.py) they are not
+entropy-decoded either: only the intervals under the window are read. Its pixels are exactly
+those of a whole decode (tests/pipeline/test_jpegcrop.py). OpenCV resizes the window into the slot
 (bilinear; an antialiased reduction when reducing; an affine warp where a reduced decode
 leaves the box with fractional bounds) and flips it there. The decode is libjpeg-turbo's, as
 PIL's is, with its fast IDCT (FAST_DCT); a CMYK JPEG's window is converted to RGB as PIL
