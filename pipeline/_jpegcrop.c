@@ -14,7 +14,9 @@
  * they are cut out and joined, with the header's size changed and the markers renumbered,
  * into a smaller JPEG of the same coefficients, so that only the window's share of the
  * entropy-coded data is read. The margin of one MCU gives chroma upsampling its neighbours
- * on every side: the window's pixels are those of a whole decode.
+ * on every side: the window's pixels are those of a whole decode. The intervals are found by
+ * their markers, which must number 0 to 7 in turn as the standard has them; a JPEG laid out
+ * otherwise is decoded from the whole stream, where libjpeg judges it.
  *
  * decode_crop(data, left, top, right, bottom, scale, channels, fast_dct)
  *     -> (pixels: bytearray, height, width, x0)
@@ -140,9 +142,13 @@ static void cut_excerpt(j_decompress_ptr cinfo, const unsigned char *data, size_
       pos = at + (next == 0x00 ? 2 : 1);
       continue;
     }
-    bounds[2 * count + 1] = at; /* a restart marker, or the end of the scan */
+    bounds[2 * count + 1] = at; /* a restart marker, or the end of the image */
+    /* Markers count 0 to 7 in turn: one missing would shift every interval after it. */
+    if (next != 0xD0 + (count & 7)) {
+      if (next == 0xD9 && count + 1 == (size_t)mcu_rows * per_row) count++; /* the last one */
+      break;
+    }
     count++;
-    if (next < 0xD0 || next > 0xD7) break;
     if (count < last) bounds[2 * count] = at + 2;
     pos = at + 2;
   }

@@ -147,6 +147,28 @@ def test_only_the_intervals_under_a_window_are_read(indexed, photos):
         assert _decodes_as(damaged, whole, 600, 500, 900, 700) == (blob is indexed[0])
 
 
+def test_restart_markers_out_of_place_are_refused_not_misread(indexed):
+    """A marker missing where the header's restart interval puts one (in the window, or above
+    it, shifting every interval after it) makes libjpeg refuse the window: the intervals are
+    found by their markers, and the decoder checks each one's length against the interval."""
+    from pipeline import _jpegcrop
+
+    blob = indexed[1]  # 500 x 375, 4:4:4: 63 MCUs a row, intervals of 1 MCU
+    sos = blob.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(blob[sos + 2 : sos + 4], "big")
+    markers = [
+        i for i in range(scan, len(blob) - 1) if blob[i] == 0xFF and 0xD0 <= blob[i + 1] <= 0xD7
+    ]
+    assert _restart_interval(blob) == 1 and len(markers) == 63 * 47 - 1
+    for gone in (markers[10], markers[63 * 20 + 5]):  # in the window; in a row above it
+        damaged = blob[:gone] + blob[gone + 2 :]
+        with pytest.raises(ValueError, match="JPEG"):
+            _jpegcrop.decode_crop(damaged, 0, 0, 200, 300, 1, 3, True)
+        for window in ((300, 200, 480, 370), (300, 200, 480, 280)):  # to the bottom, or not
+            with pytest.raises(ValueError, match="JPEG"):
+                _jpegcrop.decode_crop(damaged, *window, 1, 3, True)
+
+
 def test_crop_into_gives_the_crops_of_whole_decodes(photos, indexed, monkeypatch):
     """Bit-identical, at full scale and at every reduction (the resize of a reduced decode's
     fractional box samples the same pixels wherever the window starts)."""
