@@ -233,16 +233,24 @@ def build_program(
     """
     tx, schedule = make_optimizer(config, steps_per_epoch, num_steps)
     make_model = lambda: build_model(config, channels)
-    try:
-        graphdef = nnx.graphdef(nnx.eval_shape(make_model))
-    except ValueError as e:  # resnet validates its options and names where it builds
-        raise ConfigError(f"config.model: {e}") from None
     replicated = distributed.replicated(mesh)
     batch_sharding = distributed.batch_sharding(mesh)
     ema = config.train.ema_decay > 0
     init = lambda: steps_lib.init_state(make_model(), tx, ema=ema)[1]
+    graphdefs = []
+
+    def traced_init():  # one trace gives both: building the model is most of a start-up's
+        graphdef, state = steps_lib.init_state(make_model(), tx, ema=ema)
+        graphdefs.append(graphdef)  # static: no array in it
+        return state
+
+    try:
+        state_shapes = jax.eval_shape(traced_init)
+    except ValueError as e:  # resnet validates its options and names where it builds
+        raise ConfigError(f"config.model: {e}") from None
+    graphdef = graphdefs[0]
     abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state_shapes
     )
     compute = dict(
         mean=tuple(config.data.mean),

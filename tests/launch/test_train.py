@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import resnet50_imagenet
 from launch import distributed, train
@@ -118,6 +119,23 @@ def test_the_hot_loop_makes_no_hidden_transfers(data):
             state, metrics = train_step(state, batch, votes)
         totals, stop = eval_step(state, eval_batch, totals, votes)
     assert int(metrics["stop"]) == 0 and float(totals["count"]) == 16
+
+
+def test_the_program_traces_the_model_once_for_its_structure_and_state(data, monkeypatch):
+    """build_program gets the graph definition from the same trace as the abstract state: it
+    is the one nnx gives the model, and the model is built once."""
+    config = helpers.tiny_config(*data)
+    built = []
+    make = program_lib.build_model
+    monkeypatch.setattr(program_lib, "build_model", lambda *a: built.append(1) or make(*a))
+    program = program_lib.build_program(config, distributed.make_mesh(), channels=1)
+    assert len(built) == 1
+    model = nnx.eval_shape(lambda: make(config, 1))
+    assert program.graphdef == nnx.graphdef(model)
+    params = nnx.state(model, nnx.Param)
+    assert jax.tree.map(lambda x: x.shape, program.abstract_state.params) == jax.tree.map(
+        lambda x: x.shape, params
+    )
 
 
 def test_nonfinite_update_is_skipped_and_counted():
