@@ -42,6 +42,7 @@
 #include <string.h>
 
 #include <jpeglib.h>
+#include <jerror.h>
 
 typedef struct {
   struct jpeg_error_mgr base;
@@ -69,18 +70,31 @@ typedef struct {
   JDIMENSION x_origin, y_origin; /* its first pixel in the image decoded at 1/scale */
 } Excerpt;
 
-/* The offset of the SOF segment among [2, end), or 0. */
-static size_t find_sof(const unsigned char *data, size_t end) {
+static unsigned int get16(const unsigned char *at) { return (unsigned int)at[0] << 8 | at[1]; }
+
+/* The offset of the frame header (SOF) among the header's [2, end), or 0 where it is not
+ * found there or is not the one libjpeg read into `cinfo`. */
+static size_t find_sof(j_decompress_ptr cinfo, const unsigned char *data, size_t end) {
   size_t pos = 2;
-  while (pos + 4 <= end && data[pos] == 0xFF) {
+  while (pos + 2 <= end && data[pos] == 0xFF) {
     unsigned char marker = data[pos + 1];
     if (marker == 0xFF) { /* fill byte */
       pos++;
       continue;
     }
-    if (marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC)
-      return pos;
-    pos += 2 + ((size_t)data[pos + 2] << 8 | data[pos + 3]);
+    if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) { /* markers without a length */
+      pos += 2;
+      continue;
+    }
+    if (pos + 10 > end) return 0;
+    if (marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC) {
+      int same = data[pos + 4] == cinfo->data_precision &&
+                 get16(data + pos + 5) == cinfo->image_height &&
+                 get16(data + pos + 7) == cinfo->image_width &&
+                 data[pos + 9] == cinfo->num_components;
+      return same ? pos : 0;
+    }
+    pos += 2 + get16(data + pos + 2);
   }
   return 0;
 }
@@ -124,16 +138,18 @@ static void cut_excerpt(j_decompress_ptr cinfo, const unsigned char *data, size_
 
   /* The entropy-coded data starts where the header reader stopped, after the SOS segment. */
   size_t scan = (size_t)(cinfo->src->next_input_byte - data);
-  size_t sof = find_sof(data, scan);
+  size_t sof = find_sof(cinfo, data, scan);
   if (sof == 0) return;
 
-  /* Offsets of the intervals up to the last row needed: interval j is [start, end). */
-  size_t last = (size_t)r1 * per_row, count = 0;
+  /* Offsets of the intervals up to the last row needed (interval j is [start, end)), and a
+   * count of them all: markers number 0 to 7 in turn and the image ends after the last
+   * interval, or one marker missing or added would shift every interval after it. */
+  size_t intervals = (size_t)mcu_rows * per_row, last = (size_t)r1 * per_row, count = 0;
   size_t *bounds = malloc(2 * last * sizeof(size_t));
   if (bounds == NULL) return;
   size_t pos = scan;
   bounds[0] = scan;
-  while (count < last) {
+  for (;;) {
     const unsigned char *ff = memchr(data + pos, 0xFF, size - pos);
     if (ff == NULL || (size_t)(ff - data) + 1 >= size) break;
     size_t at = (size_t)(ff - data);
@@ -142,17 +158,16 @@ static void cut_excerpt(j_decompress_ptr cinfo, const unsigned char *data, size_
       pos = at + (next == 0x00 ? 2 : 1);
       continue;
     }
-    bounds[2 * count + 1] = at; /* a restart marker, or the end of the image */
-    /* Markers count 0 to 7 in turn: one missing would shift every interval after it. */
+    if (count < last) bounds[2 * count + 1] = at; /* a restart marker, or the end */
     if (next != 0xD0 + (count & 7)) {
-      if (next == 0xD9 && count + 1 == (size_t)mcu_rows * per_row) count++; /* the last one */
+      if (next == 0xD9) count++; /* the end of the image ends the last interval */
       break;
     }
     count++;
     if (count < last) bounds[2 * count] = at + 2;
     pos = at + 2;
   }
-  if (count != last) { /* not laid out as the header says: libjpeg decodes it and judges */
+  if (count != intervals) { /* not laid out as the header says: libjpeg decodes it and judges */
     free(bounds);
     return;
   }
@@ -216,11 +231,11 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   unsigned char *volatile excerpt_bytes = NULL;
   JDIMENSION x0 = left, width = right - left;
 
+  memset(&cinfo, 0, sizeof cinfo); /* destroyable before it is created */
   cinfo.err = jpeg_std_error(&errors.base);
   errors.base.error_exit = error_exit;
   errors.base.emit_message = emit_message;
   errors.message[0] = '\0';
-  jpeg_create_decompress(&cinfo);
   if (setjmp(errors.escape)) {
     jpeg_destroy_decompress(&cinfo);
     if (thread != NULL) PyEval_RestoreThread(thread);
@@ -232,6 +247,7 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   }
 
   thread = PyEval_SaveThread();
+  jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
   jpeg_read_header(&cinfo, TRUE);
   JDIMENSION full_w = (cinfo.image_width + scale - 1) / scale;
@@ -308,6 +324,39 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
   return Py_BuildValue("(NIII)", pixels, bottom - top, width, x0 + excerpt.x_origin);
 }
 
+/* libjpeg's output in a buffer of our own (malloc, grown by doubling), so that an error
+ * frees it: jpeg_mem_dest keeps its grown buffer to itself until jpeg_finish_compress. */
+typedef struct {
+  struct jpeg_destination_mgr base;
+  unsigned char *buffer;
+  size_t capacity, size;
+} Destination;
+
+static void destination_init(j_compress_ptr cinfo) {
+  Destination *dest = (Destination *)cinfo->dest;
+  dest->base.next_output_byte = dest->buffer;
+  dest->base.free_in_buffer = dest->capacity;
+}
+
+static boolean destination_grow(j_compress_ptr cinfo) {
+  Destination *dest = (Destination *)cinfo->dest;
+  unsigned char *grown = realloc(dest->buffer, 2 * dest->capacity);
+  if (grown == NULL) {
+    cinfo->err->msg_code = JERR_OUT_OF_MEMORY;
+    (*cinfo->err->error_exit)((j_common_ptr)cinfo);
+  }
+  dest->buffer = grown;
+  dest->base.next_output_byte = grown + dest->capacity; /* libjpeg's buffer was full */
+  dest->base.free_in_buffer = dest->capacity;
+  dest->capacity *= 2;
+  return TRUE;
+}
+
+static void destination_term(j_compress_ptr cinfo) {
+  Destination *dest = (Destination *)cinfo->dest;
+  dest->size = dest->capacity - dest->base.free_in_buffer;
+}
+
 /* A jpegtran-like lossless re-encoding with restart markers that tile the MCU rows. */
 static PyObject *restart_index(PyObject *self, PyObject *args) {
   Py_buffer data;
@@ -322,20 +371,20 @@ static PyObject *restart_index(PyObject *self, PyObject *args) {
   struct jpeg_compress_struct target;
   ErrorManager errors;
   PyThreadState *volatile thread = NULL;
-  unsigned char *encoded = NULL; /* written by libjpeg through its address */
-  unsigned long encoded_size = 0;
+  /* Read after a longjmp: its fields only change through the pointer libjpeg holds. */
+  Destination dest = {.capacity = (size_t)data.len + 4096};
 
+  memset(&source, 0, sizeof source); /* destroyable before it is created */
+  memset(&target, 0, sizeof target);
   source.err = jpeg_std_error(&errors.base);
   target.err = &errors.base;
   errors.base.error_exit = error_exit;
   errors.base.emit_message = emit_message;
   errors.message[0] = '\0';
-  jpeg_create_decompress(&source);
-  jpeg_create_compress(&target);
   if (setjmp(errors.escape)) {
     jpeg_destroy_compress(&target);
     jpeg_destroy_decompress(&source);
-    free(encoded);
+    free(dest.buffer);
     if (thread != NULL) PyEval_RestoreThread(thread);
     PyBuffer_Release(&data);
     PyErr_Format(PyExc_ValueError, "JPEG: %s", errors.message);
@@ -343,6 +392,16 @@ static PyObject *restart_index(PyObject *self, PyObject *args) {
   }
 
   thread = PyEval_SaveThread();
+  jpeg_create_decompress(&source);
+  jpeg_create_compress(&target);
+  dest.buffer = malloc(dest.capacity);
+  if (dest.buffer == NULL) {
+    strcpy(errors.message, "out of memory");
+    longjmp(errors.escape, 1);
+  }
+  dest.base.init_destination = destination_init;
+  dest.base.empty_output_buffer = destination_grow;
+  dest.base.term_destination = destination_term;
   jpeg_mem_src(&source, (const unsigned char *)data.buf, (unsigned long)data.len);
   jpeg_save_markers(&source, JPEG_COM, 0xFFFF);
   for (int m = 0; m < 16; m++) jpeg_save_markers(&source, JPEG_APP0 + m, 0xFFFF);
@@ -355,7 +414,7 @@ static PyObject *restart_index(PyObject *self, PyObject *args) {
   unsigned int interval = max_mcus < mcu_cols ? max_mcus : mcu_cols;
   while (mcu_cols % interval != 0) interval--;
   target.restart_interval = interval;
-  jpeg_mem_dest(&target, &encoded, &encoded_size);
+  target.dest = &dest.base;
   jpeg_write_coefficients(&target, coefficients);
   for (jpeg_saved_marker_ptr m = source.marker_list; m != NULL; m = m->next) {
     /* The writer emits its own JFIF and Adobe segments from the copied parameters. */
@@ -371,10 +430,10 @@ static PyObject *restart_index(PyObject *self, PyObject *args) {
   jpeg_finish_decompress(&source);
   PyEval_RestoreThread(thread);
   thread = NULL;
-  PyObject *result = PyBytes_FromStringAndSize((const char *)encoded, (Py_ssize_t)encoded_size);
+  PyObject *result = PyBytes_FromStringAndSize((const char *)dest.buffer, (Py_ssize_t)dest.size);
   jpeg_destroy_compress(&target);
   jpeg_destroy_decompress(&source);
-  free(encoded);
+  free(dest.buffer);
   PyBuffer_Release(&data);
   return result;
 }

@@ -305,7 +305,8 @@ def _window(box, size, scale: int) -> tuple[int, int, int, int]:
 def decode_window(image_bytes: bytes, plan: CropPlan, channels: int) -> tuple[np.ndarray, int, int]:
     """The plan's window of the JPEG decoded at 1/plan.scale, and only that (libjpeg-turbo's
     partial decoding, pipeline/_jpegcrop.c): (pixels, x0, y0), the pixels starting at column
-    x0 <= the window's left and at its top row y0, equal to a whole decode's pixels there.
+    x0 <= the window's left and at its top row y0; inside the window they are a whole
+    decode's pixels (the extra columns beside it need not be).
 
     A whole decode (simplejpeg) where partial decoding is not built or the file does not end
     with its end-of-image marker. ValueError for bytes libjpeg cannot decode."""

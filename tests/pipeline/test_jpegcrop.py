@@ -160,13 +160,78 @@ def test_restart_markers_out_of_place_are_refused_not_misread(indexed):
         i for i in range(scan, len(blob) - 1) if blob[i] == 0xFF and 0xD0 <= blob[i + 1] <= 0xD7
     ]
     assert _restart_interval(blob) == 1 and len(markers) == 63 * 47 - 1
-    for gone in (markers[10], markers[63 * 20 + 5]):  # in the window; in a row above it
-        damaged = blob[:gone] + blob[gone + 2 :]
+    eight = markers[63 * 20 : 63 * 20 + 8]  # eight in a row: the numbering still runs on
+    for gone in ([markers[10]], [markers[63 * 20 + 5]], eight):  # in the window; above it
+        damaged = b"".join(blob[a + 2 : b] for a, b in zip([-2, *gone], [*gone, len(blob)]))
+        assert len(damaged) == len(blob) - 2 * len(gone)
         with pytest.raises(ValueError, match="JPEG"):
             _jpegcrop.decode_crop(damaged, 0, 0, 200, 300, 1, 3, True)
         for window in ((300, 200, 480, 370), (300, 200, 480, 280)):  # to the bottom, or not
             with pytest.raises(ValueError, match="JPEG"):
                 _jpegcrop.decode_crop(damaged, *window, 1, 3, True)
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _gray_block(ac: int, app_bytes: int) -> bytes:
+    """An 8x8 grayscale baseline JPEG (hand-coded: one Huffman code per symbol) whose one AC
+    coefficient is `ac` (11 bits: out of the range libjpeg encodes), after `app_bytes` of
+    APP1 data."""
+    tables = bytes([0x00, 1, *[0] * 15, 0, 0x10, 1, 1, *[0] * 14, 0x0B, 0x00])
+    bits = "00" + format(ac, "011b") + "10"  # DC 0; AC (run 0, size 11); end of block
+    bits += "1" * (-len(bits) % 8)
+    data = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+    return b"".join(
+        [
+            b"\xff\xd8",
+            _segment(0xE1, b"Exif\0\0" + bytes(app_bytes)),
+            _segment(0xDB, bytes([0] + [1] * 64)),
+            _segment(0xC0, bytes([8, 0, 8, 0, 8, 1, 1, 0x11, 0])),
+            _segment(0xC4, tables),
+            _segment(0xDA, bytes([1, 1, 0x00, 0, 63, 0])),
+            data.replace(b"\xff", b"\xff\x00"),
+            b"\xff\xd9",
+        ]
+    )
+
+
+def test_restart_index_fails_cleanly_after_its_output_grew():
+    """A coefficient libjpeg cannot encode, found after the output outgrew its first buffer
+    (the 10 kB of markers are written first): a ValueError, the buffers freed once."""
+    from pipeline import _jpegcrop
+
+    for app_bytes in (100, 10_000, 60_000):
+        blob = _gray_block(2047, app_bytes)
+        assert _jpegcrop.decode_crop(blob, 0, 0, 8, 8, 1, 1, True)[1:] == (8, 8, 0)
+        with pytest.raises(ValueError, match="DCT coefficient out of range"):
+            _jpegcrop.restart_index(blob, 2)
+
+
+def test_the_frame_header_is_found_past_markers_without_a_length(indexed):
+    """TEM (FF 01) has no length field. Read as a segment, it made the walk to the frame
+    header jump into an APP1 segment that led it to an FF C0 inside the quantisation table:
+    the excerpt's size went there, and the window came out in other pixels."""
+    from pipeline import _jpegcrop
+
+    blob = indexed[3]  # 641 x 479 grayscale
+    sos = blob.index(b"\xff\xda")
+    dqt = blob.index(b"\xff\xdb")
+    value = dqt + 5 + 40  # a quantisation value: FF C0 there is still a valid table
+    fake = blob[:value] + b"\xff\xc0" + blob[value + 2 :]
+    whole = transforms.decode_scaled(fake, (641, 479), 1, 1)[:, :, 0]
+    app_end = 4 + 2 + 65535
+    land = 4 + 0xFFE1  # where the walk lands, reading FF E1 as TEM's length
+    payload = bytearray(65533)
+    at = land - (4 + 4)
+    payload[at : at + 4] = b"\xff\xe2" + (app_end + value - 2 - land - 2).to_bytes(2, "big")
+    evil = b"\xff\xd8\xff\x01\xff\xe1\xff\xff" + bytes(payload) + fake[2:]
+    assert evil[app_end + value - 2 : app_end + value] == b"\xff\xc0" and sos > value
+    np.testing.assert_array_equal(transforms.decode_scaled(evil, (641, 479), 1, 1)[:, :, 0], whole)
+    pixels, h, w, x0 = _jpegcrop.decode_crop(evil, 300, 200, 400, 260, 1, 1, True)
+    window = np.frombuffer(pixels, np.uint8).reshape(h, w)[:, 300 - x0 : 400 - x0]
+    np.testing.assert_array_equal(window, whole[200:260, 300:400])
 
 
 def test_crop_into_gives_the_crops_of_whole_decodes(photos, indexed, monkeypatch):
