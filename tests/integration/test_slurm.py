@@ -10,10 +10,10 @@ Real: sbatch and the #SBATCH defaults, the time-limit warning (--signal), `scanc
 without --signal, the exit statuses srun collects from the launchers, `scontrol requeue` and
 the requeued job starting again with SLURM_RESTART_COUNT, Slurm's GPU (gres) environment.
 Shortened, so that the whole module takes about 5 minutes on 2 cores:
-  * the time limit is 2 minutes and the warning comes 60 s before it (--time=2
-    --signal=TERM@60 on the sbatch command line; the script says 24 h and TERM@120).
-    slurmctld looks at time limits every 30 s and sends the warning up to 30 s early: here it
-    arrived 30 to 60 s after the job started;
+  * the time limit is 2 minutes and the warning comes 80 s before it (--time=2
+    --signal=TERM@80 on the sbatch command line; the script says 24 h and TERM@120).
+    slurmctld looks at time limits every 30 s and sends the warning up to 30 s early: with
+    TERM@60 it arrived 30 to 60 s after the job started, so here 10 to 40 s;
   * slurm.conf: a requeued job waits cred_expire=5 s (default 120 s) before it may start
     again, the scheduler looks at pending jobs every 2 s (default 60 s), KillWait is 10 s;
   * once a job has been requeued by the warning, the test raises its time limit (scontrol
@@ -47,9 +47,10 @@ from tests import helpers, slurm_cluster
 
 REPO = helpers.REPO
 SBATCH = os.path.join(REPO, "tools", "cluster", "slurm_train.sbatch")
-# About 70 s of training on 2 idle cores (about 10 steps/s), so that the first run of the
-# time-limit test is still training when the warning comes, 30 to 60 s after it starts.
-STEPS = 900
+# The first run of the time-limit test must still be training when the warning comes, 10 to
+# 40 s after it starts: 1,800 steps take 72 s on 2 idle cores at 25 steps/s (900 steps ended
+# before a warning at TERM@60), 180 s at 10 steps/s.
+STEPS = 1800
 EVERY = 50  # periodic checkpoints: how the tests see that training is under way
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
@@ -399,7 +400,7 @@ class Interrupted:
 def interrupted(cluster, data, jax_cache, tmp_path_factory):
     """One job, interrupted twice, then finished; and the same run uninterrupted, meanwhile.
 
-    1. sbatch --time=2 --signal=TERM@60: the warning reaches the launchers (not the script),
+    1. sbatch --time=2 --signal=TERM@80: the warning reaches the launchers (not the script),
        they exit 75 and the script requeues the job. Once requeued, its time limit is raised.
     2. After the resumed run has written a new checkpoint: scontrol hold, then
        scancel --signal=TERM; again 75 and a requeue, and the job stays pending (held) until
@@ -421,7 +422,7 @@ def interrupted(cluster, data, jax_cache, tmp_path_factory):
     try:
         env = job_env(cluster, result.workdir, jax_cache)
         job, log = submit(
-            cluster, tmp, env, launcher_settings(data), "--time=2", "--signal=TERM@60"
+            cluster, tmp, env, launcher_settings(data), "--time=2", "--signal=TERM@80"
         )
         result.job = job
         job_info = lambda: cluster.job(job)
