@@ -49,6 +49,12 @@ def rgb_copy(data_dir: str, root) -> str:
     return out
 
 
+def jpeg_restart_interval(jpeg: bytes) -> int:
+    """The restart interval (MCUs) of a JPEG's DRI segment, before its scan; 0 without one."""
+    at = jpeg.find(b"\xff\xdd", 2, jpeg.find(b"\xff\xda"))
+    return 0 if at < 0 else int.from_bytes(jpeg[at + 4 : at + 6], "big")
+
+
 def tiny_resnet(*, num_classes: int = 10, in_channels: int = 3, seed: int = 0, **options):
     """A ResNet of one basic block per stage, 4/8/16 channels wide (the CIFAR family's shape
     with n = 1): every kind of layer and shortcut of ResNet-20, a tenth of its compile time.

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline import transforms
+from tests import helpers
 from tools.bench import photo_like
 
 pytestmark = pytest.mark.skipif(
@@ -51,11 +52,6 @@ def indexed(photos):
     return [_jpegcrop.restart_index(blob, 1 + i % 3) for i, blob in enumerate(photos)]
 
 
-def _restart_interval(blob: bytes) -> int:
-    at = blob.find(b"\xff\xdd", 2, blob.find(b"\xff\xda"))  # DRI, before the scan
-    return 0 if at < 0 else int.from_bytes(blob[at + 4 : at + 6], "big")
-
-
 def _mcus_per_row(image: Image.Image) -> int:
     samples = image.layer if len(image.layer) > 1 else [(0, 1, 1, 0)]
     return -(-image.size[0] // (8 * max(h for _, h, _, _ in samples)))
@@ -79,7 +75,7 @@ def test_restart_index_keeps_the_pixels_and_tiles_the_rows(photos):
             before, after = Image.open(io.BytesIO(blob)), Image.open(io.BytesIO(out))
             assert after.mode == before.mode and after.size == before.size
             np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
-            interval, row = _restart_interval(out), _mcus_per_row(before)
+            interval, row = helpers.jpeg_restart_interval(out), _mcus_per_row(before)
             assert 1 <= interval <= max_mcus and row % interval == 0
             assert not after.info.get("progressive") and after.layer == before.layer
             if blob is cmyk:  # a window decodes as CMYK, as the whole image does
@@ -159,7 +155,7 @@ def test_restart_markers_out_of_place_are_refused_not_misread(indexed):
     markers = [
         i for i in range(scan, len(blob) - 1) if blob[i] == 0xFF and 0xD0 <= blob[i + 1] <= 0xD7
     ]
-    assert _restart_interval(blob) == 1 and len(markers) == 63 * 47 - 1
+    assert helpers.jpeg_restart_interval(blob) == 1 and len(markers) == 63 * 47 - 1
     eight = markers[63 * 20 : 63 * 20 + 8]  # eight in a row: the numbering still runs on
     for gone in ([markers[10]], [markers[63 * 20 + 5]], eight):  # in the window; above it
         damaged = b"".join(blob[a + 2 : b] for a, b in zip([-2, *gone], [*gone, len(blob)]))

@@ -24,6 +24,7 @@ from pipeline import conversion as mar
 from pipeline import records, transforms
 from pipeline.conversion import progress
 from pipeline.conversion.images import ImageOptions, stored_size
+from tests import helpers
 from tests.hostile.harness import assert_one_clear_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -132,12 +133,6 @@ def all_bytes(folder):
 # ------------------------------------------------------------------------ round trips
 
 
-def restart_interval(jpeg: bytes) -> int | None:
-    """The restart interval (MCUs) in a JPEG's DRI segment, None without one."""
-    at = jpeg.find(b"\xff\xdd", 2, jpeg.find(b"\xff\xda"))
-    return None if at < 0 else int.from_bytes(jpeg[at + 4 : at + 6], "big")
-
-
 @pytest.mark.parametrize("jpeg_restarts", [True, False])
 def test_imagefolder_round_trip(tmp_path, jpeg_restarts):
     """JPEGs are stored with restart markers, the same pixels (or, with jpeg_restarts=False,
@@ -164,7 +159,7 @@ def test_imagefolder_round_trip(tmp_path, jpeg_restarts):
         if kind == "bytes" and not jpeg_restarts:
             assert ex.image == want
         elif kind == "bytes":
-            assert ex.image != want and restart_interval(ex.image) in (1, 2)
+            assert ex.image != want and helpers.jpeg_restart_interval(ex.image) in (1, 2)
             np.testing.assert_array_equal(decode_pixels(ex.image), decode_pixels(want))
         else:
             assert ex.image.startswith(b"\x89PNG")  # PNG as is, BMP re-encoded as PNG
@@ -925,9 +920,10 @@ def test_bounded_size_resizes_larger_images_once_and_stores_smaller_ones_untouch
     assert error.mean() < 3
     # Not resized: the original's pixels, its coefficients re-encoded with restart markers.
     original = (tmp_path / "in" / "x" / "c_small.jpg").read_bytes()
-    assert restart_interval(small.image) and not restart_interval(original)
+    interval = helpers.jpeg_restart_interval
+    assert interval(small.image) and not interval(original)
     np.testing.assert_array_equal(decode_pixels(small.image), decode_pixels(original))
-    assert restart_interval(big_jpeg.image) and restart_interval(gray.image)
+    assert interval(big_jpeg.image) and interval(gray.image)
     with Image.open(io.BytesIO(gray.image)) as img:
         assert img.size == (320, 80) and img.mode == "L"  # max_side binds; gray stays gray
     stats = meta["stored_size"]
