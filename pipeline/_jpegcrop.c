@@ -28,7 +28,8 @@
  * re-encodes a JPEG losslessly (the same DCT coefficients, quantisation and sampling, so the
  * same pixels once decoded): one baseline scan, optimised Huffman tables, and a restart marker
  * every k MCUs, k the largest divisor of the MCUs in a row up to max_mcus, so that the
- * intervals tile the rows. Markers (EXIF, ICC profiles, comments) are kept.
+ * intervals tile the rows. Markers (EXIF, ICC profiles, comments) are kept, but for an MPO's
+ * index of frames: only the first frame (the image every JPEG reader decodes) is written.
  *
  * Errors raise ValueError with libjpeg's message. The GIL is released while libjpeg works,
  * so Grain's threads decode in parallel.
@@ -423,6 +424,9 @@ static PyObject *restart_index(PyObject *self, PyObject *args) {
       continue;
     if (target.write_Adobe_marker && m->marker == JPEG_APP0 + 14 && m->data_length >= 5 &&
         memcmp(m->data, "Adobe", 5) == 0)
+      continue;
+    /* An MPO's index of its frames: only the first frame is written. */
+    if (m->marker == JPEG_APP0 + 2 && m->data_length >= 4 && memcmp(m->data, "MPF", 4) == 0)
       continue;
     jpeg_write_marker(&target, m->marker, m->data, m->data_length);
   }

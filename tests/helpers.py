@@ -50,9 +50,20 @@ def rgb_copy(data_dir: str, root) -> str:
 
 
 def jpeg_restart_interval(jpeg: bytes) -> int:
-    """The restart interval (MCUs) of a JPEG's DRI segment, before its scan; 0 without one."""
-    at = jpeg.find(b"\xff\xdd", 2, jpeg.find(b"\xff\xda"))
-    return 0 if at < 0 else int.from_bytes(jpeg[at + 4 : at + 6], "big")
+    """The restart interval (MCUs) of a JPEG's DRI segment, before its scan; 0 without one.
+    Walks the header's segments, so bytes inside an EXIF or ICC payload are never read as one."""
+    pos = 2
+    while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF:
+        marker = jpeg[pos + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # fill; no length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xDA:  # the scan: no DRI before it
+            return 0
+        if marker == 0xDD:
+            return int.from_bytes(jpeg[pos + 4 : pos + 6], "big")
+        pos += 2 + int.from_bytes(jpeg[pos + 2 : pos + 4], "big")
+    return 0
 
 
 def tiny_resnet(*, num_classes: int = 10, in_channels: int = 3, seed: int = 0, **options):

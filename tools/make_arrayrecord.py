@@ -102,7 +102,7 @@ def define_flags(values: flags.FlagValues) -> flags.FlagValues:
         None,
         "imagefolder: store images at training resolution: an image whose shorter side is "
         "longer than this is downscaled once (Lanczos, aspect kept) to this shorter side; "
-        "smaller images are stored untouched. E.g. 256-320 for 224 px training.",
+        "smaller images keep their size. E.g. 256-320 for 224 px training.",
         lower_bound=1,
         upper_bound=RAW_MAX_SIDE,
         flag_values=values,

@@ -82,18 +82,17 @@ def convert(
 ) -> dict:
     """Converts a dataset to ArrayRecord shards plus metadata.json; returns the metadata.
 
-        `keep(example_id)` selects examples (those it rejects are not written and not counted as
-        skipped). imagefolder images over `max_pixels`, or whose shorter side exceeds
-        `shorter_side` or longer side `max_side`, are downscaled once (Lanczos; JPEG stays JPEG at
-        `jpeg_quality`, others become PNG); smaller ones are stored untouched. JPEGs are stored
-    re-encoded losslessly with restart markers unless `jpeg_restarts` is False (images.py).
-    `encoding`: "raw"
-        (uint8 pixels; the default for mnist and cifar) or "encoded" (PNG/JPEG; the default for
-        imagefolder). Progress goes to `progress_stream` (default stderr): one redrawn line on a
-        terminal, log lines otherwise. Raises ConversionError for bad input or options,
-        unreadable files under `strict`, raw images of differing sizes, an output that is in use
-        or must not be replaced (see publishing.existing_output), an output nested with the input,
-        and I/O errors.
+    `keep(example_id)` selects examples (those it rejects are not written and not counted as
+    skipped). imagefolder images over `max_pixels`, or whose shorter side exceeds
+    `shorter_side` or longer side `max_side`, are downscaled once (Lanczos; JPEG stays JPEG at
+    `jpeg_quality`, others become PNG); smaller ones keep their size and pixels. JPEGs are
+    stored re-encoded losslessly with restart markers unless `jpeg_restarts` is False
+    (images.py). `encoding`: "raw" (uint8 pixels; the default for mnist and cifar) or
+    "encoded" (PNG/JPEG; the default for imagefolder). Progress goes to `progress_stream`
+    (default stderr): one redrawn line on a terminal, log lines otherwise. Raises
+    ConversionError for bad input or options, unreadable files under `strict`, raw images of
+    differing sizes, an output that is in use or must not be replaced (see
+    publishing.existing_output), an output nested with the input, and I/O errors.
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -128,7 +127,9 @@ def convert(
         )
     raw = encoding == records.RAW
     opts = ImageOptions(max_pixels, shorter_side, max_side, jpeg_quality, raw, jpeg_restarts)
-    # The longest restart interval (MCUs) of JPEGs stored with markers; null where none can be.
+    # The longest restart interval (MCUs) of JPEGs stored with markers; null where none can
+    # be (not an imagefolder, raw, jpeg_restarts off, or pipeline._jpegcrop not built). A
+    # JPEG whose re-encoding failed or decoded otherwise is stored as it is all the same.
     restart_mcus = (
         JPEG_RESTART_MCUS
         if format == "imagefolder" and not raw and jpeg_restarts and restarts_available()

@@ -48,8 +48,8 @@ from tests import helpers, slurm_cluster
 REPO = helpers.REPO
 SBATCH = os.path.join(REPO, "tools", "cluster", "slurm_train.sbatch")
 # The first run of the time-limit test must still be training when the warning comes, 10 to
-# 40 s after it starts: 1,800 steps take 72 s on 2 idle cores at 25 steps/s (900 steps ended
-# before a warning at TERM@60), 180 s at 10 steps/s.
+# 40 s after it starts: 1,800 steps take 72 s on 2 idle cores at 25 steps/s (900 steps end
+# there before a warning at TERM@60 comes), 180 s at 10 steps/s.
 STEPS = 1800
 EVERY = 50  # periodic checkpoints: how the tests see that training is under way
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")

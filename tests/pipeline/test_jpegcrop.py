@@ -78,7 +78,7 @@ def test_restart_index_keeps_the_pixels_and_tiles_the_rows(photos):
             interval, row = helpers.jpeg_restart_interval(out), _mcus_per_row(before)
             assert 1 <= interval <= max_mcus and row % interval == 0
             assert not after.info.get("progressive") and after.layer == before.layer
-            if blob is cmyk:  # a window decodes as CMYK, as the whole image does
+            if blob is cmyk:  # a window, from its intervals, as the whole stream decodes it
                 whole = np.frombuffer(
                     _jpegcrop.decode_crop(out, 0, 0, 150, 100, 1, 4, 1)[0], np.uint8
                 )
@@ -206,9 +206,9 @@ def test_restart_index_fails_cleanly_after_its_output_grew():
 
 
 def test_the_frame_header_is_found_past_markers_without_a_length(indexed):
-    """TEM (FF 01) has no length field. Read as a segment, it made the walk to the frame
-    header jump into an APP1 segment that led it to an FF C0 inside the quantisation table:
-    the excerpt's size went there, and the window came out in other pixels."""
+    """TEM (FF 01) has no length field. Read as a segment, it would send the walk to the
+    frame header into an APP1 segment that leads it on to an FF C0 inside the quantisation
+    table; the excerpt's size, written there, would give the window other pixels."""
     from pipeline import _jpegcrop
 
     blob = indexed[3]  # 641 x 479 grayscale

@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import types
 import zlib
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image
 from launch.status import ExitStatus
 from pipeline import conversion as mar
 from pipeline import records, transforms
+from pipeline.conversion import images as images_lib
 from pipeline.conversion import progress
 from pipeline.conversion.images import ImageOptions, stored_size
 from tests import helpers
@@ -135,8 +137,9 @@ def all_bytes(folder):
 
 @pytest.mark.parametrize("jpeg_restarts", [True, False])
 def test_imagefolder_round_trip(tmp_path, jpeg_restarts):
-    """JPEGs are stored with restart markers, the same pixels (or, with jpeg_restarts=False,
-    byte for byte); PNG as it is; BMP as PNG."""
+    """JPEGs are stored with restart markers, the same pixels (with jpeg_restarts=False, or
+    where pipeline._jpegcrop is not built, byte for byte); PNG as it is; BMP as PNG."""
+    jpeg_restarts = jpeg_restarts and images_lib.restarts_available()
     expected = make_imagefolder(tmp_path / "in")
     meta = mar.convert(
         "imagefolder",
@@ -164,6 +167,57 @@ def test_imagefolder_round_trip(tmp_path, jpeg_restarts):
         else:
             assert ex.image.startswith(b"\x89PNG")  # PNG as is, BMP re-encoded as PNG
             np.testing.assert_array_equal(decode_pixels(ex.image), want)
+
+
+@pytest.mark.skipif(not images_lib.restarts_available(), reason="pipeline._jpegcrop not built")
+def test_a_re_encoding_that_decodes_otherwise_is_not_kept(tmp_path, monkeypatch):
+    """The markers are kept only where PIL decodes the re-encoding to the original's very
+    pixels: a re-encoding one grey level off, one that raises anything at all, and a host
+    without the module all store the bytes as they are."""
+    image = Image.fromarray(_pixels(3, (24, 64, 3)))  # 4 MCUs a row: intervals of 2
+    original = io.BytesIO()
+    image.save(original, format="JPEG", quality=90)
+    data = original.getvalue()
+    assert helpers.jpeg_restart_interval(images_lib.restart_indexed(data)) == 2
+
+    def off_by_one(blob, _):
+        out = io.BytesIO()
+        pixels = np.asarray(Image.open(io.BytesIO(blob))).astype(np.int16) + 1
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out, format="JPEG")
+        return out.getvalue()
+
+    def fails(blob, _):
+        raise MemoryError("no room")
+
+    for fake in (off_by_one, fails):
+        monkeypatch.setattr(images_lib, "_jpegcrop", types.SimpleNamespace(restart_index=fake))
+        assert images_lib.restart_indexed(data) == data
+    monkeypatch.setattr(images_lib, "_jpegcrop", None)
+    assert images_lib.restart_indexed(data) == data
+    os.makedirs(tmp_path / "in" / "a")
+    (tmp_path / "in" / "a" / "x.jpg").write_bytes(data)
+    meta = mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
+    assert meta["jpeg_restart_mcus"] is None
+    assert read_all(tmp_path / "out")[1][0].image == data
+
+
+@pytest.mark.skipif(not images_lib.restarts_available(), reason="pipeline._jpegcrop not built")
+def test_an_mpo_is_stored_as_its_first_frame(tmp_path):
+    """A camera's MPO (JPEG frames one after another, indexed in an APP2 segment): readers
+    decode its first frame, and that is what the re-encoding keeps, without the index."""
+    frames = [Image.fromarray(_pixels(seed, (32, 48, 3))) for seed in (4, 5)]
+    path = tmp_path / "in" / "a" / "x.jpg"
+    os.makedirs(path.parent)
+    frames[0].save(path, format="MPO", save_all=True, append_images=frames[1:])
+    with Image.open(path) as mpo:
+        assert mpo.format == "MPO" and mpo.n_frames == 2
+        first = np.asarray(mpo)
+    mar.convert("imagefolder", str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
+    stored = read_all(tmp_path / "out")[1][0].image
+    with Image.open(io.BytesIO(stored)) as img:
+        assert img.format == "JPEG" and getattr(img, "n_frames", 1) == 1
+        np.testing.assert_array_equal(np.asarray(img), first)
+    assert helpers.jpeg_restart_interval(stored) in (1, 2) and b"MPF\0" not in stored
 
 
 @pytest.mark.parametrize("gz, encoding", [(True, None), (False, "raw"), (True, "encoded")])
@@ -921,9 +975,10 @@ def test_bounded_size_resizes_larger_images_once_and_stores_smaller_ones_untouch
     # Not resized: the original's pixels, its coefficients re-encoded with restart markers.
     original = (tmp_path / "in" / "x" / "c_small.jpg").read_bytes()
     interval = helpers.jpeg_restart_interval
-    assert interval(small.image) and not interval(original)
+    marked = images_lib.restarts_available()
+    assert bool(interval(small.image)) == marked and not interval(original)
     np.testing.assert_array_equal(decode_pixels(small.image), decode_pixels(original))
-    assert interval(big_jpeg.image) and interval(gray.image)
+    assert bool(interval(big_jpeg.image)) == bool(interval(gray.image)) == marked
     with Image.open(io.BytesIO(gray.image)) as img:
         assert img.size == (320, 80) and img.mode == "L"  # max_side binds; gray stays gray
     stats = meta["stored_size"]

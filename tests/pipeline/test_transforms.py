@@ -150,12 +150,12 @@ def test_a_cmyk_jpeg_is_read_and_converted_as_pil_does(photos, monkeypatch):
     scales = set()
     for seed in range(8):
         out, reference = _both(cmyk, aug, seed)
-        scales.add(transforms.plan_crop(cmyk, aug, np.random.default_rng(seed)).scale)
+        # Without partial decoding PIL crops it (reducing as its draft does), near the full decode.
+        assert _psnr(out, reference) >= 33.0, _psnr(out, reference)
         if transforms.window_decode_available():
-            assert _psnr(out, reference) >= 33.0, _psnr(out, reference)
-        else:
-            np.testing.assert_array_equal(out, reference)
-    assert len(scales) > 1, scales  # full-scale and reduced decodes both
+            scales.add(transforms.plan_crop(cmyk, aug, np.random.default_rng(seed)).scale)
+    # Full-scale and reduced decodes both (without partial decoding PIL takes them all).
+    assert len(scales) > 1 or not transforms.window_decode_available(), scales
     monkeypatch.setattr(transforms, "_jpegcrop", None)
     out, reference = _both(cmyk, dataclasses.replace(aug, scaled_decode=False), 0)
     np.testing.assert_array_equal(out, reference)
