@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import subprocess
 import sys
@@ -64,6 +65,15 @@ def jpeg_restart_interval(jpeg: bytes) -> int:
             return int.from_bytes(jpeg[pos + 4 : pos + 6], "big")
         pos += 2 + int.from_bytes(jpeg[pos + 2 : pos + 4], "big")
     return 0
+
+
+def jpeg_mcus_per_row(jpeg: bytes) -> int:
+    """MCUs in a row of a JPEG's (interleaved, or single-component) scan, from PIL's header."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    with Image.open(io.BytesIO(jpeg)) as image:
+        samples = image.layer if len(image.layer) > 1 else [(0, 1, 1, 0)]
+        return -(-image.size[0] // (8 * max(h for _, h, _, _ in samples)))
 
 
 def tiny_resnet(*, num_classes: int = 10, in_channels: int = 3, seed: int = 0, **options):

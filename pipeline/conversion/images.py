@@ -9,10 +9,11 @@ at `jpeg_quality`, the rest PNG). Undecodable and floating-point images are skip
 --strict, fail the conversion). encoding="raw" stores RGB pixels instead and needs every
 (bounded) image to have one size (writing.py checks it).
 
-Restart markers. Every JPEG stored (kept or downscaled) is re-encoded losslessly
-(pipeline/_jpegcrop.c: restart_index): the same DCT coefficients, quantisation and chroma
-sampling, so the same pixels; one baseline scan with optimised Huffman tables; and a restart
-marker every JPEG_RESTART_MCUS MCUs, placed so that the intervals tile each MCU row. Training
+Restart markers. Every JPEG kept is re-encoded losslessly (pipeline/_jpegcrop.c:
+restart_index): the same DCT coefficients, quantisation and chroma sampling, so the same
+pixels; one baseline scan with optimised Huffman tables; and a restart marker every
+JPEG_RESTART_MCUS MCUs, placed so that the intervals tile each MCU row. A downscaled JPEG is
+written that way by PIL in the first place. Training
 then decodes only the intervals under a crop's window (pipeline/transforms.py), not every row
 above it and the whole width of its own. The re-encoding is kept only if PIL decodes it to
 exactly the pixels of the bytes it came from; otherwise, and where the module is not built,
@@ -97,9 +98,18 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+def _jpeg_bytes(img: Image.Image, quality: int, restarts: bool) -> bytes:
+    """`img` encoded by PIL at `quality` (4:2:0 chroma, PIL's default); with `restarts`, as
+    restart_index would have re-encoded it (optimised Huffman tables, restart intervals of up
+    to JPEG_RESTART_MCUS MCUs that tile the rows) in the same pass."""
+    options: dict[str, Any] = {}
+    if restarts:
+        mcu = 8 if img.mode == "L" else 16
+        columns = -(-img.width // mcu)
+        interval = next(k for k in range(JPEG_RESTART_MCUS, 0, -1) if columns % k == 0)
+        options = {"optimize": True, "restart_marker_blocks": interval}
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
+    img.save(buf, format="JPEG", quality=quality, **options)
     return buf.getvalue()
 
 
@@ -221,10 +231,6 @@ def stored_size(width: int, height: int, opts: ImageOptions) -> tuple[int, int] 
     return w, h
 
 
-def _restarts(data: bytes, decoded: Image.Image | None, opts: ImageOptions) -> bytes:
-    return restart_indexed(data, decoded) if opts.jpeg_restarts else data
-
-
 def _encode_image(
     img: Image.Image, data: bytes, opts: ImageOptions
 ) -> tuple[bytes, str, str | None, tuple]:
@@ -250,12 +256,13 @@ def _encode_image(
         if opts.raw:
             return records.encode_raw(np.asarray(out)), "raw", note, shape
         if jpeg:
-            encoded = _jpeg_bytes(out, opts.jpeg_quality)
-            return _restarts(encoded, None, opts), "jpeg", note, shape
+            restarts = opts.jpeg_restarts and restarts_available()  # PIL writes the markers
+            return _jpeg_bytes(out, opts.jpeg_quality, restarts), "jpeg", note, shape
         return _png_bytes(out), "png", note, shape
     channels = 1 if eight.mode in ("1", "L", "LA") else 3
     if jpeg:
-        return _restarts(data, img, opts), "jpeg", None, (width, height, channels)
+        kept = restart_indexed(data, img) if opts.jpeg_restarts else data
+        return kept, "jpeg", None, (width, height, channels)
     # PNG bytes are kept unless 16-bit (IHDR bit depth, byte 24): 8 bits halve the size and
     # decode the same.
     if img.format == "PNG" and eight is img and data[24] <= 8:

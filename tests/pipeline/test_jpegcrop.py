@@ -52,11 +52,6 @@ def indexed(photos):
     return [_jpegcrop.restart_index(blob, 1 + i % 3) for i, blob in enumerate(photos)]
 
 
-def _mcus_per_row(image: Image.Image) -> int:
-    samples = image.layer if len(image.layer) > 1 else [(0, 1, 1, 0)]
-    return -(-image.size[0] // (8 * max(h for _, h, _, _ in samples)))
-
-
 def test_restart_index_keeps_the_pixels_and_tiles_the_rows(photos):
     """The same pixels in the same mode, EXIF and ICC profile kept; baseline; markers every k
     MCUs, k <= max_mcus dividing a row's MCUs. CMYK too."""
@@ -75,7 +70,7 @@ def test_restart_index_keeps_the_pixels_and_tiles_the_rows(photos):
             before, after = Image.open(io.BytesIO(blob)), Image.open(io.BytesIO(out))
             assert after.mode == before.mode and after.size == before.size
             np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
-            interval, row = helpers.jpeg_restart_interval(out), _mcus_per_row(before)
+            interval, row = helpers.jpeg_restart_interval(out), helpers.jpeg_mcus_per_row(out)
             assert 1 <= interval <= max_mcus and row % interval == 0
             assert not after.info.get("progressive") and after.layer == before.layer
             if blob is cmyk:  # a window, from its intervals, as the whole stream decodes it
