@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import os
 import re
 import socket
@@ -14,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import mesh_utils, multihost_utils
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost as ocp_multihost
 
@@ -444,9 +445,26 @@ def _barrier_summary(error: str) -> str:
     return summary
 
 
-def any_host(flag: bool) -> bool:
-    """True where any host says True (a host-side all-reduce; call it on every host)."""
+_agreements = itertools.count()  # any_host calls so far: the same sequence on every host
+
+# How long `any_host` waits for the other hosts: far longer than any start-up phase between
+# two agreements (they come at set points of the start-up), yet not forever.
+AGREE_TIMEOUT_SECONDS = 1800.0
+
+
+def any_host(flag: bool, timeout_seconds: float = AGREE_TIMEOUT_SECONDS) -> bool:
+    """True where any host says True; every host calls it, at the same points of its run.
+
+    Through the coordination service (the hosts saying True leave a key, all meet at a
+    barrier, each then lists the keys), not a device collective: nothing is compiled (a
+    jitted all-gather would be, on every start), and a host that never comes raises
+    HostsNotReady instead of hanging the others.
+    """
     if not is_distributed():
         return flag
-    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
-    return bool(np.any(flags))
+    name = f"launch/any_host/{next(_agreements)}"
+    client = ocp_multihost.get_jax_distributed_client()
+    if flag:
+        client.key_value_set(f"{name}/{jax.process_index()}", "1")
+    wait_for_all_hosts(name, timeout_seconds)
+    return bool(client.key_value_dir_get(name))

@@ -73,11 +73,13 @@ def test_a_signal_during_start_up_exits_75_without_a_traceback(data, tmp_path):
     assert "Traceback" not in log and "step 1/" not in log
 
 
-def _barrier(late_seconds: float, timeout_seconds: float) -> subprocess.CompletedProcess:
+def _barrier(
+    late_seconds: float, timeout_seconds: float, *probe_flags: str, processes: int = 2
+) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "launch.local_cluster", "--num_processes=2",
+        sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
         "--devices_per_process=1", "--module=tests.barrier_probe", "--",
-        f"--late_seconds={late_seconds}", f"--timeout_seconds={timeout_seconds}",
+        f"--late_seconds={late_seconds}", f"--timeout_seconds={timeout_seconds}", *probe_flags,
     ]  # fmt: skip
     return subprocess.run(
         cmd, cwd=helpers.REPO, env=helpers.child_env(1), capture_output=True, text=True,
@@ -94,6 +96,19 @@ def test_hosts_meet_before_training_and_a_missing_host_has_a_deadline():
     missing = _barrier(late_seconds=6, timeout_seconds=2)
     assert missing.returncode == ExitStatus.STALLED, missing.stdout[-3000:]
     assert "process 0: not every host reached 'probe' within 2s" in missing.stdout
+
+
+def test_hosts_agree_through_the_coordination_service_and_a_missing_host_has_a_deadline():
+    """distributed.any_host (the workdir lock's and the restore's agreements): True on every
+    host where any one says True, each call on its own, across real processes; one host that
+    never comes ends it, named, instead of hanging the others."""
+    agree = _barrier(1, 60, "--says_true=2,-1,0", processes=3)
+    assert agree.returncode == 0, agree.stdout[-3000:]
+    for process in range(3):
+        assert f"process {process}: agreed [True, False, True]" in agree.stdout, agree.stdout
+    missing = _barrier(6, 2, "--says_true=-1")
+    assert missing.returncode == ExitStatus.STALLED, missing.stdout[-3000:]
+    assert "process 0: not every host reached 'launch/any_host/0' within 2s" in missing.stdout
 
 
 def _freeze_one_host_mid_run(args, workdir, seen):
