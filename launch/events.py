@@ -15,7 +15,9 @@ every process of it), and the other fields depend on the event:
 |                    | began: start-up counts from there)                                  |
 | `phase_ended`      | `phase` (distributed, data, restore or init, compile_wait,          |
 |                    | host_wait), `seconds`                                               |
-| `startup`          | `figures` ({"startup/..._s": seconds}): every host is training      |
+| `startup`          | `figures` ({"startup/..._s": seconds}): every host is training;     |
+|                    | `programs`: [name, how it came] per compiled program ("compiled",   |
+|                    | "read ahead", "loaded", "from process N"; launch.executables)       |
 | `resumed`          | `step` (0 for a fresh start), `from_topology` or null               |
 | `progress`         | `step`: the loop completed this step (at log intervals)             |
 | `save_started`     | `step`, `blocked_s`: how long the loop waited for the save to start |

@@ -26,6 +26,15 @@ or taken from process 0 of the run, with the trust the run's checkpoints have.
 Only fresh compiles are kept: an executable that JAX itself loaded from its persistent cache
 serializes incompletely on the CPU backend (loading that copy fails at the first call with
 "Function ... not found"), so when JAX's cache answered, nothing is written here.
+
+Loading ahead. A restart cannot name its executables before it has built the program (the key
+needs the abstract state, hence flax, optax and the model), yet loading one is mostly XLA's
+own work, which needs only the backend and runs without the GIL. So each process records the
+entries its start-up used (`record_used`, `last-used-p<process>.json` here), and the next
+start begins loading those files in a background thread as soon as the backend is up
+(`preload`), while the main thread imports the rest and checks the data. `load_or_compile`
+takes a preloaded executable only for the entry name it computed itself: a changed program
+has another name and never meets what was read ahead.
 """
 
 from __future__ import annotations
@@ -33,12 +42,15 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import pickle
+import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -56,6 +68,11 @@ _SOURCES = ("resnet", os.path.join("launch", "program.py"))
 # process waits for one before compiling its own.
 _KV_PREFIX = "launch/executables/"
 SHARE_TIMEOUT_SECONDS = 1800
+# A file holds (the executable's bytes, its pickled pytrees): the bytes load before the
+# classes in the trees (flax's, optax's) are imported. In every key: another layout, other names.
+_FORMAT = 2
+_LAST_USED = "last-used-{run}-p{process}.json"  # run: a digest of the run's identity (workdir)
+_ENTRY = re.compile(r"[a-z_]+-[0-9a-f]{32}")
 
 
 _jax_cache_hits: collections.Counter[int] = collections.Counter()  # per compiling thread
@@ -147,30 +164,41 @@ def load_or_compile(
     if folder is None:
         return lower().compile()
     material = json.dumps(
-        {"program": key, "args": abstract_signature(abstract_args)}, sort_keys=True
+        {"program": key, "args": abstract_signature(abstract_args), "format": _FORMAT},
+        sort_keys=True,
     )
     entry = f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
     path = epath.Path(folder) / f"{entry}.jaxexe"
     start = time.perf_counter()
-    compiler = compiled_by % jax.process_count()
+    compiled, how = _load_or_compile(entry, path, lower, compiled_by % jax.process_count())
+    _used.append((name, entry, how))
+    if how != "compiled":
+        seconds = time.perf_counter() - start
+        logging.info("Loaded the compiled %s (%.1fs; %s).", name, seconds, how)
+    return compiled
+
+
+def _load_or_compile(
+    entry: str, path: epath.Path, lower: Callable[[], jax.stages.Lowered], compiler: int
+) -> tuple[jax.stages.Compiled, str]:
+    """(the executable, how it came: "compiled", "read ahead", "loaded" or "from process N")."""
     if jax.process_index() == compiler:
         handed_over = b""  # tells the others to compile their own
         try:
-            compiled = _load(path, _read(path))  # the others find the same file
+            compiled, how = _load_entry(entry, path)  # the others find the same file
             if compiled is None:
                 compiled, handed_over = _compile(lower, path)
-                return compiled
+                return compiled, "compiled"
         finally:
             if jax.process_count() > 1:
                 _hand_over(entry, handed_over)
-    else:
-        compiled = _load(path, _read(path))
-        if compiled is None:
-            compiled = _from_process(compiler, entry, path)
-        if compiled is None:
-            return _compile(lower, path)[0]
-    logging.info("Loaded the compiled %s (%.1fs).", name, time.perf_counter() - start)
-    return compiled
+        return compiled, how
+    compiled, how = _load_entry(entry, path)
+    if compiled is None:
+        compiled, how = _from_process(compiler, entry, path), f"from process {compiler}"
+    if compiled is None:
+        return _compile(lower, path)[0], "compiled"
+    return compiled, how
 
 
 def _client():
@@ -228,8 +256,8 @@ def _load(path: epath.Path, payload: bytes, source: str = "") -> jax.stages.Comp
     if not payload:
         return None
     try:
-        blob, in_tree, out_tree = pickle.loads(payload)
-        return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+        blob, trees = pickle.loads(payload)
+        return _with_trees(_deserialize(blob), trees)
     except Exception as e:  # pylint: disable=broad-except  # unreadable: compile it again
         where = source or str(path)
         logging.warning("Compiled program %s could not be loaded (%s); compiling it.", where, e)
@@ -238,21 +266,127 @@ def _load(path: epath.Path, payload: bytes, source: str = "") -> jax.stages.Comp
         return None
 
 
+# Loading split in two, as `serialize_executable.deserialize_and_load` does it (jax 0.10 and
+# 0.11): the executable on this process's devices with its flat argument info, which needs no
+# class beyond jax's; then the pytrees, which need the model's and the optimizer's.
+def _deserialize(blob: bytes) -> tuple[Any, list[Any], bool]:
+    backend = jax.devices()[0].client
+    unpickler = serialize_executable._JaxPjrtUnpickler(  # pylint: disable=protected-access
+        io.BytesIO(blob), backend, backend.devices()
+    )
+    unloaded, args_info_flat, no_kwargs = unpickler.load()
+    return unloaded.load(), args_info_flat, no_kwargs
+
+
+def _with_trees(loaded: tuple[Any, list[Any], bool], trees: bytes) -> jax.stages.Compiled:
+    executable, args_info_flat, no_kwargs = loaded
+    in_tree, out_tree = pickle.loads(trees)
+    args_info = in_tree.unflatten(args_info_flat)
+    return jax.stages.Compiled(executable, [], args_info, out_tree, no_kwargs=no_kwargs)
+
+
 def _serialize(compiled: jax.stages.Compiled, path: epath.Path) -> bytes:
     try:
-        return pickle.dumps(serialize_executable.serialize(compiled))
+        blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+        return pickle.dumps((blob, pickle.dumps((in_tree, out_tree))))
     except (ValueError, NotImplementedError, pickle.PicklingError) as e:
         logging.warning("Compiled program not kept for restarts (%s): %s", path, e)
         return b""
 
 
 def _write(path: epath.Path, payload: bytes) -> None:
-    """Writes the executable atomically (a temp file renamed into place); a cache, so a
-    failure to write is logged and the run goes on."""
+    """Writes `payload` atomically (a temp file renamed into place); a cache, so a failure
+    to write is logged and the run goes on."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
         temp.write_bytes(payload)
         temp.replace(path)
     except OSError as e:
-        logging.warning("Compiled program not kept for restarts (%s): %s", path, e)
+        logging.warning("Not kept for restarts (%s): %s", path, e)
+
+
+# --- loading ahead ------------------------------------------------------------------------
+
+_used: list[tuple[str, str, str]] = []  # (name, entry, how it came) per program, in order
+
+
+def programs() -> list[list[str]]:
+    """[name, how it came] for each program this process has asked for (see `_load_or_compile`)."""
+    return [[name, how] for name, _, how in _used]
+
+
+class _Ahead:
+    """The background load of the entries recorded in `record`: `take(entry)` gives the loaded
+    executable (before its pytrees) and its pickled trees, or None."""
+
+    def __init__(self, folder: epath.Path, record: epath.Path):
+        self.named = threading.Event()  # set once the record has been read
+        self.entries: list[str] = []
+        self._loads: dict[str, futures.Future] = {}
+        self._folder, self._record = folder, record
+        threading.Thread(target=self._run, name="preload-executables", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            entries = json.loads(self._record.read_text())
+            self.entries = [e for e in entries if isinstance(e, str) and _ENTRY.fullmatch(e)]
+        except (OSError, ValueError, TypeError):
+            pass  # no record (a first start) or an unreadable one: nothing is read ahead
+        loads: list[tuple[str, futures.Future]] = [(e, futures.Future()) for e in self.entries]
+        self._loads = dict(loads)
+        self.named.set()
+        for entry, future in loads:
+            loaded = None  # whatever goes wrong, `take` gets an answer
+            try:
+                blob, trees = pickle.loads((self._folder / f"{entry}.jaxexe").read_bytes())
+                loaded = (_deserialize(blob), trees)
+            except Exception:  # pylint: disable=broad-except  # the usual path reports it
+                pass
+            finally:
+                future.set_result(loaded)
+
+    def take(self, entry: str):
+        self.named.wait()
+        future = self._loads.pop(entry, None)
+        return None if future is None else future.result()
+
+
+_ahead: _Ahead | None = None
+
+
+def _record(folder: str, run: str) -> epath.Path:
+    digest = hashlib.sha256(run.encode()).hexdigest()[:16]
+    return epath.Path(folder) / _LAST_USED.format(run=digest, process=jax.process_index())
+
+
+def preload(run: str) -> None:
+    """Starts loading, in the background, the executables that the last start-up of `run`
+    (the launcher passes its workdir) used in this process, as `record_used` recorded them;
+    call once the backend is up. Without a cache folder, nothing."""
+    global _ahead
+    folder = cache_folder()
+    if folder is not None and _ahead is None:
+        _ahead = _Ahead(epath.Path(folder), _record(folder, run))
+
+
+def record_used(run: str) -> None:
+    """Records the entries used so far as those the next start of `run` loads ahead (written
+    only when they changed; a cache, so a failure to write is logged and ignored)."""
+    folder = cache_folder()
+    used = list(dict.fromkeys(entry for _, entry, _ in _used))
+    if folder is None or not used or (_ahead is not None and _ahead.entries == used):
+        return
+    _write(_record(folder, run), json.dumps(used).encode())
+
+
+def _load_entry(entry: str, path: epath.Path) -> tuple[jax.stages.Compiled | None, str]:
+    """(the executable of `entry`, "read ahead" or "loaded"): from the load ahead where it
+    read this entry, else from its file (None where there is none or it cannot be loaded)."""
+    ahead = _ahead.take(entry) if _ahead is not None else None
+    if ahead is not None:
+        try:
+            return _with_trees(*ahead), "read ahead"
+        except Exception:  # pylint: disable=broad-except  # read again below, and reported
+            pass
+    return _load(path, _read(path)), "loaded"

@@ -27,7 +27,16 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from launch import checkpointing, distributed, events, goodput, interval, liveness, setup
+from launch import (
+    checkpointing,
+    distributed,
+    events,
+    executables,
+    goodput,
+    interval,
+    liveness,
+    setup,
+)
 from launch import metrics as metrics_lib
 from launch import plan as plan_lib
 from launch.setup import FINISHED_MARKER
@@ -385,9 +394,11 @@ class Trainer:
             done - self.started + self.timings.get("startup/distributed_s", 0.0)
         )
         _log_startup(self, self.step)
+        executables.record_used(self.workdir)  # what the next start loads ahead
         self.log.emit(
             "startup",
             figures=dict(self.timings),
+            programs=executables.programs(),
             training_since=self.training_since,
             first_step_done=done_wall,
         )

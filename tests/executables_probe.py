@@ -22,6 +22,7 @@ def main(_):
 
     jax.config.update("jax_compilation_cache_dir", FLAGS.cache)
     probe_cluster.join()
+    executables.preload("probe")  # as the launcher does once the backend is up
     mesh = distributed.make_mesh()
     sharding = NamedSharding(mesh, P("batch"))
     fn = jax.jit(lambda x: (x * jnp.arange(4.0)).sum(), in_shardings=sharding)
@@ -34,10 +35,15 @@ def main(_):
 
     key = executables.environment_key(mesh)
     compiled = executables.load_or_compile("probe", lower, key, args, compiled_by=FLAGS.compiled_by)
+    executables.record_used("probe")
+    ((_, how),) = executables.programs()
     rows = np.arange(48, dtype=np.float32).reshape(12, 4)
     x = jax.make_array_from_callback((12, 4), sharding, lambda index: rows[index])
     result = float(jax.device_get(compiled(x)))
-    print(f"process {jax.process_index()}: compiled={bool(lowered)} result={result}", flush=True)
+    print(
+        f"process {jax.process_index()}: compiled={bool(lowered)} how={how} result={result}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -76,6 +76,14 @@ def test_sigterm_to_one_host_stops_all_at_one_step_and_resumes(data, reference, 
     resumed = helpers.launch(args, processes=2, devices=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_same_state(reference["two"], str(tmp_path / "w"))
+    # Each host loaded the programs its first start used, read ahead of building them.
+    starts = [r for r in events.read(workdir) if r["event"] == "startup"]
+    again = [r for r in starts if r["attempt"] == starts[-1]["attempt"]]
+    assert sorted(r["process"] for r in again) == [0, 1]
+    for start in again:
+        names = [name for name, _ in start["programs"]]
+        assert {"train_step", "pre_save_checks"} <= set(names), start["programs"]
+        assert {how for _, how in start["programs"]} == {"read ahead"}, start["programs"]
 
 
 def test_sigkill_during_async_save_resumes_from_last_committed(data, reference, tmp_path):

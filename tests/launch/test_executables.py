@@ -4,6 +4,7 @@ another program, and a damaged entry is compiled again.
 The rules are shown in-process on a small sharded program that compiles in milliseconds; one
 slow test runs them on the real train step of `launch.program`."""
 
+import json
 import os
 import re
 import subprocess
@@ -107,6 +108,99 @@ def test_without_a_cache_folder_nothing_is_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.fixture
+def new_process(monkeypatch):
+    """Resets what launch.executables keeps per process (nothing used, nothing read ahead),
+    as a restart starts; call it again for the next restart."""
+
+    def restart():
+        monkeypatch.setattr(executables, "_ahead", None)
+        monkeypatch.setattr(executables, "_used", [])
+
+    restart()
+    return restart
+
+
+RUN = "/runs/a"  # the run's identity (the launcher passes its workdir)
+
+
+def _recorded(cache_dir, run: str = RUN) -> list[str]:
+    (record,) = [n for n in os.listdir(cache_dir) if n.startswith("last-used-")]
+    assert record == executables._record(str(cache_dir), run).name
+    return json.loads((cache_dir / record).read_text())
+
+
+def _how() -> list[str]:
+    return [how for _, how in executables.programs()]
+
+
+def test_a_restart_loads_ahead_what_the_last_start_used(cache_dir, new_process):
+    first = _Small()
+    expected = first.run(first.compile())
+    executables.preload(RUN)  # a first start: nothing recorded, nothing read ahead
+    executables.record_used(RUN)
+    assert _how() == ["compiled"]
+    (entry,) = _recorded(cache_dir)
+    assert (cache_dir / f"{entry}.jaxexe").exists()
+
+    new_process()
+    executables.preload(RUN)  # before the program exists
+    again = _Small()
+    assert again.run(again.compile(_never_lower)) == expected
+    assert executables.programs() == [["small", "read ahead"]]
+    record = executables._record(str(cache_dir), RUN)
+    before = record.stat().mtime
+    executables.record_used(RUN)  # the same entries: the record is left as it is
+    assert record.stat().mtime == before
+
+    new_process()
+    executables.preload("/runs/b")  # another run, sharing the cache folder: nothing ahead
+    assert _Small().run(_Small().compile(_never_lower)) == expected
+    assert _how() == ["loaded"]
+
+
+def test_a_changed_program_never_takes_what_was_read_ahead(cache_dir, new_process):
+    _Small(scale=2.0).compile()
+    executables.record_used(RUN)
+    (old,) = _recorded(cache_dir)
+    new_process()
+    executables.preload(RUN)
+    changed = _Small(scale=3.0)
+    with pytest.raises(AssertionError, match="traced and lowered again"):
+        changed.compile(_never_lower)
+    assert changed.run(changed.compile()) == float(np.arange(32).sum() * 3)
+    assert _how() == ["compiled"]
+    executables.record_used(RUN)  # the next start reads ahead what this one used
+    (new,) = _recorded(cache_dir)
+    assert new != old and (cache_dir / f"{new}.jaxexe").exists()
+
+
+def test_a_damaged_entry_read_ahead_is_compiled_again(cache_dir, new_process):
+    program = _Small()
+    expected = program.run(program.compile())
+    executables.record_used(RUN)
+    (entry,) = _recorded(cache_dir)
+    (cache_dir / f"{entry}.jaxexe").write_bytes(b"not an executable")
+    new_process()
+    executables.preload(RUN)
+    again = _Small()
+    assert again.run(again.compile()) == expected
+    assert _how() == ["compiled"]
+    assert (cache_dir / f"{entry}.jaxexe").read_bytes() != b"not an executable"
+
+
+def test_a_record_that_is_not_a_list_of_entries_is_ignored(cache_dir, new_process):
+    program = _Small()
+    expected = program.run(program.compile())
+    record = executables._record(str(cache_dir), RUN)
+    for text in ("{not json", '{"small": 1}', '["../../etc/passwd", 3]'):
+        record.write_text(text)
+        new_process()
+        executables.preload(RUN)
+        assert program.run(program.compile(_never_lower)) == expected
+        assert _how() == ["loaded"]
+
+
 @pytest.mark.slow  # compiles the real train step twice
 def test_the_real_train_step_is_loaded_on_a_restart(data, cache_dir):
     def build():
@@ -137,9 +231,9 @@ def test_the_real_train_step_is_loaded_on_a_restart(data, cache_dir):
     np.testing.assert_equal(step_once(again, loaded), expected)
 
 
-def _probe(cache: str, compiled_by: int, processes: int = 2) -> dict[int, tuple[bool, float]]:
+def _probe(cache: str, compiled_by: int, processes: int = 2) -> dict[int, tuple]:
     """Runs tests/executables_probe.py in `processes` launcher-like processes; each one's
-    (whether it compiled, its result)."""
+    (whether it compiled, how the executable came, its result)."""
     cmd = [
         sys.executable, "-m", "launch.local_cluster", f"--num_processes={processes}",
         "--devices_per_process=2", "--module=tests.executables_probe", "--",
@@ -150,9 +244,11 @@ def _probe(cache: str, compiled_by: int, processes: int = 2) -> dict[int, tuple[
         timeout=180,
     )  # fmt: skip
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    found = re.findall(r"process (\d+): compiled=(True|False) result=([\d.]+)", run.stdout)
+    found = re.findall(
+        r"process (\d+): compiled=(True|False) how=([\w ]+) result=([\d.]+)", run.stdout
+    )
     assert len(found) == processes, run.stdout[-3000:]
-    return {int(p): (compiled == "True", float(result)) for p, compiled, result in found}
+    return {int(p): (c == "True", how, float(r)) for p, c, how, r in found}
 
 
 @pytest.mark.slow  # two runs of 3 processes
@@ -163,7 +259,14 @@ def test_one_process_compiles_and_hands_the_executable_to_the_others(tmp_path):
     cache = str(tmp_path / "cache")
     expected = float((np.arange(48).reshape(12, 4) * np.arange(4)).sum())
     first = _probe(cache, compiled_by=-1, processes=3)
-    assert first == {0: (False, expected), 1: (False, expected), 2: (True, expected)}
-    assert len(os.listdir(os.path.join(cache, "executables"))) == 1  # one for all
+    assert first == {
+        0: (False, "from process 2", expected),
+        1: (False, "from process 2", expected),
+        2: (True, "compiled", expected),
+    }
+    folder = os.path.join(cache, "executables")
+    assert len([n for n in os.listdir(folder) if n.endswith(".jaxexe")]) == 1  # one for all
+    assert len([n for n in os.listdir(folder) if n.startswith("last-used-")]) == 3
+    # Every process reads the executable ahead, before it can name it.
     again = _probe(cache, compiled_by=0, processes=3)
-    assert again == {p: (False, expected) for p in range(3)}
+    assert again == {p: (False, "read ahead", expected) for p in range(3)}

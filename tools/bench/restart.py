@@ -9,11 +9,13 @@ empty compilation cache (cold) and a restart with the cache that the cold one fi
 each stopped with SIGTERM once every host is training (the launcher's `startup` event,
 launch.events). The figure is the wall time from starting the processes to the end of the
 first step, which that event records, with the launcher's own start-up breakdown (the event's
-figures). The last line printed is JSON.
+figures) and how its programs came (compiled, read ahead, loaded; the first process to report).
+The last line printed is JSON.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -89,7 +91,10 @@ def main(argv):
             for kind in ("cold", "warm"):
                 seconds, event = _run_until(workdir, cache, extra, _is_startup)
                 startup = {k.split("/")[1]: round(v, 2) for k, v in event["figures"].items()}
-                results[kind].append({"seconds": round(seconds, 2), "startup": startup})
+                how = collections.Counter(how for _, how in event.get("programs", []))
+                results[kind].append(
+                    {"seconds": round(seconds, 2), "startup": startup, "programs": dict(how)}
+                )
                 print(f"{kind} restart: first step after {seconds:.1f}s  {results[kind][-1]}")
     cold = sorted(r["seconds"] for r in results["cold"])[len(results["cold"]) // 2]
     warm = sorted(r["seconds"] for r in results["warm"])[len(results["warm"]) // 2]
