@@ -464,7 +464,12 @@ def any_host(flag: bool, timeout_seconds: float = AGREE_TIMEOUT_SECONDS) -> bool
         return flag
     name = f"launch/any_host/{next(_agreements)}"
     client = ocp_multihost.get_jax_distributed_client()
-    if flag:
-        client.key_value_set(f"{name}/{jax.process_index()}", "1")
-    wait_for_all_hosts(name, timeout_seconds)
-    return bool(client.key_value_dir_get(name))
+    try:
+        if flag:
+            client.key_value_set(f"{name}/{jax.process_index()}", "1")
+        wait_for_all_hosts(name, timeout_seconds)
+        return bool(client.key_value_dir_get(name))
+    except HostsNotReady:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # the coordination service is gone
+        raise HostsNotReady(f"hosts could not agree on {name!r}: {e}") from None

@@ -30,11 +30,12 @@ serializes incompletely on the CPU backend (loading that copy fails at the first
 Loading ahead. A restart cannot name its executables before it has built the program (the key
 needs the abstract state, hence flax, optax and the model), yet loading one is mostly XLA's
 own work, which needs only the backend and runs without the GIL. So each process records the
-entries its start-up used (`record_used`, `last-used-p<process>.json` here), and the next
-start begins loading those files in a background thread as soon as the backend is up
-(`preload`), while the main thread imports the rest and checks the data. `load_or_compile`
-takes a preloaded executable only for the entry name it computed itself: a changed program
-has another name and never meets what was read ahead.
+entries its start-up used (`record_used`: `last-used-<run>-p<process>.json` here, <run> a
+digest of the workdir), and the next start of that run begins loading those files in a
+background thread as soon as the backend is up (`preload`), while the main thread imports
+the rest and checks the data. `load_or_compile` takes a preloaded executable only for the
+entry name it computed itself: a changed program has another name and never meets what was
+read ahead.
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ def _write(path: epath.Path, payload: bytes) -> None:
         temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
         temp.write_bytes(payload)
         temp.replace(path)
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except  # gcsfs raises its own errors
         logging.warning("Not kept for restarts (%s): %s", path, e)
 
 
@@ -317,26 +318,41 @@ def programs() -> list[list[str]]:
 
 
 class _Ahead:
-    """The background load of the entries recorded in `record`: `take(entry)` gives the loaded
-    executable (before its pytrees) and its pickled trees, or None."""
+    """The background load of the entries recorded in `record`, one after another in the
+    order they were used. `take(entry)` gives the loaded executable (before its pytrees) and
+    its pickled trees; None where the record does not name it, its load failed, or its load
+    had not begun (the caller then loads it itself rather than wait behind the others).
+
+    The thread is not a daemon: a process that exits while XLA is deserializing would abort
+    (SIGABRT) instead of exiting with its own status, so the exit waits for the load under
+    way, and no further load begins once the main thread has ended."""
 
     def __init__(self, folder: epath.Path, record: epath.Path):
-        self.named = threading.Event()  # set once the record has been read
         self.entries: list[str] = []
-        self._loads: dict[str, futures.Future] = {}
+        self._named = threading.Event()  # set once the record has been read (or not)
+        self._lock = threading.Lock()
+        self._waiting: dict[str, futures.Future] = {}  # loads not begun
+        self._begun: dict[str, futures.Future] = {}
         self._folder, self._record = folder, record
-        threading.Thread(target=self._run, name="preload-executables", daemon=True).start()
+        threading.Thread(target=self._run, name="preload-executables").start()
 
     def _run(self) -> None:
         try:
             entries = json.loads(self._record.read_text())
-            self.entries = [e for e in entries if isinstance(e, str) and _ENTRY.fullmatch(e)]
-        except (OSError, ValueError, TypeError):
-            pass  # no record (a first start) or an unreadable one: nothing is read ahead
-        loads: list[tuple[str, futures.Future]] = [(e, futures.Future()) for e in self.entries]
-        self._loads = dict(loads)
-        self.named.set()
-        for entry, future in loads:
+            if isinstance(entries, list):
+                self.entries = [e for e in entries if isinstance(e, str) and _ENTRY.fullmatch(e)]
+        except Exception:  # pylint: disable=broad-except  # no record (a first start) or
+            pass  # an unreadable one (on any file system): nothing is read ahead
+        finally:
+            with self._lock:
+                self._waiting = {entry: futures.Future() for entry in self.entries}
+            self._named.set()
+        while threading.main_thread().is_alive():
+            with self._lock:
+                if not self._waiting:
+                    return
+                entry, future = next(iter(self._waiting.items()))
+                self._begun[entry] = self._waiting.pop(entry)
             loaded = None  # whatever goes wrong, `take` gets an answer
             try:
                 blob, trees = pickle.loads((self._folder / f"{entry}.jaxexe").read_bytes())
@@ -347,8 +363,10 @@ class _Ahead:
                 future.set_result(loaded)
 
     def take(self, entry: str):
-        self.named.wait()
-        future = self._loads.pop(entry, None)
+        self._named.wait()
+        with self._lock:
+            self._waiting.pop(entry, None)
+            future = self._begun.pop(entry, None)
         return None if future is None else future.result()
 
 
@@ -363,7 +381,8 @@ def _record(folder: str, run: str) -> epath.Path:
 def preload(run: str) -> None:
     """Starts loading, in the background, the executables that the last start-up of `run`
     (the launcher passes its workdir) used in this process, as `record_used` recorded them;
-    call once the backend is up. Without a cache folder, nothing."""
+    call once the backend is up. Without a cache folder, nothing. What is loaded and not
+    taken is let go at `record_used`."""
     global _ahead
     folder = cache_folder()
     if folder is not None and _ahead is None:
@@ -372,10 +391,16 @@ def preload(run: str) -> None:
 
 def record_used(run: str) -> None:
     """Records the entries used so far as those the next start of `run` loads ahead (written
-    only when they changed; a cache, so a failure to write is logged and ignored)."""
+    only when they changed; a cache, so a failure to write is logged and ignored), and lets
+    go of whatever was read ahead and not taken (it may hold device memory)."""
+    global _ahead
     folder = cache_folder()
     used = list(dict.fromkeys(entry for _, entry, _ in _used))
-    if folder is None or not used or (_ahead is not None and _ahead.entries == used):
+    # Every entry in `used` went through `take`, which waited for the record: `entries` is
+    # complete here.
+    recorded = _ahead.entries if _ahead is not None else None
+    _ahead = None
+    if folder is None or not used or recorded == used:
         return
     _write(_record(folder, run), json.dumps(used).encode())
 

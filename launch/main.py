@@ -133,10 +133,6 @@ def start_process(config) -> tuple[liveness.StopRequest, dict[str, float]]:
     except (ValueError, distributed.ClusterError) as e:
         fail(ExitStatus.BAD_INPUT, str(e))
     _routine_logs_from_process_0_only(jax.process_index())
-    # The backend is up: the compiled steps of the last start load while the rest is imported.
-    from launch import executables  # pylint: disable=g-import-not-at-top
-
-    executables.preload(FLAGS.workdir)
     return stop, {"startup/distributed_s": time.perf_counter() - start}
 
 
@@ -201,6 +197,10 @@ def main(argv):
     except plan.ConfigError as e:
         fail(ExitStatus.BAD_INPUT, str(e))
     stop, timings = start_process(config)
+    # The backend is up: the compiled steps of the last start load while the rest is imported.
+    from launch import executables  # pylint: disable=g-import-not-at-top
+
+    executables.preload(FLAGS.workdir)
     from launch import train  # pylint: disable=g-import-not-at-top
 
     def run() -> ExitStatus:
