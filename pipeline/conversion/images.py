@@ -104,10 +104,11 @@ def _jpeg_bytes(img: Image.Image, quality: int, restarts: bool) -> bytes:
     to JPEG_RESTART_MCUS MCUs that tile the rows) in the same pass."""
     options: dict[str, Any] = {}
     if restarts:
-        mcu = 8 if img.mode == "L" else 16
+        # 4:2:0 named, not left to PIL's default: the MCU width below depends on it.
+        mcu, sampling = (8, {}) if img.mode == "L" else (16, {"subsampling": "4:2:0"})
         columns = -(-img.width // mcu)
         interval = next(k for k in range(JPEG_RESTART_MCUS, 0, -1) if columns % k == 0)
-        options = {"optimize": True, "restart_marker_blocks": interval}
+        options = {"optimize": True, "restart_marker_blocks": interval, **sampling}
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, **options)
     return buf.getvalue()
