@@ -523,13 +523,34 @@ class Checkpointer:
             )
         return None
 
+    def _read_state(self, step: int, abstract_state: Any) -> Any:
+        """The state saved at `step`, placed as `abstract_state` says.
+
+        A fully replicated state (data parallelism: every leaf on every device) is read once
+        into host memory and placed on all the devices in one transfer; Orbax would read and
+        place it device by device (on the demo's 160 arrays and 4 devices, 0.15-0.24 s
+        against 0.08 s). The values are the same bytes either way.
+        """
+        restore = lambda target: self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+        leaves = jax.tree.leaves(abstract_state)
+        shardings = [getattr(x, "sharding", None) for x in leaves]
+        if not leaves or not all(
+            isinstance(s, jax.sharding.Sharding) and s.is_fully_replicated for s in shardings
+        ):
+            return restore(abstract_state)
+        on_host = restore(jax.tree.map(lambda x: np.empty(x.shape, x.dtype), abstract_state))
+        for path, got, want in zip(leaf_paths(abstract_state), jax.tree.leaves(on_host), leaves):
+            if got.shape != want.shape:  # Orbax reads a host array whole, whatever its shape
+                raise ValueError(f"{path} has shape {got.shape} here, {want.shape} expected")
+        return jax.device_put(on_host, jax.tree.map(lambda x: x.sharding, abstract_state))
+
     def _try_restore(self, step: int, abstract_state, expected_meta) -> tuple[str | None, Any, Any]:
         """(the reason the step cannot be used or None, its state, its meta); raises
         IncompatibleCheckpoint for a step of another configuration."""
         step_dir = self.directory / str(step)
-        read = lambda: self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )["state"]
+        read = lambda: self._read_state(step, abstract_state)
         check = lambda meta: _check_compatible(meta, expected_meta, str(step_dir))
         verdict = judge_step(step_dir, read, check, self._restored_digest(abstract_state))
         if verdict.reason == "digest-mismatch":  # never on a loaded executable's word alone

@@ -43,21 +43,25 @@ class Writer:
 
     def __init__(self, workdir: str):
         self._writer = None
+        self._workdir = workdir
         self._jsonl = epath.Path(workdir) / METRICS_FILE
         self._lines: list[str] = []  # gs:// objects cannot be appended to: rewritten whole
         self._active = jax.process_index() == 0
-        if self._active:
-            self._writer = _summary_writer_class()(
-                os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=1000
-            )
+        self._opened = not self._active  # the event file is opened at the first write
 
     def _tensorboard(self):
-        """The SummaryWriter while its writer thread lives, else None.
+        """The SummaryWriter while its writer thread lives, else None; opened at the first
+        write (the launcher's first is made while the first step runs).
 
         tensorboardX writes from a thread that dies at its first write error (a full disk);
         every later call would then block on its full queue and hang the run. Events stop
         instead, with one error; the next checkpoint save reports the disk.
         """
+        if not self._opened:
+            self._opened = True
+            self._writer = _summary_writer_class()(
+                os.path.join(self._workdir, "tensorboard"), flush_secs=10, max_queue=1000
+            )
         if self._writer is None:
             return None
         file_writer = getattr(self._writer, "file_writer", None)
@@ -95,14 +99,14 @@ class Writer:
             tensorboard.add_images(tag, images, step, dataformats="NHWC")
 
     def flush(self) -> None:
-        if tensorboard := self._tensorboard():
+        if self._opened and (tensorboard := self._tensorboard()):
             try:
                 tensorboard.flush()
             except OSError as e:
                 logging.error("Could not flush the TensorBoard events: %s", e)
 
     def close(self) -> None:
-        if tensorboard := self._tensorboard():
+        if self._opened and (tensorboard := self._tensorboard()):
             try:
                 tensorboard.close()
             except OSError as e:  # must not replace the error that is stopping the run

@@ -126,7 +126,6 @@ def train_and_evaluate(
         # 4. The loop.
         writer = metrics_lib.Writer(workdir)
         cleanup.callback(writer.close)
-        writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
         watchdog = liveness.Watchdog(config.train.stall_timeout_seconds)
         cleanup.callback(watchdog.close)
         trainer = Trainer(
@@ -282,14 +281,14 @@ class Trainer:
         wait_start = time.perf_counter()
         batch = next(self.train_iter)
         self.meter.add_data_wait(time.perf_counter() - wait_start)
-        if self.step == self.start_step and self.config.train.num_image_summaries:
-            _image_summary(self, self.step, batch)
         if self.step == self.profile.first:
             self.profile.start()
         votes = self.program.stop_votes(self.stop.requested)
         if self.training_since is None:
             self.training_since = time.time()
         self.state, step_metrics = self.train_step(self.state, batch, votes)
+        if self.step == self.start_step:  # while the first step runs
+            _start_summaries(self, batch)
         self.step += 1
         if self.step == self.profile.last:
             self.profile.stop(self.state)
@@ -428,13 +427,19 @@ class Trainer:
         return self.live.mtbf_seconds(now, prior) if self.live is not None else prior
 
 
-def _image_summary(run: Trainer, step: int, batch) -> None:
-    images = np.asarray(batch["image"].addressable_shards[0].data)
-    run.writer.images(
-        "train/augmented_inputs",
-        step,
-        metrics_lib.image_grid_input(images, run.config.train.num_image_summaries),
-    )
+def _start_summaries(run: Trainer, batch) -> None:
+    """What TensorBoard shows of an attempt's start: its config and its first augmented
+    inputs. Written once the first step is dispatched, while it runs (opening the event file
+    and encoding images are host work the step need not wait for)."""
+    config = run.config
+    run.writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
+    if config.train.num_image_summaries:
+        images = np.asarray(batch["image"].addressable_shards[0].data)
+        run.writer.images(
+            "train/augmented_inputs",
+            run.step,
+            metrics_lib.image_grid_input(images, config.train.num_image_summaries),
+        )
 
 
 def _log_startup(run: Trainer, step: int) -> None:

@@ -191,14 +191,32 @@ def written_in_parts(root: str) -> None:
         ckpt.close()
     assert parts == {(large,): len(devices), (1000,): 1}, parts
     assert step == 1
-    for key, value in state.items():
+    for key, value in state.items():  # read on the host, placed on every device
+        assert isinstance(restored[key], jax.Array) and restored[key].sharding == replicated
         np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+    # An array of another shape than the one asked for is no state to train on.
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(root, "checkpoints"), max_to_keep=2, async_save=False,
+        barrier_timeout_seconds=60, read_only=True,
+    )  # fmt: skip
+    try:
+        abstract["small"] = jax.ShapeDtypeStruct((999,), jnp.float32, sharding=replicated)
+        try:
+            ckpt.restore_latest(abstract, {"model.name": "tiny"})
+        except checkpointing.NoUsableCheckpoint as e:
+            assert "unreadable" in str(e), e
+        else:
+            raise AssertionError("a state of another shape was restored")
+    finally:
+        ckpt.close()
 
 
 def test_only_large_replicated_arrays_are_written_in_parts(tmp_path):
     """Orbax writes a replicated array in one part per replica only where a part holds at
     least MIN_REPLICA_SLICE_BYTES: each part is sliced and copied to the host one by one, in
-    the loop's stall. Both kinds restore exactly. Four devices, so in a child process."""
+    the loop's stall. Both kinds restore exactly onto every device, and an array of another
+    shape is not restored. Four devices, so in a child process."""
     code = f"from tests.launch import test_verdict as t; t.written_in_parts({str(tmp_path)!r})"
     child = subprocess.run(
         [sys.executable, "-c", code], env=helpers.child_env(4), capture_output=True, text=True
