@@ -223,6 +223,12 @@ def _compile(lower: Callable[[], jax.stages.Lowered], path: epath.Path):
         payload = _serialize(compiled, path)
         if payload:
             _write(path, payload)
+    else:  # another key, the same program (an edited comment, a changed flag it ignores)
+        logging.info(
+            "%s came from JAX's compilation cache: not kept for restarts (such executables "
+            "serialize incompletely); later starts get it from that cache.",
+            path.name,
+        )
     return compiled, payload
 
 

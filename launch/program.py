@@ -216,6 +216,22 @@ def _with_stop_votes(step: Callable, *, into_metrics: bool) -> Callable:
     return voted
 
 
+# Sections only the host reads (when to save, how long to wait for the other hosts): no
+# compiled program depends on them, so a restart that changes them loads the same programs.
+_HOST_ONLY_SECTIONS = ("checkpoint", "distributed")
+
+
+def _program_config(config: ml_collections.ConfigDict) -> str:
+    """The config the compiled programs are keyed by (launch.executables): all of it but the
+    host-only sections."""
+    kept = config.copy_and_resolve_references()
+    with kept.unlocked():
+        for section in _HOST_ONLY_SECTIONS:
+            if section in kept:
+                del kept[section]
+    return kept.to_json_best_effort(sort_keys=True)
+
+
 def build_program(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -293,7 +309,7 @@ def build_program(
         donate_argnums=2,  # the running totals
     )
     executable_key = {
-        "config": config.to_json_best_effort(sort_keys=True),
+        "config": _program_config(config),
         "build": [channels, steps_per_epoch, num_steps, donate],
         **executables.environment_key(mesh),
     }

@@ -83,6 +83,25 @@ def test_the_key_covers_sources_versions_devices_and_flags():
     assert len(key["devices"]) == jax.device_count()
 
 
+def test_the_programs_key_holds_every_config_section_but_the_host_only_ones():
+    from configs import demo  # pylint: disable=g-import-not-at-top
+
+    def key(**changes):
+        config = demo.get_config()
+        for field, value in changes.items():
+            section, name = field.split("__")
+            config[section][name] = value
+        return program_lib.build_program(config, distributed.make_mesh(), channels=1).executable_key
+
+    same = key()
+    # When to save and how long to wait for the other hosts: the same programs, loaded.
+    assert key(checkpoint__every_steps=7, distributed__heartbeat_timeout_seconds=5) == same
+    # Anything that could reach a compiled program: another key, compiled.
+    for change in ({"train__label_smoothing": 0.1}, {"model__bn_epsilon": 1e-3},
+                   {"data__image_size": 32}, {"eval__use_ema": True}):  # fmt: skip
+        assert key(**change) != same, change
+
+
 def test_a_damaged_entry_is_compiled_again(cache_dir):
     program = _Small()
     expected = program.run(program.compile())
