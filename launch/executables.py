@@ -179,6 +179,29 @@ def load_or_compile(
     return compiled
 
 
+def load_or_build(name: str, build: Callable[[], Any], key: dict[str, Any]) -> Any:
+    """`build()`, kept in the cache folder beside the executables and read back, not built,
+    by a restart with the same `key`: for what the programs are traced from (the model's graph
+    and state shapes), which takes longer to build than to read. Must pickle; where it does
+    not, or the file does not load, it is built (and reported)."""
+    folder = cache_folder()
+    if folder is None:
+        return build()
+    material = json.dumps({"program": key, "format": _FORMAT}, sort_keys=True)
+    path = epath.Path(folder) / f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}.pkl"
+    if payload := _read(path):
+        try:
+            return pickle.loads(payload)
+        except Exception as e:  # pylint: disable=broad-except  # built again, replaced below
+            logging.warning("%s could not be read back (%s); building it again.", path, e)
+    value = build()
+    try:
+        _write(path, pickle.dumps(value))
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        logging.warning("%s not kept for restarts: %s", path, e)
+    return value
+
+
 def _load_or_compile(
     entry: str, path: epath.Path, lower: Callable[[], jax.stages.Lowered], compiler: int
 ) -> tuple[jax.stages.Compiled, str]:

@@ -253,18 +253,28 @@ def build_program(
     batch_sharding = distributed.batch_sharding(mesh)
     ema = config.train.ema_decay > 0
     init = lambda: steps_lib.init_state(make_model(), tx, ema=ema)[1]
-    graphdefs = []
+    executable_key = {
+        "config": _program_config(config),
+        "build": [channels, steps_per_epoch, num_steps, donate],
+        **executables.environment_key(mesh),
+    }
 
-    def traced_init():  # one trace gives both: building the model is most of a start-up's
-        graphdef, state = steps_lib.init_state(make_model(), tx, ema=ema)
-        graphdefs.append(graphdef)  # static: no array in it
-        return state
+    def trace() -> tuple[Any, Any]:  # the graph definition and the state's shapes, at once
+        graphdefs = []
 
-    try:
-        state_shapes = jax.eval_shape(traced_init)
-    except ValueError as e:  # resnet validates its options and names where it builds
-        raise ConfigError(f"config.model: {e}") from None
-    graphdef = graphdefs[0]
+        def traced_init():
+            graphdef, state = steps_lib.init_state(make_model(), tx, ema=ema)
+            graphdefs.append(graphdef)  # static: no array in it
+            return state
+
+        try:
+            state_shapes = jax.eval_shape(traced_init)
+        except ValueError as e:  # resnet validates its options and names where it builds
+            raise ConfigError(f"config.model: {e}") from None
+        return graphdefs[0], state_shapes
+
+    # Building the model is most of a start-up's tracing: a restart reads it back.
+    graphdef, state_shapes = executables.load_or_build("program", trace, executable_key)
     abstract_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state_shapes
     )
@@ -308,11 +318,6 @@ def build_program(
         out_shardings=(replicated, replicated),
         donate_argnums=2,  # the running totals
     )
-    executable_key = {
-        "config": _program_config(config),
-        "build": [channels, steps_per_epoch, num_steps, donate],
-        **executables.environment_key(mesh),
-    }
     init_on_mesh = jax.jit(init, out_shardings=replicated)
 
     @functools.cache  # once per program, like jax.jit's own cache

@@ -102,6 +102,31 @@ def test_the_programs_key_holds_every_config_section_but_the_host_only_ones():
         assert key(**change) != same, change
 
 
+def test_a_restart_reads_the_model_back_instead_of_building_it(cache_dir, monkeypatch):
+    from configs import demo  # pylint: disable=g-import-not-at-top
+
+    build = lambda config: program_lib.build_program(config, distributed.make_mesh(), channels=1)
+    first = build(demo.get_config())
+    model_builds = []
+    real = program_lib.build_model
+    monkeypatch.setattr(program_lib, "build_model", lambda *a: model_builds.append(a) or real(*a))
+    again = build(demo.get_config())
+    assert not model_builds  # read back: nothing traced
+    assert again.graphdef == first.graphdef
+    assert executables.abstract_signature(again.abstract_state) == executables.abstract_signature(
+        first.abstract_state
+    )
+    other = demo.get_config()
+    other.model.num_classes = 7  # another model: built, with its own shapes
+    assert build(other).abstract_state.params["head"]["bias"].shape == (7,)
+    assert model_builds
+    # An unreadable file is built again, and replaced.
+    for path in cache_dir.glob("program-*.pkl"):
+        path.write_bytes(b"not a pickle")
+    model_builds.clear()
+    assert build(demo.get_config()).graphdef == first.graphdef and model_builds
+
+
 def test_a_damaged_entry_is_compiled_again(cache_dir):
     program = _Small()
     expected = program.run(program.compile())
