@@ -527,7 +527,7 @@ class Checkpointer:
         """The state saved at `step`, placed as `abstract_state` says.
 
         A fully replicated state (data parallelism: every leaf on every device) is read once
-        into host memory and placed on all the devices in one transfer; Orbax would read and
+        into host memory and copied to each of this process's devices; Orbax would read and
         place it device by device (on the demo's 160 arrays and 4 devices, 0.15-0.24 s
         against 0.08 s). The values are the same bytes either way.
         """
@@ -544,7 +544,12 @@ class Checkpointer:
         for path, got, want in zip(leaf_paths(abstract_state), jax.tree.leaves(on_host), leaves):
             if got.shape != want.shape:  # Orbax reads a host array whole, whatever its shape
                 raise ValueError(f"{path} has shape {got.shape} here, {want.shape} expected")
-        return jax.device_put(on_host, jax.tree.map(lambda x: x.sharding, abstract_state))
+        # Not jax.device_put: across processes it first checks, leaf by leaf with a collective
+        # each, that every host holds the same value (0.45 s for the demo on 2x2).
+        place = lambda host, want: jax.make_array_from_callback(
+            host.shape, want.sharding, lambda index: host[index]
+        )
+        return jax.tree.map(place, on_host, abstract_state)
 
     def _try_restore(self, step: int, abstract_state, expected_meta) -> tuple[str | None, Any, Any]:
         """(the reason the step cannot be used or None, its state, its meta); raises
