@@ -23,6 +23,10 @@ asked for. A file that cannot be read or loaded is reported and replaced by a fr
 Loading runs code from the file (pickle), so it is only read from the run's own cache folder
 or taken from process 0 of the run, with the trust the run's checkpoints have.
 
+What the programs are traced from, the model's graph definition and the shapes of its state,
+is kept the same way (`load_or_build`, under the same key): a restart reads it back instead of
+building the model again.
+
 Only fresh compiles are kept: an executable that JAX itself loaded from its persistent cache
 serializes incompletely on the CPU backend (loading that copy fails at the first call with
 "Function ... not found"), so when JAX's cache answered, nothing is written here.
