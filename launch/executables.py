@@ -14,18 +14,19 @@ wait. Where process 0 cannot hand one over (it was loaded from JAX's own cache, 
 serialize), it says so and each process compiles its own.
 
 Safety is in the key. It covers everything the executable depends on: the source of the
-modules that define the model and the steps, the whole run config, the arguments that shape
-the schedule, the abstract arguments with their shardings, every device of the mesh (id,
-process, kind, coordinates, slice), the jax/jaxlib/flax/optax versions, the backend's
-platform version, XLA's flags and JAX's own configuration. Anything else that changes means
-another file name, so a changed program recompiles and is never loaded in place of the one
-asked for. A file that cannot be read or loaded is reported and replaced by a fresh compile.
-Loading runs code from the file (pickle), so it is only read from the run's own cache folder
-or taken from process 0 of the run, with the trust the run's checkpoints have.
+modules that define the model and the steps, the run config (but for its host-only sections,
+see `launch.program`), the arguments that shape the schedule, the abstract arguments with
+their shardings, every device of the mesh (id, process, kind, coordinates, slice), the
+jax/jaxlib/flax/optax versions, the backend's platform version, XLA's flags and JAX's and
+flax's own configuration. Anything else that changes means another file name, so a changed
+program recompiles and is never loaded in place of the one asked for. A file that cannot be
+read or loaded is reported and replaced by a fresh compile. Loading runs code from the file
+(pickle), so it is only read from the run's own cache folder or taken from process 0 of the
+run, with the trust the run's checkpoints have.
 
 What the programs are traced from, the model's graph definition and the shapes of its state,
-is kept the same way (`load_or_build`, under the same key): a restart reads it back instead of
-building the model again.
+is kept the same way (`load_or_build`, under the program's key less the abstract arguments,
+which come from it): a restart reads it back instead of building the model again.
 
 Only fresh compiles are kept: an executable that JAX itself loaded from its persistent cache
 serializes incompletely on the CPU backend (loading that copy fails at the first call with
@@ -54,6 +55,7 @@ import pickle
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -67,8 +69,9 @@ from orbax.checkpoint import multihost as ocp_multihost
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 _ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TPU_ACCELERATOR_TYPE", "MEGASCALE_NUM_SLICES")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The code a step is made of: the model, its layers, the steps and how they are put together.
-_SOURCES = ("resnet", os.path.join("launch", "program.py"))
+# The code a step is made of: the model, its layers, the steps, how they are put together and
+# the plan's figures they take (BatchNorm groups, micro-batches).
+_SOURCES = ("resnet", os.path.join("launch", "program.py"), os.path.join("launch", "plan.py"))
 # Where process 0 hands executables over in the coordination service, and how long another
 # process waits for one before compiling its own.
 _KV_PREFIX = "launch/executables/"
@@ -130,6 +133,8 @@ def abstract_signature(tree: Any) -> str:
 def environment_key(mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """What every executable on `mesh` depends on, beyond its own program: the same in every
     process of the run."""
+    import flax  # pylint: disable=g-import-not-at-top  # not before a start-up loads ahead
+
     backend = jax.devices()[0].client
     return {
         "sources": source_digest(),
@@ -139,6 +144,8 @@ def environment_key(mesh: jax.sharding.Mesh) -> dict[str, Any]:
         "devices": [_device(d) for d in mesh.devices.flat],
         "env": {name: os.environ.get(name, "") for name in _ENV},
         "jax_config": sorted((k, repr(v)) for k, v in jax.config.values.items()),
+        # Its settings (FLAX_* variables) shape the variables' metadata, hence the trees.
+        "flax_config": repr(flax.config),
     }
 
 
@@ -200,9 +207,11 @@ def load_or_build(name: str, build: Callable[[], Any], key: dict[str, Any]) -> A
             logging.warning("%s could not be read back (%s); building it again.", path, e)
     value = build()
     try:
-        _write(path, pickle.dumps(value))
-    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        payload = pickle.dumps(value)
+    except Exception as e:  # pylint: disable=broad-except  # a cache: built again next time
         logging.warning("%s not kept for restarts: %s", path, e)
+    else:
+        _write(path, payload)
     return value
 
 
@@ -253,7 +262,8 @@ def _compile(lower: Callable[[], jax.stages.Lowered], path: epath.Path):
     else:  # another key, the same program (an edited comment, a changed flag it ignores)
         logging.info(
             "%s came from JAX's compilation cache: not kept for restarts (such executables "
-            "serialize incompletely); later starts get it from that cache.",
+            "serialize incompletely), nor handed to the other processes, which compile their "
+            "own; later starts get it from that cache again.",
             path.name,
         )
     return compiled, payload
@@ -333,7 +343,9 @@ def _write(path: epath.Path, payload: bytes) -> None:
     to write is logged and the run goes on."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        # Unique across hosts too: processes of several hosts may write the same entry into a
+        # shared folder at once (same bytes; the last rename wins), and containers share pids.
+        temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         temp.write_bytes(payload)
         temp.replace(path)
     except Exception as e:  # pylint: disable=broad-except  # gcsfs raises its own errors

@@ -51,7 +51,7 @@ class Writer:
 
     def _tensorboard(self):
         """The SummaryWriter while its writer thread lives, else None; opened at the first
-        write (the launcher's first is made while the first step runs).
+        write (in training: an evaluation at the start, or else once the first step runs).
 
         tensorboardX writes from a thread that dies at its first write error (a full disk);
         every later call would then block on its full queue and hang the run. Events stop
@@ -59,9 +59,12 @@ class Writer:
         """
         if not self._opened:
             self._opened = True
-            self._writer = _summary_writer_class()(
-                os.path.join(self._workdir, "tensorboard"), flush_secs=10, max_queue=1000
-            )
+            try:
+                self._writer = _summary_writer_class()(
+                    os.path.join(self._workdir, "tensorboard"), flush_secs=10, max_queue=1000
+                )
+            except OSError as e:  # metrics are not worth a run, as below
+                logging.error("TensorBoard events are not written: %s", e)
         if self._writer is None:
             return None
         file_writer = getattr(self._writer, "file_writer", None)

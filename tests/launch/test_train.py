@@ -128,6 +128,8 @@ def test_the_program_traces_the_model_once_for_its_structure_and_state(data, mon
     built = []
     make = program_lib.build_model
     monkeypatch.setattr(program_lib, "build_model", lambda *a: built.append(1) or make(*a))
+    # Without a cache folder: nothing is read back (launch.executables.load_or_build).
+    monkeypatch.setattr(program_lib.executables, "cache_folder", lambda: None)
     program = program_lib.build_program(config, distributed.make_mesh(), channels=1)
     assert len(built) == 1
     model = nnx.eval_shape(lambda: make(config, 1))

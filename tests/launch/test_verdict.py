@@ -2,6 +2,7 @@
 saved by the launcher's own Checkpointer: every way a step can be untrustworthy, and the same
 verdict through restore (moved aside) and through read_trusted (skipped)."""
 
+import functools
 import json
 import os
 import shutil
@@ -123,6 +124,17 @@ def test_restore_and_read_trusted_agree_and_fall_back(tmp_path, damage, reason):
     assert sorted(os.listdir(checkpoints)) == ["4", f"8.rejected-{reason}"]
 
 
+def test_running_out_of_memory_is_not_damage(tmp_path):
+    step_dir = _saved(tmp_path) / "4"
+
+    def read():
+        raise MemoryError
+
+    with pytest.raises(MemoryError):  # the step is judged by no one, and moved nowhere
+        checkpointing.judge_step(step_dir, read)
+    assert os.listdir(step_dir.parent) == ["4"]
+
+
 def test_a_step_of_another_configuration_is_refused_before_reading(tmp_path):
     step_dir = _saved(tmp_path) / "4"
 
@@ -195,19 +207,22 @@ def written_in_parts(root: str) -> None:
         assert isinstance(restored[key], jax.Array) and restored[key].sharding == replicated
         np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
 
-    # An array of another shape than the one asked for is no state to train on.
+    # Another shape or another tree than the one asked for is no state to train on, and the
+    # reason given is Orbax's own.
     ckpt = checkpointing.Checkpointer(
         os.path.join(root, "checkpoints"), max_to_keep=2, async_save=False,
         barrier_timeout_seconds=60, read_only=True,
     )  # fmt: skip
+    step_dir = epath.Path(root) / "checkpoints" / "1"
+    other_shape = dict(
+        abstract, small=jax.ShapeDtypeStruct((999,), jnp.float32, sharding=replicated)
+    )
+    one_more = dict(abstract, more=jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated))
     try:
-        abstract["small"] = jax.ShapeDtypeStruct((999,), jnp.float32, sharding=replicated)
-        try:
-            ckpt.restore_latest(abstract, {"model.name": "tiny"})
-        except checkpointing.NoUsableCheckpoint as e:
-            assert "unreadable" in str(e), e
-        else:
-            raise AssertionError("a state of another shape was restored")
+        for wanted, says in [(other_shape, "not compatible"), (one_more, "do not match")]:
+            read = functools.partial(ckpt._read_state, 1, wanted)
+            verdict = checkpointing.judge_step(step_dir, read)
+            assert verdict.reason == "unreadable" and says in verdict.detail, verdict
     finally:
         ckpt.close()
 
