@@ -261,9 +261,9 @@ def _compile(lower: Callable[[], jax.stages.Lowered], path: epath.Path):
             _write(path, payload)
     else:  # another key, the same program (an edited comment, a changed flag it ignores)
         logging.info(
-            "%s came from JAX's compilation cache: not kept for restarts (such executables "
-            "serialize incompletely), nor handed to the other processes, which compile their "
-            "own; later starts get it from that cache again.",
+            "%s came from JAX's compilation cache: not kept from this process (such "
+            "executables serialize incompletely), nor handed to the other processes, which "
+            "compile their own (a fresh compile is kept).",
             path.name,
         )
     return compiled, payload
