@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -207,6 +208,29 @@ def is_distributed() -> bool:
     return jax.process_count() > 1
 
 
+def coordination_client():
+    """jax.distributed's coordination-service client (key-value store, barriers)."""
+    return ocp_multihost.get_jax_distributed_client()
+
+
+def from_process_0(key: str, value: Callable[[], str], what: str, timeout_seconds: float) -> str:
+    """`value()` as process 0 computed it, on every process (through the coordination
+    service); raises HostsNotReady, naming `what`, where it does not come within the deadline.
+    Without jax.distributed, `value()`."""
+    if not is_distributed():
+        return value()
+    client = coordination_client()
+    if jax.process_index() == 0:
+        client.key_value_set(key, value())
+    try:
+        return client.blocking_key_value_get(key, int(timeout_seconds * 1000))
+    except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline
+        raise HostsNotReady(
+            f"process 0 did not publish {what} within {timeout_seconds:.0f}s "
+            f"({str(e).splitlines()[0] if str(e) else 'no details'})"
+        ) from None
+
+
 def make_mesh() -> Mesh:
     """One 'batch' axis over every device of every host (and of every slice), logged.
 
@@ -336,7 +360,7 @@ def _exchange_declared_slices(
     own = mine or (1, 0)
     if not is_distributed():
         return {0: own}
-    client = ocp_multihost.get_jax_distributed_client()
+    client = coordination_client()
     client.key_value_set(f"{_SLICE_KEY}{jax.process_index()}", f"{own[0]} {own[1]}", True)
     declared = {}
     for process in range(jax.process_count()):
@@ -422,9 +446,7 @@ def wait_for_all_hosts(name: str, timeout_seconds: float) -> float:
         return 0.0
     start = time.monotonic()
     try:
-        ocp_multihost.get_jax_distributed_client().wait_at_barrier(
-            name, timeout_in_ms=int(timeout_seconds * 1000)
-        )
+        coordination_client().wait_at_barrier(name, timeout_in_ms=int(timeout_seconds * 1000))
     except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError, DEADLINE_EXCEEDED
         raise HostsNotReady(
             f"not every host reached {name!r} within {timeout_seconds:.0f}s "
@@ -463,7 +485,7 @@ def any_host(flag: bool, timeout_seconds: float = AGREE_TIMEOUT_SECONDS) -> bool
     if not is_distributed():
         return flag
     name = f"launch/any_host/{next(_agreements)}"
-    client = ocp_multihost.get_jax_distributed_client()
+    client = coordination_client()
     try:
         if flag:
             client.key_value_set(f"{name}/{jax.process_index()}", "1")

@@ -191,25 +191,11 @@ class Tail:
 
 def agree_attempt_id(timeout_s: float) -> str:
     """Process 0's new attempt id, on every process (through the coordination service)."""
-    import jax  # pylint: disable=g-import-not-at-top  # readers need no devices
+    from launch import distributed  # pylint: disable=g-import-not-at-top  # readers need no jax
 
-    from launch import distributed  # pylint: disable=g-import-not-at-top
-
-    if not distributed.is_distributed():
-        return new_attempt_id()
-    from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
-
-    client = multihost.get_jax_distributed_client()
-    key = "resnet_multihost/attempt_id"
-    if jax.process_index() == 0:
-        client.key_value_set(key, new_attempt_id())
-    try:
-        return client.blocking_key_value_get(key, int(timeout_s * 1000))
-    except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline
-        raise distributed.HostsNotReady(
-            f"process 0 did not publish this start's attempt id within {timeout_s:.0f}s "
-            f"({str(e).splitlines()[0] if str(e) else 'no details'})"
-        ) from None
+    return distributed.from_process_0(
+        "resnet_multihost/attempt_id", new_attempt_id, "this start's attempt id", timeout_s
+    )
 
 
 _current: EventLog | NullLog = NullLog()

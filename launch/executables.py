@@ -64,7 +64,8 @@ import jax
 from absl import logging
 from etils import epath
 from jax.experimental import serialize_executable
-from orbax.checkpoint import multihost as ocp_multihost
+
+from launch import distributed
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 _ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TPU_ACCELERATOR_TYPE", "MEGASCALE_NUM_SLICES")
@@ -175,11 +176,7 @@ def load_or_compile(
     folder = cache_folder()
     if folder is None:
         return lower().compile()
-    material = json.dumps(
-        {"program": key, "args": abstract_signature(abstract_args), "format": _FORMAT},
-        sort_keys=True,
-    )
-    entry = f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
+    entry = _entry(name, {"program": key, "args": abstract_signature(abstract_args)})
     path = epath.Path(folder) / f"{entry}.jaxexe"
     start = time.perf_counter()
     compiled, how = _load_or_compile(entry, path, lower, compiled_by % jax.process_count())
@@ -190,6 +187,12 @@ def load_or_compile(
     return compiled
 
 
+def _entry(name: str, material: dict[str, Any]) -> str:
+    """A cache entry's name: `name` and a digest of what it depends on (and of the format)."""
+    text = json.dumps({**material, "format": _FORMAT}, sort_keys=True)
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+
+
 def load_or_build(name: str, build: Callable[[], Any], key: dict[str, Any]) -> Any:
     """`build()`, kept in the cache folder beside the executables and read back, not built,
     by a restart with the same `key`: for what the programs are traced from (the model's graph
@@ -198,8 +201,7 @@ def load_or_build(name: str, build: Callable[[], Any], key: dict[str, Any]) -> A
     folder = cache_folder()
     if folder is None:
         return build()
-    material = json.dumps({"program": key, "format": _FORMAT}, sort_keys=True)
-    path = epath.Path(folder) / f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}.pkl"
+    path = epath.Path(folder) / f"{_entry(name, {'program': key})}.pkl"
     if payload := _read(path):
         try:
             return pickle.loads(payload)
@@ -238,13 +240,11 @@ def _load_or_compile(
     return compiled, how
 
 
-def _client():
-    return ocp_multihost.get_jax_distributed_client()
-
-
 def _hand_over(entry: str, payload: bytes) -> None:
     try:
-        _client().key_value_set_bytes(_KV_PREFIX + entry, payload, allow_overwrite=True)
+        distributed.coordination_client().key_value_set_bytes(
+            _KV_PREFIX + entry, payload, allow_overwrite=True
+        )
     except Exception as e:  # pylint: disable=broad-except  # the others compile their own
         logging.warning("Could not hand the compiled %s to the other processes: %s", entry, e)
 
@@ -273,7 +273,7 @@ def _from_process(compiler: int, entry: str, path: epath.Path) -> jax.stages.Com
     """The executable process `compiler` hands over (kept in this process's cache folder
     too, which on a shared one is already there), or None where it has none to give."""
     try:
-        payload = _client().blocking_key_value_get_bytes(
+        payload = distributed.coordination_client().blocking_key_value_get_bytes(
             _KV_PREFIX + entry, SHARE_TIMEOUT_SECONDS * 1000
         )
     except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline

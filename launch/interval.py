@@ -182,25 +182,14 @@ class StepClock:
 def agree(figures: Figures, step: int, timeout_s: float) -> Figures:
     """Process 0's figures on every host (through the coordination service, with a deadline):
     the next save step is then the same everywhere."""
-    import jax  # pylint: disable=g-import-not-at-top  # the pure part needs no devices
+    from launch import distributed  # pylint: disable=g-import-not-at-top  # the pure part needs no devices
 
-    from launch import distributed  # pylint: disable=g-import-not-at-top
-
-    if not distributed.is_distributed():
-        return figures
-    from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
-
-    client = multihost.get_jax_distributed_client()
-    key = f"resnet_multihost/checkpoint_interval/{step}"
-    if jax.process_index() == 0:
-        client.key_value_set(key, json.dumps(figures.as_list()))
-    try:
-        text = client.blocking_key_value_get(key, int(timeout_s * 1000))
-    except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError: deadline
-        raise distributed.HostsNotReady(
-            f"process 0 did not publish the checkpoint interval at step {step} within "
-            f"{timeout_s:.0f}s ({str(e).splitlines()[0] if str(e) else 'no details'})"
-        ) from None
+    text = distributed.from_process_0(
+        f"resnet_multihost/checkpoint_interval/{step}",
+        lambda: json.dumps(figures.as_list()),
+        f"the checkpoint interval at step {step}",
+        timeout_s,
+    )
     return Figures.from_list(json.loads(text))
 
 

@@ -49,6 +49,11 @@ class Writer:
         self._active = jax.process_index() == 0
         self._opened = not self._active  # the event file is opened at the first write
 
+    @property
+    def active(self) -> bool:
+        """Whether this process writes (process 0)."""
+        return self._active
+
     def _tensorboard(self):
         """The SummaryWriter while its writer thread lives, else None; opened at the first
         write (in training: an evaluation at the start, or else once the first step runs).

@@ -432,7 +432,7 @@ def _start_summaries(run: Trainer, batch) -> None:
     inputs. Written once the first step is dispatched, while it runs (opening the event file
     and encoding images are host work the step need not wait for)."""
     config = run.config
-    if jax.process_index() != 0:  # the one that writes TensorBoard's events
+    if not run.writer.active:
         return
     run.writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
     if config.train.num_image_summaries:
